@@ -1,0 +1,21 @@
+//! sidekey: an auth-proxy sidecar that injects per-tenant vendor credentials.
+//!
+//! Data flow: an app's request reaches [`proxy`] (the data plane), which names the tenant,
+//! looks it up in the [`tenants::Snapshot`], applies the vendor's rule from [`vendors`] and
+//! forwards it through the upstream client. Operators write tenants through [`control`]
+//! (gRPC), which goes through the [`tenants::Catalog`] to the [`store`] and publishes a new
+//! snapshot.
+
+pub mod secret;
+pub mod store;
+pub mod tenants;
+
+/// Generated code of the `sidekey.v1` proto package.
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("sidekey.v1");
+
+    /// The encoded descriptor set, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/sidekey_descriptor.bin"));
+}

@@ -1,0 +1,1 @@
+//! The embedded store: redb in `--data-dir`. (Being built.)

@@ -1,0 +1,1 @@
+//! AEAD sealing of secrets at rest. (Being built.)

@@ -1,0 +1,300 @@
+//! The catalog: the one path every tenant write takes.
+//!
+//! It keeps the stored records in memory, checks each write (etag, format, completeness
+//! against the partner defaults), commits it to the [`Store`] and, once the store has made it
+//! durable, publishes a new [`Snapshot`]. Writes are serialised by one async mutex; reads of
+//! records take it briefly. The data plane never touches the catalog, only the snapshot.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::Mutex;
+
+use super::effective::EffectiveTenant;
+use super::model::{Connections, PartnerRecord, TenantRecord};
+use super::snapshot::{Snapshot, SnapshotPublisher, SnapshotReader};
+use super::validate::{self, FieldViolation};
+use crate::store::{Expect, Mutation, Store, StoreError, StoredState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("tenant {0:?} not found")]
+    NotFound(String),
+    #[error("tenant {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("the etag does not match: the record changed since it was read")]
+    Aborted,
+    /// Field violations; paths start with `tenant.` or `partner_defaults.`.
+    #[error("invalid request")]
+    Invalid(Vec<FieldViolation>),
+    /// A partner-defaults change would leave these tenants' connections incomplete.
+    #[error("the change would leave tenants with incomplete credentials")]
+    WouldBreakTenants(Vec<FieldViolation>),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct State {
+    tenants: BTreeMap<String, TenantRecord>,
+    partner: PartnerRecord,
+}
+
+pub struct Catalog {
+    store: Arc<dyn Store>,
+    state: Mutex<State>,
+    publisher: SnapshotPublisher,
+    reader: SnapshotReader,
+}
+
+impl Catalog {
+    /// Loads the store and publishes the first snapshot. A stored tenant that no longer
+    /// resolves (possible only if the store was edited behind sidekey's back) is left out of
+    /// the snapshot with an error log rather than failing start-up.
+    pub async fn open(store: Arc<dyn Store>) -> Result<Self, StoreError> {
+        let StoredState {
+            tenants, partner, ..
+        } = store.load().await?;
+        let state = State {
+            tenants: tenants.into_iter().map(|t| (t.id.clone(), t)).collect(),
+            partner,
+        };
+        let (publisher, reader) = SnapshotPublisher::new(build_snapshot(&state));
+        Ok(Self {
+            store,
+            state: Mutex::new(state),
+            publisher,
+            reader,
+        })
+    }
+
+    pub fn snapshot(&self) -> SnapshotReader {
+        self.reader.clone()
+    }
+
+    pub async fn get(&self, id: &str) -> Result<TenantRecord, CatalogError> {
+        let state = self.state.lock().await;
+        state
+            .tenants
+            .get(id)
+            .cloned()
+            .ok_or_else(|| CatalogError::NotFound(id.to_owned()))
+    }
+
+    /// Up to `limit` tenants with ids after `after`, in id order, and whether more follow.
+    pub async fn list(&self, after: Option<&str>, limit: usize) -> (Vec<TenantRecord>, bool) {
+        use std::ops::Bound;
+        let state = self.state.lock().await;
+        let lower = match after {
+            Some(a) => Bound::Excluded(a.to_owned()),
+            None => Bound::Unbounded,
+        };
+        let mut iter = state
+            .tenants
+            .range((lower, Bound::Unbounded))
+            .map(|(_, t)| t);
+        let page: Vec<_> = iter.by_ref().take(limit).cloned().collect();
+        let more = iter.next().is_some();
+        (page, more)
+    }
+
+    pub async fn partner(&self) -> PartnerRecord {
+        self.state.lock().await.partner.clone()
+    }
+
+    /// Creates a tenant from `id`, `display_name` and `connections`.
+    pub async fn create(
+        &self,
+        id: String,
+        display_name: String,
+        connections: Connections,
+    ) -> Result<TenantRecord, CatalogError> {
+        let mut violations = Vec::new();
+        validate::validate_tenant_id(&id, "tenant.id", &mut violations);
+        check_tenant_fields(&display_name, &connections, &mut violations);
+        reject(violations)?;
+
+        let mut state = self.state.lock().await;
+        if state.tenants.contains_key(&id) {
+            return Err(CatalogError::AlreadyExists(id));
+        }
+        let effective = resolve_tenant(&id, &connections, &state.partner.connections)?;
+        let now = SystemTime::now();
+        let mut record = TenantRecord {
+            id,
+            display_name,
+            connections,
+            revision: 0,
+            create_time: now,
+            update_time: now,
+        };
+        record.revision = self
+            .commit(Mutation::PutTenant(record.clone()), Expect::Absent)
+            .await?;
+        self.publish_tenant(&mut state, record.clone(), effective);
+        Ok(record)
+    }
+
+    /// Applies `change` to the stored tenant `id`. With `etag` set, the stored revision must
+    /// match it.
+    pub async fn update(
+        &self,
+        id: &str,
+        etag: Option<u64>,
+        change: impl FnOnce(&mut TenantRecord) -> Result<(), Vec<FieldViolation>>,
+    ) -> Result<TenantRecord, CatalogError> {
+        let mut state = self.state.lock().await;
+        let current = state
+            .tenants
+            .get(id)
+            .ok_or_else(|| CatalogError::NotFound(id.to_owned()))?;
+        if etag.is_some_and(|e| e != current.revision) {
+            return Err(CatalogError::Aborted);
+        }
+        let mut record = current.clone();
+        change(&mut record).map_err(CatalogError::Invalid)?;
+        let mut violations = Vec::new();
+        check_tenant_fields(&record.display_name, &record.connections, &mut violations);
+        reject(violations)?;
+        let effective = resolve_tenant(id, &record.connections, &state.partner.connections)?;
+
+        record.update_time = SystemTime::now();
+        let expect = Expect::Revision(current.revision);
+        record.revision = self
+            .commit(Mutation::PutTenant(record.clone()), expect)
+            .await?;
+        self.publish_tenant(&mut state, record.clone(), effective);
+        Ok(record)
+    }
+
+    pub async fn delete(&self, id: &str, etag: Option<u64>) -> Result<(), CatalogError> {
+        let mut state = self.state.lock().await;
+        let current = state
+            .tenants
+            .get(id)
+            .ok_or_else(|| CatalogError::NotFound(id.to_owned()))?;
+        if etag.is_some_and(|e| e != current.revision) {
+            return Err(CatalogError::Aborted);
+        }
+        let expect = Expect::Revision(current.revision);
+        let revision = self
+            .commit(Mutation::DeleteTenant(id.to_owned()), expect)
+            .await?;
+        state.tenants.remove(id);
+        let mut map = self.publisher.current().map().clone();
+        map.remove(id);
+        self.publisher.publish(Snapshot::new(map, revision));
+        Ok(())
+    }
+
+    /// Applies `change` to the partner defaults. Refused when any tenant's connection would
+    /// no longer resolve; the violations name those tenants.
+    pub async fn update_partner(
+        &self,
+        etag: Option<u64>,
+        change: impl FnOnce(&mut PartnerRecord) -> Result<(), Vec<FieldViolation>>,
+    ) -> Result<PartnerRecord, CatalogError> {
+        let mut state = self.state.lock().await;
+        if etag.is_some_and(|e| e != state.partner.revision) {
+            return Err(CatalogError::Aborted);
+        }
+        let mut record = state.partner.clone();
+        change(&mut record).map_err(CatalogError::Invalid)?;
+        let mut violations = Vec::new();
+        validate::validate_connections(&record.connections, "partner_defaults", &mut violations);
+        reject(violations)?;
+
+        let broken: Vec<FieldViolation> = state
+            .tenants
+            .values()
+            .filter_map(|t| {
+                EffectiveTenant::resolve(&t.id, &t.connections, &record.connections)
+                    .err()
+                    .map(|missing| {
+                        let fields: Vec<_> = missing.iter().map(|v| v.field.as_str()).collect();
+                        FieldViolation::new(
+                            format!("tenants/{}", t.id),
+                            format!(
+                                "would be left without {}: set them on the tenant first",
+                                fields.join(", ")
+                            ),
+                        )
+                    })
+            })
+            .collect();
+        if !broken.is_empty() {
+            return Err(CatalogError::WouldBreakTenants(broken));
+        }
+
+        let expect = match state.partner.revision {
+            0 => Expect::Absent,
+            r => Expect::Revision(r),
+        };
+        record.update_time = Some(SystemTime::now());
+        record.revision = self
+            .commit(Mutation::PutPartner(record.clone()), expect)
+            .await?;
+        state.partner = record.clone();
+        self.publisher.publish(build_snapshot(&state));
+        Ok(record)
+    }
+
+    async fn commit(&self, mutation: Mutation, expect: Expect) -> Result<u64, CatalogError> {
+        match self.store.commit(mutation, expect).await {
+            Ok(revision) => Ok(revision),
+            // Only another writer of a shared store can get here: our state is stale.
+            Err(StoreError::Conflict) => Err(CatalogError::Aborted),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn publish_tenant(&self, state: &mut State, record: TenantRecord, effective: EffectiveTenant) {
+        let mut map = self.publisher.current().map().clone();
+        map.insert(effective.id.clone(), Arc::new(effective));
+        let revision = record.revision;
+        state.tenants.insert(record.id.clone(), record);
+        self.publisher.publish(Snapshot::new(map, revision));
+    }
+}
+
+fn check_tenant_fields(display_name: &str, conns: &Connections, out: &mut Vec<FieldViolation>) {
+    validate::validate_display_name(display_name, "tenant.display_name", out);
+    validate::validate_connections(conns, "tenant", out);
+}
+
+fn reject(violations: Vec<FieldViolation>) -> Result<(), CatalogError> {
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(CatalogError::Invalid(violations))
+    }
+}
+
+fn resolve_tenant(
+    id: &str,
+    own: &Connections,
+    defaults: &Connections,
+) -> Result<EffectiveTenant, CatalogError> {
+    EffectiveTenant::resolve(id, own, defaults).map_err(|missing| {
+        CatalogError::Invalid(missing.into_iter().map(|v| v.prefixed("tenant")).collect())
+    })
+}
+
+fn build_snapshot(state: &State) -> Snapshot {
+    let mut map = HashMap::with_capacity(state.tenants.len());
+    let mut revision = state.partner.revision;
+    for t in state.tenants.values() {
+        revision = revision.max(t.revision);
+        match EffectiveTenant::resolve(&t.id, &t.connections, &state.partner.connections) {
+            Ok(e) => {
+                map.insert(e.id.clone(), Arc::new(e));
+            }
+            Err(missing) => {
+                let fields: Vec<_> = missing.iter().map(|v| v.field.as_str()).collect();
+                tracing::error!(tenant = %t.id, missing = ?fields,
+                    "stored tenant has incomplete credentials; its requests will be refused");
+            }
+        }
+    }
+    Snapshot::new(map, revision)
+}
