@@ -9,6 +9,7 @@
 pub mod secret;
 pub mod store;
 pub mod tenants;
+pub mod vendors;
 
 /// Generated code of the `sidekey.v1` proto package.
 #[allow(clippy::all, missing_docs)]

@@ -1,0 +1,34 @@
+//! m3ter: bearer tokens from the client-credentials exchange.
+//!
+//! The data plane asks a [`TokenSource`] for a token per request and tells it when m3ter
+//! refused one; the token broker behind it caches, single-flights and refreshes.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::secret::Secret;
+use crate::tenants::M3terCreds;
+
+/// A bearer token as handed to requests. Compared by identity (`Arc::ptr_eq`) so that a
+/// refusal drops only the token that was refused, not one a concurrent refresh put in its
+/// place.
+pub type BearerToken = Arc<Secret>;
+
+/// Why no token could be had; the proxy answers 502 `token_exchange_failed` with `message`.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct TokenError {
+    /// A human sentence naming m3ter's status when there was one; never a secret.
+    pub message: String,
+}
+
+#[async_trait]
+pub trait TokenSource: Send + Sync + 'static {
+    /// A valid bearer token for `creds`, exchanging one if none is cached.
+    async fn token(&self, creds: &M3terCreds) -> Result<BearerToken, TokenError>;
+
+    /// m3ter answered 401 or 403 to a request carrying `token`: forget it, unless it was
+    /// already replaced.
+    fn refused(&self, creds: &M3terCreds, token: &BearerToken);
+}
