@@ -6,7 +6,13 @@
 //! (gRPC), which goes through the [`tenants::Catalog`] to the [`store`] and publishes a new
 //! snapshot.
 
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod document;
 pub mod secret;
+pub mod server;
 pub mod store;
 pub mod tenants;
 pub mod vendors;

@@ -1,1 +1,94 @@
-fn main() {}
+//! The `sidekey` binary: `serve`, or a control-plane client command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use sidekey::cli::{Cli, ClientCommand, Command};
+use sidekey::config::{LogFormat, ServeConfig};
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(config: ServeConfig) -> ExitCode {
+    let running = match sidekey::server::start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("sidekey: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_signal().await;
+    tracing::info!("shutdown signal received; draining");
+    if running.shutdown().await {
+        tracing::info!("drained; exiting");
+    }
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers, Ctrl-C is still honoured.
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (client, command) = match cli.command {
+        Command::Serve(args) => {
+            let config = args.into_config(std::env::var("SIDEKEY_MASTER_KEY").ok());
+            init_logging(config.log_format);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("sidekey: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            return runtime.block_on(serve(config));
+        }
+        Command::Tenants { client, command } => (client, ClientCommand::Tenants(command)),
+        Command::Partner { client, command } => (client, ClientCommand::Partner(command)),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sidekey: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sidekey::cli::run_client(client, command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("sidekey: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

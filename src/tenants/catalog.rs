@@ -28,9 +28,6 @@ pub enum CatalogError {
     /// Field violations; paths start with `tenant.` or `partner_defaults.`.
     #[error("invalid request")]
     Invalid(Vec<FieldViolation>),
-    /// A partner-defaults change would leave these tenants' connections incomplete.
-    #[error("the change would leave tenants with incomplete credentials")]
-    WouldBreakTenants(Vec<FieldViolation>),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -141,7 +138,7 @@ impl Catalog {
         &self,
         id: &str,
         etag: Option<u64>,
-        change: impl FnOnce(&mut TenantRecord) -> Result<(), Vec<FieldViolation>>,
+        change: impl FnOnce(&mut TenantRecord),
     ) -> Result<TenantRecord, CatalogError> {
         let mut state = self.state.lock().await;
         let current = state
@@ -152,7 +149,7 @@ impl Catalog {
             return Err(CatalogError::Aborted);
         }
         let mut record = current.clone();
-        change(&mut record).map_err(CatalogError::Invalid)?;
+        change(&mut record);
         let mut violations = Vec::new();
         check_tenant_fields(&record.display_name, &record.connections, &mut violations);
         reject(violations)?;
@@ -188,43 +185,24 @@ impl Catalog {
     }
 
     /// Applies `change` to the partner defaults. Refused when any tenant's connection would
-    /// no longer resolve; the violations name those tenants.
+    /// no longer resolve: one violation per partner field, naming the tenants relying on it.
     pub async fn update_partner(
         &self,
         etag: Option<u64>,
-        change: impl FnOnce(&mut PartnerRecord) -> Result<(), Vec<FieldViolation>>,
+        change: impl FnOnce(&mut PartnerRecord),
     ) -> Result<PartnerRecord, CatalogError> {
         let mut state = self.state.lock().await;
         if etag.is_some_and(|e| e != state.partner.revision) {
             return Err(CatalogError::Aborted);
         }
         let mut record = state.partner.clone();
-        change(&mut record).map_err(CatalogError::Invalid)?;
+        change(&mut record);
         let mut violations = Vec::new();
         validate::validate_connections(&record.connections, "partner_defaults", &mut violations);
         reject(violations)?;
 
-        let broken: Vec<FieldViolation> = state
-            .tenants
-            .values()
-            .filter_map(|t| {
-                EffectiveTenant::resolve(&t.id, &t.connections, &record.connections)
-                    .err()
-                    .map(|missing| {
-                        let fields: Vec<_> = missing.iter().map(|v| v.field.as_str()).collect();
-                        FieldViolation::new(
-                            format!("tenants/{}", t.id),
-                            format!(
-                                "would be left without {}: set them on the tenant first",
-                                fields.join(", ")
-                            ),
-                        )
-                    })
-            })
-            .collect();
-        if !broken.is_empty() {
-            return Err(CatalogError::WouldBreakTenants(broken));
-        }
+        let broken = tenants_left_incomplete(state.tenants.values(), &record.connections);
+        reject(broken)?;
 
         let expect = match state.partner.revision {
             0 => Expect::Absent,
@@ -278,6 +256,36 @@ fn resolve_tenant(
     EffectiveTenant::resolve(id, own, defaults).map_err(|missing| {
         CatalogError::Invalid(missing.into_iter().map(|v| v.prefixed("tenant")).collect())
     })
+}
+
+/// Most tenant ids named in one violation; the rest are counted.
+const MAX_TENANTS_NAMED: usize = 20;
+
+fn tenants_left_incomplete<'a>(
+    tenants: impl Iterator<Item = &'a TenantRecord>,
+    defaults: &Connections,
+) -> Vec<FieldViolation> {
+    let mut by_field: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for t in tenants {
+        if let Err(missing) = EffectiveTenant::resolve(&t.id, &t.connections, defaults) {
+            for v in missing {
+                by_field.entry(v.field).or_default().push(&t.id);
+            }
+        }
+    }
+    by_field
+        .into_iter()
+        .map(|(field, ids)| {
+            let mut names = ids[..ids.len().min(MAX_TENANTS_NAMED)].join(", ");
+            if ids.len() > MAX_TENANTS_NAMED {
+                names.push_str(&format!(" and {} more", ids.len() - MAX_TENANTS_NAMED));
+            }
+            FieldViolation::new(
+                format!("partner_defaults.{field}"),
+                format!("tenants {names} inherit it: set it on them before removing it here"),
+            )
+        })
+        .collect()
 }
 
 fn build_snapshot(state: &State) -> Snapshot {

@@ -13,3 +13,31 @@ pub struct TestOutcome {
     /// A human sentence; never contains a secret.
     pub message: String,
 }
+
+/// Makes `TestTenant`'s one harmless authenticated call per vendor.
+#[async_trait::async_trait]
+pub trait VendorTester: Send + Sync + 'static {
+    async fn test(
+        &self,
+        tenant: &crate::tenants::EffectiveTenant,
+        vendor: crate::tenants::VendorKind,
+    ) -> TestOutcome;
+}
+
+/// A tester for builds without upstream access wired in.
+pub struct UnavailableTester;
+
+#[async_trait::async_trait]
+impl VendorTester for UnavailableTester {
+    async fn test(
+        &self,
+        _tenant: &crate::tenants::EffectiveTenant,
+        vendor: crate::tenants::VendorKind,
+    ) -> TestOutcome {
+        TestOutcome {
+            ok: false,
+            http_status: 0,
+            message: format!("testing {} is not available", vendor.as_str()),
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! The `sidekey` command line: `serve`, and the control-plane client commands
+//! `tenants create|get|list|update|delete|test|apply` and `partner get|update`.
+
+pub mod client;
+pub mod flags;
+pub mod render;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use prost_types::FieldMask;
+use tonic::Code;
+
+use crate::config::ServeArgs;
+use crate::document::TenantDoc;
+use crate::proto;
+use client::{ClientArgs, explain};
+use flags::ConnectionFlags;
+use render::Output;
+
+#[derive(Parser, Debug)]
+#[command(name = "sidekey", version, about = "Auth-proxy sidecar: injects per-tenant vendor credentials (Miradore, m3ter, Mailkit)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the proxy, the control plane and the admin endpoints.
+    Serve(ServeArgs),
+    /// Manage tenants on a running sidekey.
+    Tenants {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: TenantsCommand,
+    },
+    /// Manage the partner defaults that tenants' blank fields inherit.
+    Partner {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: PartnerCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TenantsCommand {
+    /// Create a tenant.
+    Create {
+        id: String,
+        #[arg(long)]
+        display_name: Option<String>,
+        #[command(flatten)]
+        connections: ConnectionFlags,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one tenant (secrets as fingerprints).
+    Get {
+        id: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List every tenant.
+    List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Change the fields given as flags; everything else is kept.
+    Update {
+        id: String,
+        #[arg(long)]
+        display_name: Option<String>,
+        #[command(flatten)]
+        connections: ConnectionFlags,
+        /// Stop using a vendor: miradore, m3ter or mailkit. Repeatable.
+        #[arg(long, value_name = "VENDOR")]
+        remove: Vec<VendorArg>,
+        /// Only update if the tenant's etag is still this one.
+        #[arg(long)]
+        etag: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete a tenant.
+    Delete {
+        id: String,
+        /// Only delete if the tenant's etag is still this one.
+        #[arg(long)]
+        etag: Option<String>,
+    },
+    /// Make one harmless authenticated call to a vendor with the tenant's credentials.
+    Test {
+        id: String,
+        #[arg(long, value_enum)]
+        vendor: VendorArg,
+    },
+    /// Create or replace a tenant from a YAML or JSON document.
+    Apply {
+        /// The document (see docs/control-plane.md); "-" reads standard input.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PartnerCommand {
+    /// Show the partner defaults.
+    Get {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Change the partner defaults given as flags; everything else is kept.
+    Update {
+        #[command(flatten)]
+        connections: ConnectionFlags,
+        /// Remove a vendor's defaults: miradore, m3ter or mailkit. Repeatable.
+        #[arg(long, value_name = "VENDOR")]
+        remove: Vec<VendorArg>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum VendorArg {
+    Miradore,
+    M3ter,
+    Mailkit,
+}
+
+impl VendorArg {
+    fn path(self) -> &'static str {
+        match self {
+            Self::Miradore => "miradore",
+            Self::M3ter => "m3ter",
+            Self::Mailkit => "mailkit",
+        }
+    }
+    fn proto(self) -> proto::Vendor {
+        match self {
+            Self::Miradore => proto::Vendor::Miradore,
+            Self::M3ter => proto::Vendor::M3ter,
+            Self::Mailkit => proto::Vendor::Mailkit,
+        }
+    }
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn print_json(v: &serde_json::Value) {
+    // Serialising a Value cannot fail.
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn print_tenant(t: &proto::Tenant, output: Output) {
+    match output {
+        Output::Table => print!("{}", render::tenant_table(t)),
+        Output::Json => print_json(&render::tenant_json(t)),
+    }
+}
+
+fn print_partner(p: &proto::PartnerDefaults, output: Output) {
+    match output {
+        Output::Table => print!("{}", render::partner_table(p)),
+        Output::Json => print_json(&render::partner_json(p)),
+    }
+}
+
+/// Runs a client command; `Err` holds the message to print before exiting with status 1.
+pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<(), String> {
+    let mut api = client.connect(env_var("SIDEKEY_GRPC_TOKEN")).await?;
+    let call = |s: tonic::Status| explain(&s);
+    match command {
+        ClientCommand::Tenants(cmd) => match cmd {
+            TenantsCommand::Create {
+                id,
+                display_name,
+                connections,
+                output,
+            } => {
+                let c = connections.parse(&env_var)?;
+                let tenant = proto::Tenant {
+                    id,
+                    display_name: display_name.unwrap_or_default(),
+                    miradore: c.miradore,
+                    m3ter: c.m3ter,
+                    mailkit: c.mailkit,
+                    ..Default::default()
+                };
+                let t = api
+                    .create_tenant(proto::CreateTenantRequest {
+                        tenant: Some(tenant),
+                    })
+                    .await
+                    .map_err(call)?
+                    .into_inner();
+                print_tenant(&t, output);
+            }
+            TenantsCommand::Get { id, output } => {
+                let t = api
+                    .get_tenant(proto::GetTenantRequest { id })
+                    .await
+                    .map_err(call)?
+                    .into_inner();
+                print_tenant(&t, output);
+            }
+            TenantsCommand::List { output } => {
+                let mut all = Vec::new();
+                let mut page_token = String::new();
+                loop {
+                    let page = api
+                        .list_tenants(proto::ListTenantsRequest {
+                            page_size: 1000,
+                            page_token,
+                        })
+                        .await
+                        .map_err(call)?
+                        .into_inner();
+                    all.extend(page.tenants);
+                    if page.next_page_token.is_empty() {
+                        break;
+                    }
+                    page_token = page.next_page_token;
+                }
+                match output {
+                    Output::Table => print!("{}", render::list_table(&all)),
+                    Output::Json => print_json(&serde_json::json!({
+                        "tenants": all.iter().map(render::tenant_json).collect::<Vec<_>>()
+                    })),
+                }
+            }
+            TenantsCommand::Update {
+                id,
+                display_name,
+                connections,
+                remove,
+                etag,
+                output,
+            } => {
+                let c = connections.parse(&env_var)?;
+                let mut paths = c.paths;
+                // A bare --miradore (etc.) with no field flags adds the connection with
+                // every field inherited.
+                for (flag, name, present) in [
+                    (connections.miradore, "miradore", c.miradore.is_some()),
+                    (connections.m3ter, "m3ter", c.m3ter.is_some()),
+                    (connections.mailkit, "mailkit", c.mailkit.is_some()),
+                ] {
+                    if flag && present && !paths.iter().any(|p| p.starts_with(name)) {
+                        paths.push(name.to_owned());
+                    }
+                }
+                if display_name.is_some() {
+                    paths.push("display_name".into());
+                }
+                for v in &remove {
+                    paths.push(v.path().to_owned());
+                }
+                if paths.is_empty() {
+                    return Err("nothing to update: give at least one field flag".into());
+                }
+                let strip = |v: VendorArg| remove.contains(&v);
+                let tenant = proto::Tenant {
+                    id,
+                    display_name: display_name.unwrap_or_default(),
+                    miradore: c.miradore.filter(|_| !strip(VendorArg::Miradore)),
+                    m3ter: c.m3ter.filter(|_| !strip(VendorArg::M3ter)),
+                    mailkit: c.mailkit.filter(|_| !strip(VendorArg::Mailkit)),
+                    etag: etag.unwrap_or_default(),
+                    ..Default::default()
+                };
+                let t = api
+                    .update_tenant(proto::UpdateTenantRequest {
+                        tenant: Some(tenant),
+                        update_mask: Some(FieldMask { paths }),
+                    })
+                    .await
+                    .map_err(call)?
+                    .into_inner();
+                print_tenant(&t, output);
+            }
+            TenantsCommand::Delete { id, etag } => {
+                api.delete_tenant(proto::DeleteTenantRequest {
+                    id: id.clone(),
+                    etag: etag.unwrap_or_default(),
+                })
+                .await
+                .map_err(call)?;
+                println!("deleted tenant {id}");
+            }
+            TenantsCommand::Test { id, vendor } => {
+                let r = api
+                    .test_tenant(proto::TestTenantRequest {
+                        id,
+                        vendor: vendor.proto() as i32,
+                    })
+                    .await
+                    .map_err(call)?
+                    .into_inner();
+                println!(
+                    "{}: {} (HTTP {})",
+                    if r.ok { "ok" } else { "refused" },
+                    r.message,
+                    r.http_status
+                );
+                if !r.ok {
+                    return Err(format!("{} did not accept the credentials", vendor.path()));
+                }
+            }
+            TenantsCommand::Apply { file, output } => {
+                let doc = if file.as_os_str() == "-" {
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                        .map_err(|e| format!("cannot read standard input: {e}"))?;
+                    TenantDoc::parse(&text)
+                        .map_err(|e| format!("standard input is not a valid tenant document: {e}"))?
+                } else {
+                    TenantDoc::from_file(&file).map_err(|e| e.to_string())?
+                };
+                let tenant = doc.into_proto(&env_var).map_err(|e| e.to_string())?;
+                let t = apply(&mut api, tenant).await.map_err(call)?;
+                print_tenant(&t, output);
+            }
+        },
+        ClientCommand::Partner(cmd) => match cmd {
+            PartnerCommand::Get { output } => {
+                let p = api
+                    .get_partner_defaults(proto::GetPartnerDefaultsRequest {})
+                    .await
+                    .map_err(call)?
+                    .into_inner();
+                print_partner(&p, output);
+            }
+            PartnerCommand::Update {
+                connections,
+                remove,
+                output,
+            } => {
+                let c = connections.parse(&env_var)?;
+                let mut paths = c.paths;
+                for v in &remove {
+                    paths.push(v.path().to_owned());
+                }
+                for (flag, name) in [
+                    (connections.miradore, "miradore"),
+                    (connections.m3ter, "m3ter"),
+                    (connections.mailkit, "mailkit"),
+                ] {
+                    if flag && !paths.iter().any(|p| p.starts_with(name)) {
+                        paths.push(name.to_owned());
+                    }
+                }
+                if paths.is_empty() {
+                    return Err("nothing to update: give at least one field flag".into());
+                }
+                let strip = |v: VendorArg| remove.contains(&v);
+                let p = api
+                    .update_partner_defaults(proto::UpdatePartnerDefaultsRequest {
+                        partner_defaults: Some(proto::PartnerDefaults {
+                            miradore: c.miradore.filter(|_| !strip(VendorArg::Miradore)),
+                            m3ter: c.m3ter.filter(|_| !strip(VendorArg::M3ter)),
+                            mailkit: c.mailkit.filter(|_| !strip(VendorArg::Mailkit)),
+                            ..Default::default()
+                        }),
+                        update_mask: Some(FieldMask { paths }),
+                    })
+                    .await
+                    .map_err(call)?
+                    .into_inner();
+                print_partner(&p, output);
+            }
+        },
+    }
+    Ok(())
+}
+
+/// Creates the tenant, or replaces it when it exists: the document is the whole desired
+/// state, so connections it leaves out are removed and blank fields inherit.
+async fn apply(
+    api: &mut client::Client,
+    tenant: proto::Tenant,
+) -> Result<proto::Tenant, tonic::Status> {
+    let created = api
+        .create_tenant(proto::CreateTenantRequest {
+            tenant: Some(tenant.clone()),
+        })
+        .await;
+    match created {
+        Err(s) if s.code() == Code::AlreadyExists => {
+            let paths = ["display_name", "miradore", "m3ter", "mailkit"]
+                .map(String::from)
+                .to_vec();
+            Ok(api
+                .update_tenant(proto::UpdateTenantRequest {
+                    tenant: Some(tenant),
+                    update_mask: Some(FieldMask { paths }),
+                })
+                .await?
+                .into_inner())
+        }
+        other => Ok(other?.into_inner()),
+    }
+}
+
+/// The client commands, split from `Command` so `serve` needs no client arguments.
+pub enum ClientCommand {
+    Tenants(TenantsCommand),
+    Partner(PartnerCommand),
+}

@@ -1,0 +1,128 @@
+//! `sidekey serve` configuration: flags and `SIDEKEY_*` environment variables, parsed once
+//! into [`ServeConfig`]. Tests build a `ServeConfig` directly and never touch the process
+//! environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::control::GrpcListen;
+use crate::secret::Secret;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Flags of `sidekey serve`. Every flag also reads `SIDEKEY_<FLAG_IN_CAPS>`.
+#[derive(Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Data plane: where apps send plain HTTP (HTTP/1.1 and h2c).
+    #[arg(long, env = "SIDEKEY_PROXY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub proxy_listen: SocketAddr,
+
+    /// Control plane (gRPC): HOST:PORT, or unix:/path for a socket (made mode 0600).
+    #[arg(long, env = "SIDEKEY_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub grpc_listen: GrpcListen,
+
+    /// Admin endpoints: /metrics, /healthz, /readyz.
+    #[arg(long, env = "SIDEKEY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+
+    /// Directory of the embedded store (created with mode 0700 if absent).
+    #[arg(long, env = "SIDEKEY_DATA_DIR", default_value = "./sidekey-data")]
+    pub data_dir: PathBuf,
+
+    /// File holding the master key(s) that seal secrets at rest. Without it and without
+    /// SIDEKEY_MASTER_KEY, a key is generated into the data directory (with a warning).
+    #[arg(long, env = "SIDEKEY_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+
+    /// File holding the bearer token control calls must carry. Without it the control
+    /// plane accepts any caller that can reach its listener.
+    #[arg(long, env = "SIDEKEY_GRPC_TOKEN_FILE")]
+    pub grpc_token_file: Option<PathBuf>,
+
+    /// PEM file of CA certificates trusted for vendor connections, in addition to the
+    /// public web roots. Repeatable (comma-separated in the environment variable).
+    #[arg(long, env = "SIDEKEY_UPSTREAM_CA", value_delimiter = ',')]
+    pub upstream_ca: Vec<PathBuf>,
+
+    /// HOST:PORT:ADDR:PORT: dial ADDR:PORT whenever the upstream is HOST:PORT, keeping SNI,
+    /// certificate name and Host as HOST. HOST may be *.suffix. Repeatable
+    /// (comma-separated in the environment variable).
+    #[arg(long, env = "SIDEKEY_CONNECT_TO", value_delimiter = ',')]
+    pub connect_to: Vec<String>,
+
+    /// Log line format. Filter with RUST_LOG (default: info).
+    #[arg(long, env = "SIDEKEY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "SIDEKEY_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Everything `serve` needs, resolved.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub proxy_listen: SocketAddr,
+    pub grpc_listen: GrpcListen,
+    pub admin_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub master_key_file: Option<PathBuf>,
+    /// The value of SIDEKEY_MASTER_KEY, read once at start.
+    pub master_key: Option<Secret>,
+    pub grpc_token_file: Option<PathBuf>,
+    pub upstream_ca: Vec<PathBuf>,
+    pub connect_to: Vec<String>,
+    pub log_format: LogFormat,
+    pub shutdown_grace: Duration,
+}
+
+impl ServeArgs {
+    /// Resolves the flags, taking the master key value from `master_key_env`
+    /// (SIDEKEY_MASTER_KEY, which has no flag so that a key never sits on a command line).
+    pub fn into_config(self, master_key_env: Option<String>) -> ServeConfig {
+        ServeConfig {
+            proxy_listen: self.proxy_listen,
+            grpc_listen: self.grpc_listen,
+            admin_listen: self.admin_listen,
+            data_dir: self.data_dir,
+            master_key_file: self.master_key_file,
+            master_key: master_key_env.filter(|v| !v.is_empty()).map(Secret::new),
+            grpc_token_file: self.grpc_token_file,
+            upstream_ca: self.upstream_ca,
+            connect_to: self.connect_to,
+            log_format: self.log_format,
+            shutdown_grace: self.shutdown_grace,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Loopback listeners on ephemeral ports and a given data directory: the starting point
+    /// for tests and benchmarks.
+    pub fn ephemeral(data_dir: PathBuf) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            proxy_listen: any,
+            grpc_listen: GrpcListen::Tcp(any),
+            admin_listen: any,
+            data_dir,
+            master_key_file: None,
+            master_key: None,
+            grpc_token_file: None,
+            upstream_ca: Vec::new(),
+            connect_to: Vec::new(),
+            log_format: LogFormat::Text,
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Conversions between the `sidekey.v1` messages and the tenant model, and field-mask
+//! updates (AIP-134).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::proto;
+use crate::secret::Secret;
+use crate::tenants::{
+    Connections, FieldViolation, M3terConn, MailkitConn, MiradoreConn, PartnerRecord,
+    TenantRecord,
+};
+
+/// The etag of a record: its revision, as an opaque string.
+pub fn etag(revision: u64) -> String {
+    revision.to_string()
+}
+
+/// Parses an etag sent by a client. `Ok(None)` when none was sent; an etag that is not one
+/// of ours can never match, which is reported as a stale etag.
+pub fn parse_etag(etag: &str) -> Result<Option<u64>, ()> {
+    if etag.is_empty() {
+        Ok(None)
+    } else {
+        etag.parse().map(Some).map_err(|_| ())
+    }
+}
+
+pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+// ---- model -> proto (secret values never leave; fingerprints do) ----
+
+fn secret_out(s: &Option<Secret>) -> Option<proto::Secret> {
+    s.as_ref().map(|s| proto::Secret {
+        value: String::new(),
+        fingerprint: s.fingerprint(),
+    })
+}
+
+pub fn connections_out(
+    c: &Connections,
+) -> (
+    Option<proto::MiradoreConnection>,
+    Option<proto::M3terConnection>,
+    Option<proto::MailkitConnection>,
+) {
+    (
+        c.miradore.as_ref().map(|m| proto::MiradoreConnection {
+            site: m.site.clone(),
+            api_key: secret_out(&m.api_key),
+        }),
+        c.m3ter.as_ref().map(|m| proto::M3terConnection {
+            access_key_id: m.access_key_id.clone(),
+            api_secret: secret_out(&m.api_secret),
+            org_id: m.org_id.clone(),
+            environment: m.environment.clone(),
+        }),
+        c.mailkit.as_ref().map(|m| proto::MailkitConnection {
+            client_id: m.client_id.clone(),
+            client_md5: secret_out(&m.client_md5),
+        }),
+    )
+}
+
+pub fn tenant_out(t: &TenantRecord) -> proto::Tenant {
+    let (miradore, m3ter, mailkit) = connections_out(&t.connections);
+    proto::Tenant {
+        id: t.id.clone(),
+        display_name: t.display_name.clone(),
+        miradore,
+        m3ter,
+        mailkit,
+        etag: etag(t.revision),
+        create_time: Some(timestamp(t.create_time)),
+        update_time: Some(timestamp(t.update_time)),
+    }
+}
+
+pub fn partner_out(p: &PartnerRecord) -> proto::PartnerDefaults {
+    let (miradore, m3ter, mailkit) = connections_out(&p.connections);
+    proto::PartnerDefaults {
+        miradore,
+        m3ter,
+        mailkit,
+        etag: etag(p.revision),
+        update_time: p.update_time.map(timestamp),
+    }
+}
+
+// ---- proto -> model ----
+
+/// A secret as sent: absent, or present with an empty value (as when a read is sent back
+/// with only its fingerprint), means "not set".
+fn secret_in(s: &Option<proto::Secret>) -> Option<Secret> {
+    s.as_ref()
+        .filter(|s| !s.value.is_empty())
+        .map(|s| Secret::new(s.value.clone()))
+}
+
+pub fn connections_in(
+    miradore: &Option<proto::MiradoreConnection>,
+    m3ter: &Option<proto::M3terConnection>,
+    mailkit: &Option<proto::MailkitConnection>,
+) -> Connections {
+    Connections {
+        miradore: miradore.as_ref().map(|m| MiradoreConn {
+            site: m.site.clone(),
+            api_key: secret_in(&m.api_key),
+        }),
+        m3ter: m3ter.as_ref().map(|m| M3terConn {
+            access_key_id: m.access_key_id.clone(),
+            api_secret: secret_in(&m.api_secret),
+            org_id: m.org_id.clone(),
+            environment: m.environment.clone(),
+        }),
+        mailkit: mailkit.as_ref().map(|m| MailkitConn {
+            client_id: m.client_id.clone(),
+            client_md5: secret_in(&m.client_md5),
+        }),
+    }
+}
+
+// ---- field masks ----
+
+/// Every path an update mask may name within a connection set.
+const CONNECTION_PATHS: &[&str] = &[
+    "miradore",
+    "miradore.site",
+    "miradore.api_key",
+    "m3ter",
+    "m3ter.access_key_id",
+    "m3ter.api_secret",
+    "m3ter.org_id",
+    "m3ter.environment",
+    "mailkit",
+    "mailkit.client_id",
+    "mailkit.client_md5",
+];
+
+/// Checks that every path of `mask` is updatable; `extra` lists further accepted paths.
+pub fn check_mask(paths: &[String], extra: &[&str]) -> Result<(), Vec<FieldViolation>> {
+    let bad: Vec<_> = paths
+        .iter()
+        .filter(|p| !CONNECTION_PATHS.contains(&p.as_str()) && !extra.contains(&p.as_str()))
+        .map(|p| {
+            FieldViolation::new(
+                "update_mask",
+                format!(
+                    "{p:?} cannot be updated; updatable paths: {}",
+                    [extra, CONNECTION_PATHS].concat().join(", ")
+                ),
+            )
+        })
+        .collect();
+    if bad.is_empty() { Ok(()) } else { Err(bad) }
+}
+
+/// Applies the connection paths of `paths` from `req` onto `target`. Naming a whole
+/// connection replaces it (removes it when `req` has none); naming a field sets it, blank
+/// meaning "inherit from the partner defaults", creating the connection if needed.
+pub fn apply_mask(target: &mut Connections, req: &Connections, paths: &[String]) {
+    for path in paths {
+        match path.as_str() {
+            "miradore" => target.miradore = req.miradore.clone(),
+            "m3ter" => target.m3ter = req.m3ter.clone(),
+            "mailkit" => target.mailkit = req.mailkit.clone(),
+            "miradore.site" => {
+                target.miradore.get_or_insert_default().site = field(&req.miradore, |c| &c.site)
+            }
+            "miradore.api_key" => {
+                target.miradore.get_or_insert_default().api_key =
+                    req.miradore.as_ref().and_then(|c| c.api_key.clone())
+            }
+            "m3ter.access_key_id" => {
+                target.m3ter.get_or_insert_default().access_key_id =
+                    field(&req.m3ter, |c| &c.access_key_id)
+            }
+            "m3ter.api_secret" => {
+                target.m3ter.get_or_insert_default().api_secret =
+                    req.m3ter.as_ref().and_then(|c| c.api_secret.clone())
+            }
+            "m3ter.org_id" => {
+                target.m3ter.get_or_insert_default().org_id = field(&req.m3ter, |c| &c.org_id)
+            }
+            "m3ter.environment" => {
+                target.m3ter.get_or_insert_default().environment =
+                    field(&req.m3ter, |c| &c.environment)
+            }
+            "mailkit.client_id" => {
+                target.mailkit.get_or_insert_default().client_id =
+                    field(&req.mailkit, |c| &c.client_id)
+            }
+            "mailkit.client_md5" => {
+                target.mailkit.get_or_insert_default().client_md5 =
+                    req.mailkit.as_ref().and_then(|c| c.client_md5.clone())
+            }
+            // Other paths were refused by `check_mask`.
+            _ => {}
+        }
+    }
+}
+
+fn field<C>(conn: &Option<C>, get: impl Fn(&C) -> &String) -> String {
+    conn.as_ref().map(|c| get(c).clone()).unwrap_or_default()
+}
+
+/// The update an empty mask means: every field present in the request (non-empty strings,
+/// set secrets, connections present) is set; nothing is cleared.
+pub fn merge_present(target: &mut Connections, req: &Connections) {
+    fn set(dst: &mut String, src: &str) {
+        if !src.is_empty() {
+            src.clone_into(dst);
+        }
+    }
+    fn set_secret(dst: &mut Option<Secret>, src: &Option<Secret>) {
+        if src.is_some() {
+            dst.clone_from(src);
+        }
+    }
+    if let Some(r) = &req.miradore {
+        let t = target.miradore.get_or_insert_default();
+        set(&mut t.site, &r.site);
+        set_secret(&mut t.api_key, &r.api_key);
+    }
+    if let Some(r) = &req.m3ter {
+        let t = target.m3ter.get_or_insert_default();
+        set(&mut t.access_key_id, &r.access_key_id);
+        set_secret(&mut t.api_secret, &r.api_secret);
+        set(&mut t.org_id, &r.org_id);
+        set(&mut t.environment, &r.environment);
+    }
+    if let Some(r) = &req.mailkit {
+        let t = target.mailkit.get_or_insert_default();
+        set(&mut t.client_id, &r.client_id);
+        set_secret(&mut t.client_md5, &r.client_md5);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conns_with_m3ter(secret: &str) -> Connections {
+        Connections {
+            m3ter: Some(M3terConn {
+                access_key_id: "key".into(),
+                api_secret: Some(Secret::new(secret)),
+                org_id: "org".into(),
+                environment: String::new(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn mask_rotates_one_secret_and_keeps_the_rest() {
+        let mut target = conns_with_m3ter("old");
+        let req = Connections {
+            m3ter: Some(M3terConn {
+                api_secret: Some(Secret::new("new")),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        apply_mask(&mut target, &req, &["m3ter.api_secret".into()]);
+        let m = target.m3ter.unwrap();
+        assert_eq!(m.api_secret.unwrap().expose(), "new");
+        assert_eq!(m.access_key_id, "key");
+        assert_eq!(m.org_id, "org");
+    }
+
+    #[test]
+    fn naming_a_connection_replaces_or_removes_it() {
+        let mut target = conns_with_m3ter("s");
+        apply_mask(&mut target, &Connections::default(), &["m3ter".into()]);
+        assert!(target.m3ter.is_none());
+    }
+
+    #[test]
+    fn empty_mask_sets_only_present_fields() {
+        let mut target = conns_with_m3ter("s");
+        let req = Connections {
+            m3ter: Some(M3terConn {
+                org_id: "other".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        merge_present(&mut target, &req);
+        let m = target.m3ter.unwrap();
+        assert_eq!(m.org_id, "other");
+        assert_eq!(m.api_secret.unwrap().expose(), "s");
+    }
+
+    #[test]
+    fn unknown_paths_are_named() {
+        let err = check_mask(&["display_name".into(), "m3ter.nope".into()], &[]).unwrap_err();
+        assert_eq!(err.len(), 2);
+        assert!(err[1].description.contains("m3ter.nope"));
+        assert!(check_mask(&["display_name".into()], &["display_name"]).is_ok());
+    }
+
+    #[test]
+    fn reads_carry_fingerprints_not_values() {
+        let (_, m3ter, _) = connections_out(&conns_with_m3ter("topsecret"));
+        let s = m3ter.unwrap().api_secret.unwrap();
+        assert!(s.value.is_empty());
+        assert_eq!(s.fingerprint, Secret::new("topsecret").fingerprint());
+    }
+}

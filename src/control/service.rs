@@ -1,0 +1,204 @@
+//! `sidekey.v1.TenantService`: a thin adapter from RPCs to the [`Catalog`].
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, parse_etag};
+use super::status::{invalid, invalid_field, stale_etag};
+use crate::proto::{self, tenant_service_server::TenantService};
+use crate::tenants::{Catalog, VendorKind};
+use crate::vendors::VendorTester;
+
+/// `page_size` used when a client sends 0.
+pub const DEFAULT_PAGE_SIZE: usize = 50;
+/// Larger `page_size` values are lowered to this.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+pub struct TenantApi {
+    catalog: Arc<Catalog>,
+    tester: Arc<dyn VendorTester>,
+}
+
+impl TenantApi {
+    pub fn new(catalog: Arc<Catalog>, tester: Arc<dyn VendorTester>) -> Self {
+        Self { catalog, tester }
+    }
+}
+
+fn etag_of(etag: &str) -> Result<Option<u64>, Status> {
+    parse_etag(etag).map_err(|()| stale_etag())
+}
+
+fn required<T>(msg: Option<T>, field: &str) -> Result<T, Status> {
+    msg.ok_or_else(|| invalid_field(field, "required"))
+}
+
+#[tonic::async_trait]
+impl TenantService for TenantApi {
+    async fn create_tenant(
+        &self,
+        request: Request<proto::CreateTenantRequest>,
+    ) -> Result<Response<proto::Tenant>, Status> {
+        let t = required(request.into_inner().tenant, "tenant")?;
+        let conns = convert::connections_in(&t.miradore, &t.m3ter, &t.mailkit);
+        let record = self.catalog.create(t.id, t.display_name, conns).await?;
+        tracing::info!(tenant = %record.id, "tenant created");
+        Ok(Response::new(convert::tenant_out(&record)))
+    }
+
+    async fn get_tenant(
+        &self,
+        request: Request<proto::GetTenantRequest>,
+    ) -> Result<Response<proto::Tenant>, Status> {
+        let record = self.catalog.get(&request.into_inner().id).await?;
+        Ok(Response::new(convert::tenant_out(&record)))
+    }
+
+    async fn list_tenants(
+        &self,
+        request: Request<proto::ListTenantsRequest>,
+    ) -> Result<Response<proto::ListTenantsResponse>, Status> {
+        let req = request.into_inner();
+        let limit = match req.page_size {
+            n if n < 0 => return Err(invalid_field("page_size", "must not be negative")),
+            0 => DEFAULT_PAGE_SIZE,
+            n => usize::try_from(n).unwrap_or(MAX_PAGE_SIZE).min(MAX_PAGE_SIZE),
+        };
+        // The token is the last id of the previous page, encoded so clients treat it as
+        // opaque.
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            let bytes = URL_SAFE_NO_PAD
+                .decode(&req.page_token)
+                .map_err(|_| invalid_field("page_token", "not a token from ListTenants"))?;
+            Some(
+                String::from_utf8(bytes)
+                    .map_err(|_| invalid_field("page_token", "not a token from ListTenants"))?,
+            )
+        };
+        let (page, more) = self.catalog.list(after.as_deref(), limit).await;
+        let next_page_token = match (more, page.last()) {
+            (true, Some(last)) => URL_SAFE_NO_PAD.encode(&last.id),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListTenantsResponse {
+            tenants: page.iter().map(convert::tenant_out).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_tenant(
+        &self,
+        request: Request<proto::UpdateTenantRequest>,
+    ) -> Result<Response<proto::Tenant>, Status> {
+        let req = request.into_inner();
+        let t = required(req.tenant, "tenant")?;
+        let etag = etag_of(&t.etag)?;
+        let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
+        convert::check_mask(&paths, &["display_name"]).map_err(invalid)?;
+        let conns = convert::connections_in(&t.miradore, &t.m3ter, &t.mailkit);
+        let record = self
+            .catalog
+            .update(&t.id, etag, |record| {
+                if paths.is_empty() {
+                    if !t.display_name.is_empty() {
+                        record.display_name = t.display_name;
+                    }
+                    convert::merge_present(&mut record.connections, &conns);
+                } else {
+                    if paths.iter().any(|p| p == "display_name") {
+                        record.display_name = t.display_name;
+                    }
+                    convert::apply_mask(&mut record.connections, &conns, &paths);
+                }
+            })
+            .await?;
+        tracing::info!(tenant = %record.id, "tenant updated");
+        Ok(Response::new(convert::tenant_out(&record)))
+    }
+
+    async fn delete_tenant(
+        &self,
+        request: Request<proto::DeleteTenantRequest>,
+    ) -> Result<Response<proto::DeleteTenantResponse>, Status> {
+        let req = request.into_inner();
+        self.catalog.delete(&req.id, etag_of(&req.etag)?).await?;
+        tracing::info!(tenant = %req.id, "tenant deleted");
+        Ok(Response::new(proto::DeleteTenantResponse {}))
+    }
+
+    async fn test_tenant(
+        &self,
+        request: Request<proto::TestTenantRequest>,
+    ) -> Result<Response<proto::TestTenantResponse>, Status> {
+        let req = request.into_inner();
+        let vendor = match proto::Vendor::try_from(req.vendor) {
+            Ok(proto::Vendor::Miradore) => VendorKind::Miradore,
+            Ok(proto::Vendor::M3ter) => VendorKind::M3ter,
+            Ok(proto::Vendor::Mailkit) => VendorKind::Mailkit,
+            _ => {
+                return Err(invalid_field(
+                    "vendor",
+                    "must be VENDOR_MIRADORE, VENDOR_M3TER or VENDOR_MAILKIT",
+                ));
+            }
+        };
+        // The effective credentials are those the proxy would use right now.
+        let snapshot = self.catalog.snapshot().load();
+        let Some(tenant) = snapshot.tenant(&req.id) else {
+            return Err(Status::not_found(format!("tenant {:?} not found", req.id)));
+        };
+        if !tenant.has(vendor) {
+            return Err(Status::failed_precondition(format!(
+                "tenant {:?} has no {} connection",
+                req.id,
+                vendor.as_str()
+            )));
+        }
+        let outcome = self.tester.test(tenant, vendor).await;
+        tracing::info!(tenant = %req.id, vendor = vendor.as_str(), ok = outcome.ok,
+            http_status = outcome.http_status, "tenant tested");
+        Ok(Response::new(proto::TestTenantResponse {
+            ok: outcome.ok,
+            http_status: i32::from(outcome.http_status),
+            message: outcome.message,
+        }))
+    }
+
+    async fn get_partner_defaults(
+        &self,
+        _request: Request<proto::GetPartnerDefaultsRequest>,
+    ) -> Result<Response<proto::PartnerDefaults>, Status> {
+        Ok(Response::new(convert::partner_out(
+            &self.catalog.partner().await,
+        )))
+    }
+
+    async fn update_partner_defaults(
+        &self,
+        request: Request<proto::UpdatePartnerDefaultsRequest>,
+    ) -> Result<Response<proto::PartnerDefaults>, Status> {
+        let req = request.into_inner();
+        let p = required(req.partner_defaults, "partner_defaults")?;
+        let etag = etag_of(&p.etag)?;
+        let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
+        convert::check_mask(&paths, &[]).map_err(invalid)?;
+        let conns = convert::connections_in(&p.miradore, &p.m3ter, &p.mailkit);
+        let record = self
+            .catalog
+            .update_partner(etag, |record| {
+                if paths.is_empty() {
+                    convert::merge_present(&mut record.connections, &conns);
+                } else {
+                    convert::apply_mask(&mut record.connections, &conns, &paths);
+                }
+            })
+            .await?;
+        tracing::info!("partner defaults updated");
+        Ok(Response::new(convert::partner_out(&record)))
+    }
+}

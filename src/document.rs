@@ -1,0 +1,250 @@
+//! Declarative tenant documents: a tenant as YAML or JSON in the proto3 JSON mapping
+//! (lowerCamelCase names; the proto's snake_case names are accepted too), as taken by
+//! `sidekey tenants apply -f FILE`.
+//!
+//! A secret is given inline or by reference, so the document itself need not hold it:
+//!
+//! ```yaml
+//! id: acme
+//! displayName: Acme Corp
+//! miradore:
+//!   site: acme
+//!   apiKey: { valueFrom: { file: /var/run/secrets/acme/miradore-api-key } }
+//! m3ter:
+//!   accessKeyId: AKIA...
+//!   apiSecret: { valueFrom: { env: ACME_M3TER_SECRET } }
+//!   orgId: 0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa
+//! mailkit:
+//!   clientId: "12345"
+//!   clientMd5: { value: 0123456789abcdef0123456789abcdef }
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::proto;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid tenant document: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Secret { field: String, message: String },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TenantDoc {
+    pub id: String,
+    #[serde(default, alias = "display_name")]
+    pub display_name: String,
+    #[serde(default)]
+    pub miradore: Option<MiradoreDoc>,
+    #[serde(default)]
+    pub m3ter: Option<M3terDoc>,
+    #[serde(default)]
+    pub mailkit: Option<MailkitDoc>,
+    /// Accepted so that a `get -o json` output can be applied back; ignored.
+    #[serde(default)]
+    pub etag: Option<String>,
+    #[serde(default, alias = "create_time")]
+    pub create_time: Option<serde_json::Value>,
+    #[serde(default, alias = "update_time")]
+    pub update_time: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MiradoreDoc {
+    #[serde(default)]
+    pub site: String,
+    #[serde(default, alias = "api_key")]
+    pub api_key: Option<SecretDoc>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct M3terDoc {
+    #[serde(default, alias = "access_key_id")]
+    pub access_key_id: String,
+    #[serde(default, alias = "api_secret")]
+    pub api_secret: Option<SecretDoc>,
+    #[serde(default, alias = "org_id")]
+    pub org_id: String,
+    #[serde(default)]
+    pub environment: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MailkitDoc {
+    #[serde(default, alias = "client_id")]
+    pub client_id: String,
+    #[serde(default, alias = "client_md5")]
+    pub client_md5: Option<SecretDoc>,
+}
+
+/// A secret: `value` inline, or `valueFrom` a file or an environment variable. A document
+/// with only a `fingerprint` (as `get -o json` prints) sets nothing.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SecretDoc {
+    #[serde(default)]
+    pub value: Option<String>,
+    #[serde(default, alias = "value_from")]
+    pub value_from: Option<SecretSource>,
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub enum SecretSource {
+    /// A file whose content (surrounding whitespace trimmed) is the secret, e.g. a mounted
+    /// Kubernetes Secret.
+    File(PathBuf),
+    /// An environment variable of the process reading the document.
+    Env(String),
+}
+
+impl TenantDoc {
+    /// Reads a YAML or JSON document (JSON is YAML).
+    pub fn from_file(path: &Path) -> Result<Self, DocumentError> {
+        let text = std::fs::read_to_string(path).map_err(|source| DocumentError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| DocumentError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        // The parser's message names a line and column, never a value.
+        serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// The tenant message, with every referenced secret read. `env` looks up environment
+    /// variables (the process environment in the CLI; a fixed map in tests).
+    pub fn into_proto(
+        self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<proto::Tenant, DocumentError> {
+        let secret = |doc: Option<SecretDoc>, field: &str| resolve_secret(doc, field, env);
+        Ok(proto::Tenant {
+            id: self.id,
+            display_name: self.display_name,
+            miradore: self
+                .miradore
+                .map(|m| -> Result<_, DocumentError> {
+                    Ok(proto::MiradoreConnection {
+                        site: m.site,
+                        api_key: secret(m.api_key, "miradore.apiKey")?,
+                    })
+                })
+                .transpose()?,
+            m3ter: self
+                .m3ter
+                .map(|m| -> Result<_, DocumentError> {
+                    Ok(proto::M3terConnection {
+                        access_key_id: m.access_key_id,
+                        api_secret: secret(m.api_secret, "m3ter.apiSecret")?,
+                        org_id: m.org_id,
+                        environment: m.environment,
+                    })
+                })
+                .transpose()?,
+            mailkit: self
+                .mailkit
+                .map(|m| -> Result<_, DocumentError> {
+                    Ok(proto::MailkitConnection {
+                        client_id: m.client_id,
+                        client_md5: secret(m.client_md5, "mailkit.clientMd5")?,
+                    })
+                })
+                .transpose()?,
+            ..Default::default()
+        })
+    }
+}
+
+fn resolve_secret(
+    doc: Option<SecretDoc>,
+    field: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<proto::Secret>, DocumentError> {
+    let Some(doc) = doc else { return Ok(None) };
+    let err = |message: String| DocumentError::Secret {
+        field: field.to_owned(),
+        message,
+    };
+    let value = match (doc.value, doc.value_from) {
+        (Some(_), Some(_)) => return Err(err("give value or valueFrom, not both".into())),
+        (Some(v), None) => v,
+        (None, Some(SecretSource::File(path))) => std::fs::read_to_string(&path)
+            .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?
+            .trim()
+            .to_owned(),
+        (None, Some(SecretSource::Env(var))) => env(&var)
+            .ok_or_else(|| err(format!("environment variable {var} is not set")))?
+            .trim()
+            .to_owned(),
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(proto::Secret {
+        value,
+        fingerprint: String::new(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_with_every_secret_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("key");
+        std::fs::write(&key_file, "file-secret\n").unwrap();
+        let text = format!(
+            "id: acme\ndisplayName: Acme\nmiradore:\n  site: acme\n  apiKey: {{ valueFrom: {{ file: {} }} }}\n\
+             m3ter:\n  access_key_id: AK\n  apiSecret: {{ valueFrom: {{ env: M3_SECRET }} }}\n  orgId: o\n\
+             mailkit:\n  clientId: \"1\"\n  clientMd5: {{ value: inline }}\n",
+            key_file.display()
+        );
+        let env = |k: &str| (k == "M3_SECRET").then(|| "env-secret".to_owned());
+        let t = TenantDoc::parse(&text).unwrap().into_proto(&env).unwrap();
+        assert_eq!(t.display_name, "Acme");
+        assert_eq!(t.miradore.unwrap().api_key.unwrap().value, "file-secret");
+        let m3 = t.m3ter.unwrap();
+        assert_eq!(m3.access_key_id, "AK");
+        assert_eq!(m3.api_secret.unwrap().value, "env-secret");
+        assert_eq!(t.mailkit.unwrap().client_md5.unwrap().value, "inline");
+    }
+
+    #[test]
+    fn missing_env_and_unknown_fields_are_errors() {
+        let doc = TenantDoc::parse("id: a\nm3ter: { apiSecret: { valueFrom: { env: NOPE } } }")
+            .unwrap();
+        let err = doc.into_proto(&|_| None).unwrap_err().to_string();
+        assert!(err.contains("m3ter.apiSecret") && err.contains("NOPE"), "{err}");
+        assert!(TenantDoc::parse("id: a\nmiradore: { sight: x }").is_err());
+    }
+
+    #[test]
+    fn fingerprint_only_sets_nothing() {
+        let doc = TenantDoc::parse(
+            r#"{"id":"a","mailkit":{"clientId":"1","clientMd5":{"fingerprint":"sha256:0123"}}}"#,
+        )
+        .unwrap();
+        let t = doc.into_proto(&|_| None).unwrap();
+        assert!(t.mailkit.unwrap().client_md5.is_none());
+    }
+}

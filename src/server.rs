@@ -1,0 +1,163 @@
+//! `sidekey serve`: opens the store, binds the three planes, and drains them on shutdown.
+//!
+//! Start-up order: master key → store → catalog (first snapshot) → listeners bound → ready.
+//! Shutdown: `/readyz` turns 503 at once, listeners stop accepting, in-flight proxy requests
+//! and control calls get `shutdown_grace` to finish.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::admin::{self, Readiness};
+use crate::config::ServeConfig;
+use crate::control::{self, ControlToken, GrpcListener, TenantApi};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::master_key::{MasterKeySource, MasterKeys};
+use crate::tenants::Catalog;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen on {addr} ({flag}): {source}")]
+    Listen {
+        addr: String,
+        flag: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    MasterKey(String),
+    #[error("cannot open the store in {dir}: {message}")]
+    Store { dir: String, message: String },
+}
+
+/// A running sidekey.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    /// `http://IP:PORT` or `unix:/path`, as the CLI's `--server` takes it.
+    pub grpc_url: String,
+    pub admin_addr: SocketAddr,
+    pub catalog: Arc<Catalog>,
+    readiness: Readiness,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    grace: Duration,
+}
+
+async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: addr.to_string(),
+            flag,
+            source,
+        })
+}
+
+/// Starts every plane; returns once they are bound and ready.
+pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
+    let source = match (&config.master_key_file, &config.master_key) {
+        (Some(path), _) => MasterKeySource::File(path.clone()),
+        (None, Some(value)) => MasterKeySource::Value(value.clone()),
+        (None, None) => MasterKeySource::Generate,
+    };
+    let keys = MasterKeys::load(&source, &config.data_dir)
+        .map_err(|e| StartError::MasterKey(e.to_string()))?;
+    let store = EmbeddedStore::open(&config.data_dir, keys).map_err(|e| StartError::Store {
+        dir: config.data_dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let catalog = Arc::new(Catalog::open(Arc::new(store)).await.map_err(|e| {
+        StartError::Store {
+            dir: config.data_dir.display().to_string(),
+            message: e.to_string(),
+        }
+    })?);
+    let token = config
+        .grpc_token_file
+        .as_deref()
+        .map(ControlToken::from_file)
+        .transpose()
+        .map_err(StartError::Config)?;
+
+    let proxy_listener = bind(config.proxy_listen, "--proxy-listen").await?;
+    let admin_listener = bind(config.admin_listen, "--admin-listen").await?;
+    let grpc_listener = GrpcListener::bind(&config.grpc_listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: format!("{:?}", config.grpc_listen),
+            flag: "--grpc-listen",
+            source,
+        })?;
+    let proxy_addr = local_addr(&proxy_listener);
+    let admin_addr = local_addr(&admin_listener);
+    let grpc_url = grpc_listener.client_url();
+
+    let (stop, stopped) = watch::channel(false);
+    let on_stop = move || {
+        let mut rx = stopped.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let readiness = Readiness::default();
+    let mut tasks = JoinSet::new();
+
+    let tester = crate::vendors::UnavailableTester;
+    let api = TenantApi::new(catalog.clone(), Arc::new(tester));
+    let grpc_stop = on_stop();
+    tasks.spawn(async move {
+        if let Err(e) = control::serve(grpc_listener, api, token, grpc_stop).await {
+            tracing::error!(error = %e, "control plane stopped");
+        }
+    });
+    let admin_stop = on_stop();
+    let admin_ready = readiness.clone();
+    tasks.spawn(async move {
+        // The admin plane outlives the drain so probes see /readyz fail; it stops last.
+        admin::serve(admin_listener, admin_ready, admin_stop).await;
+    });
+    drop(proxy_listener);
+
+    readiness.set(true);
+    tracing::info!(proxy = %proxy_addr, grpc = %grpc_url, admin = %admin_addr,
+        tenants = catalog.snapshot().load().len(), "sidekey ready");
+    Ok(Running {
+        proxy_addr,
+        grpc_url,
+        admin_addr,
+        catalog,
+        readiness,
+        stop,
+        tasks,
+        grace: config.shutdown_grace,
+    })
+}
+
+fn local_addr(l: &TcpListener) -> SocketAddr {
+    l.local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+impl Running {
+    /// Drains: not ready at once, listeners closed, in-flight work given the grace period.
+    /// Returns whether everything finished within it.
+    pub async fn shutdown(mut self) -> bool {
+        self.readiness.set(false);
+        self.stop.send_replace(true);
+        let finished = tokio::time::timeout(self.grace, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_ok();
+        if !finished {
+            tracing::warn!(grace = ?self.grace, "in-flight work did not finish within the shutdown grace; aborting it");
+            self.tasks.abort_all();
+        }
+        finished
+    }
+}

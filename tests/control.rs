@@ -1,0 +1,486 @@
+//! Control plane over real gRPC: CRUD, paging, etags, field masks, validation, partner
+//! defaults, authentication, health and reflection.
+
+use std::path::Path;
+
+use prost_types::FieldMask;
+use sidekey::config::ServeConfig;
+use sidekey::proto::{self, tenant_service_client::TenantServiceClient};
+use sidekey::server::{self, Running};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+const ORG: &str = "0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa";
+const MD5: &str = "0123456789abcdef0123456789abcdef";
+
+async fn start(dir: &Path) -> Running {
+    let mut config = ServeConfig::ephemeral(dir.join("data"));
+    config.master_key = Some(sidekey::secret::Secret::new(
+        "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+    ));
+    server::start(config).await.expect("sidekey starts")
+}
+
+async fn client(running: &Running) -> TenantServiceClient<Channel> {
+    TenantServiceClient::connect(running.grpc_url.clone())
+        .await
+        .expect("connect")
+}
+
+fn secret(v: &str) -> Option<proto::Secret> {
+    Some(proto::Secret {
+        value: v.into(),
+        fingerprint: String::new(),
+    })
+}
+
+fn m3ter_tenant(id: &str, api_secret: &str) -> proto::Tenant {
+    proto::Tenant {
+        id: id.into(),
+        display_name: format!("Tenant {id}"),
+        m3ter: Some(proto::M3terConnection {
+            access_key_id: "AK-1".into(),
+            api_secret: secret(api_secret),
+            org_id: ORG.into(),
+            environment: String::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn create(
+    c: &mut TenantServiceClient<Channel>,
+    t: proto::Tenant,
+) -> Result<proto::Tenant, tonic::Status> {
+    c.create_tenant(proto::CreateTenantRequest { tenant: Some(t) })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn violations(status: &tonic::Status) -> Vec<String> {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
+#[tokio::test]
+async fn crud_round_trip_never_returns_secret_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let mut c = client(&running).await;
+
+    let created = create(&mut c, m3ter_tenant("acme", "s3cr3t-value")).await.unwrap();
+    assert_eq!(created.id, "acme");
+    let fp = created.m3ter.as_ref().unwrap().api_secret.as_ref().unwrap();
+    assert!(fp.value.is_empty());
+    assert!(fp.fingerprint.starts_with("sha256:") && fp.fingerprint.len() == 19);
+    assert!(created.create_time.is_some() && !created.etag.is_empty());
+
+    let got = c
+        .get_tenant(proto::GetTenantRequest { id: "acme".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, created);
+    assert!(!format!("{got:?}").contains("s3cr3t-value"));
+
+    c.delete_tenant(proto::DeleteTenantRequest {
+        id: "acme".into(),
+        etag: String::new(),
+    })
+    .await
+    .unwrap();
+    let gone = c
+        .get_tenant(proto::GetTenantRequest { id: "acme".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    let gone = c
+        .delete_tenant(proto::DeleteTenantRequest {
+            id: "acme".into(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    assert!(running.shutdown().await);
+}
+
+#[tokio::test]
+async fn duplicate_create_is_already_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let mut c = client(&running).await;
+    create(&mut c, m3ter_tenant("acme", "a")).await.unwrap();
+    let err = create(&mut c, m3ter_tenant("acme", "b")).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+}
+
+#[tokio::test]
+async fn list_pages_across_more_than_one_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let mut c = client(&running).await;
+    for i in 0..7 {
+        create(&mut c, m3ter_tenant(&format!("t{i}"), "x")).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = c
+            .list_tenants(proto::ListTenantsRequest {
+                page_size: 3,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.tenants.len() <= 3);
+        seen.extend(page.tenants.into_iter().map(|t| t.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ["t0", "t1", "t2", "t3", "t4", "t5", "t6"]);
+
+    let bad = c
+        .list_tenants(proto::ListTenantsRequest {
+            page_size: 1,
+            page_token: "!!not-a-token".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&bad), ["page_token"]);
+    let bad = c
+        .list_tenants(proto::ListTenantsRequest {
+            page_size: -1,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&bad), ["page_size"]);
+}
+
+#[tokio::test]
+async fn mask_update_rotates_one_secret_and_keeps_the_rest_and_stale_etag_aborts() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let mut c = client(&running).await;
+    let created = create(&mut c, m3ter_tenant("acme", "old-secret")).await.unwrap();
+    let old_fp = created.m3ter.as_ref().unwrap().api_secret.clone().unwrap().fingerprint;
+
+    let updated = c
+        .update_tenant(proto::UpdateTenantRequest {
+            tenant: Some(proto::Tenant {
+                id: "acme".into(),
+                etag: created.etag.clone(),
+                m3ter: Some(proto::M3terConnection {
+                    api_secret: secret("new-secret"),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            update_mask: Some(FieldMask {
+                paths: vec!["m3ter.api_secret".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let m = updated.m3ter.as_ref().unwrap();
+    assert_ne!(m.api_secret.as_ref().unwrap().fingerprint, old_fp);
+    assert_eq!(m.access_key_id, "AK-1");
+    assert_eq!(m.org_id, ORG);
+    assert_eq!(updated.display_name, "Tenant acme");
+    assert_ne!(updated.etag, created.etag);
+
+    // The proxy sees the new secret at once.
+    let snap = running.catalog.snapshot().load();
+    let eff = snap.tenant("acme").unwrap().m3ter.as_ref().unwrap();
+    assert_eq!(eff.api_secret.expose(), "new-secret");
+
+    // The etag read before the update is now stale.
+    let stale = c
+        .update_tenant(proto::UpdateTenantRequest {
+            tenant: Some(proto::Tenant {
+                id: "acme".into(),
+                etag: created.etag.clone(),
+                display_name: "x".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(FieldMask {
+                paths: vec!["display_name".into()],
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+    let stale = c
+        .delete_tenant(proto::DeleteTenantRequest {
+            id: "acme".into(),
+            etag: created.etag,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+
+    let missing = c
+        .update_tenant(proto::UpdateTenantRequest {
+            tenant: Some(proto::Tenant {
+                id: "nobody".into(),
+                display_name: "x".into(),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    let bad_mask = c
+        .update_tenant(proto::UpdateTenantRequest {
+            tenant: Some(proto::Tenant {
+                id: "acme".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(FieldMask {
+                paths: vec!["create_time".into()],
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&bad_mask), ["update_mask"]);
+}
+
+#[tokio::test]
+async fn every_validation_failure_names_its_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let mut c = client(&running).await;
+
+    let cases: Vec<(proto::Tenant, &[&str])> = vec![
+        (m3ter_tenant("Bad_ID", "x"), &["tenant.id"]),
+        (m3ter_tenant("", "x"), &["tenant.id"]),
+        (
+            proto::Tenant {
+                id: "a".into(),
+                miradore: Some(proto::MiradoreConnection {
+                    site: "bad site".into(),
+                    api_key: secret("k"),
+                }),
+                ..Default::default()
+            },
+            &["tenant.miradore.site"],
+        ),
+        (
+            proto::Tenant {
+                id: "a".into(),
+                m3ter: Some(proto::M3terConnection {
+                    access_key_id: "k".into(),
+                    api_secret: secret("line\nbreak"),
+                    org_id: "not-a-uuid".into(),
+                    environment: "Not A Label".into(),
+                }),
+                ..Default::default()
+            },
+            &[
+                "tenant.m3ter.api_secret.value",
+                "tenant.m3ter.org_id",
+                "tenant.m3ter.environment",
+            ],
+        ),
+        (
+            proto::Tenant {
+                id: "a".into(),
+                mailkit: Some(proto::MailkitConnection {
+                    client_id: "12x".into(),
+                    client_md5: secret("nothex"),
+                }),
+                ..Default::default()
+            },
+            &["tenant.mailkit.client_id", "tenant.mailkit.client_md5.value"],
+        ),
+        // Incomplete effective credentials: nothing to inherit from.
+        (
+            proto::Tenant {
+                id: "a".into(),
+                mailkit: Some(proto::MailkitConnection {
+                    client_id: "123".into(),
+                    client_md5: None,
+                }),
+                ..Default::default()
+            },
+            &["tenant.mailkit.client_md5"],
+        ),
+    ];
+    for (tenant, fields) in cases {
+        let err = create(&mut c, tenant).await.unwrap_err();
+        assert_eq!(violations(&err), fields);
+        assert!(!err.message().contains("line\nbreak"));
+    }
+}
+
+#[tokio::test]
+async fn partner_defaults_are_inherited_and_cannot_be_pulled_from_under_tenants() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let mut c = client(&running).await;
+
+    let p = c
+        .update_partner_defaults(proto::UpdatePartnerDefaultsRequest {
+            partner_defaults: Some(proto::PartnerDefaults {
+                mailkit: Some(proto::MailkitConnection {
+                    client_id: String::new(),
+                    client_md5: secret(MD5),
+                }),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(p.mailkit.unwrap().client_md5.unwrap().value.is_empty());
+
+    for id in ["acme", "beta"] {
+        create(
+            &mut c,
+            proto::Tenant {
+                id: id.into(),
+                mailkit: Some(proto::MailkitConnection {
+                    client_id: "4242".into(),
+                    client_md5: None,
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let snap = running.catalog.snapshot().load();
+    let mk = snap.tenant("acme").unwrap().mailkit.as_ref().unwrap();
+    assert_eq!(mk.client_id, "4242");
+    assert_eq!(mk.client_md5.expose(), MD5);
+
+    let err = c
+        .update_partner_defaults(proto::UpdatePartnerDefaultsRequest {
+            partner_defaults: Some(proto::PartnerDefaults::default()),
+            update_mask: Some(FieldMask {
+                paths: vec!["mailkit".into()],
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), ["partner_defaults.mailkit.client_md5"]);
+    let detail = err.get_details_bad_request().unwrap().field_violations[0]
+        .description
+        .clone();
+    assert!(detail.contains("acme") && detail.contains("beta"), "{detail}");
+
+    let bad = c
+        .update_partner_defaults(proto::UpdatePartnerDefaultsRequest {
+            partner_defaults: Some(proto::PartnerDefaults {
+                m3ter: Some(proto::M3terConnection {
+                    org_id: "nope".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&bad), ["partner_defaults.m3ter.org_id"]);
+}
+
+#[tokio::test]
+async fn token_is_required_when_configured_but_health_stays_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "control-token-123\n").unwrap();
+    let mut config = ServeConfig::ephemeral(dir.path().join("data"));
+    config.grpc_token_file = Some(token_file);
+    let running = server::start(config).await.unwrap();
+
+    let mut anon = client(&running).await;
+    let err = anon
+        .get_partner_defaults(proto::GetPartnerDefaultsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let channel = Channel::from_shared(running.grpc_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer = |value: &'static str| {
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+            Ok(req)
+        }
+    };
+    let mut wrong =
+        TenantServiceClient::with_interceptor(channel.clone(), bearer("Bearer control-token-12"));
+    let err = wrong
+        .get_partner_defaults(proto::GetPartnerDefaultsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(!err.message().contains("control-token-123"));
+
+    let mut right =
+        TenantServiceClient::with_interceptor(channel.clone(), bearer("Bearer control-token-123"));
+    right
+        .get_partner_defaults(proto::GetPartnerDefaultsRequest {})
+        .await
+        .unwrap();
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "sidekey.v1.TenantService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+}
+
+#[tokio::test]
+async fn writes_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let mut c = client(&running).await;
+    let created = create(&mut c, m3ter_tenant("acme", "persisted")).await.unwrap();
+    drop(c);
+    assert!(running.shutdown().await);
+
+    let running = start(dir.path()).await;
+    let mut c = client(&running).await;
+    let got = c
+        .get_tenant(proto::GetTenantRequest { id: "acme".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, created);
+    let snap = running.catalog.snapshot().load();
+    assert_eq!(
+        snap.tenant("acme").unwrap().m3ter.as_ref().unwrap().api_secret.expose(),
+        "persisted"
+    );
+}
