@@ -6,7 +6,7 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 /// Mode of a data directory sidekey creates: owner only.
@@ -15,18 +15,11 @@ pub(crate) const PRIVATE_DIR_MODE: u32 = 0o700;
 pub(crate) const PRIVATE_FILE_MODE: u32 = 0o600;
 
 /// Creates `dir` (and missing parents) with mode 0700 if it does not exist. An existing
-/// directory is left as it is, with a warning when other users can enter it, since the
-/// operator may have chosen its permissions on purpose (a shared volume, say).
+/// directory is left as it is: the operator may have chosen its permissions on purpose (a
+/// mounted volume, say), and the files sidekey creates in it are 0600 whatever the directory.
 pub(crate) fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     match fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => {
-            let mode = meta.permissions().mode();
-            if mode & 0o077 != 0 {
-                tracing::warn!(data_dir = %dir.display(), mode = format!("{:o}", mode & 0o777),
-                    "the data directory is accessible to other users; 0700 is recommended");
-            }
-            Ok(())
-        }
+        Ok(meta) if meta.is_dir() => Ok(()),
         Ok(_) => Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
             "exists and is not a directory",
