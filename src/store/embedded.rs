@@ -903,6 +903,25 @@ mod tests {
         assert_eq!(sealing::key_id(check_value), Some(active));
     }
 
+    #[test]
+    fn a_newer_schema_is_refused_not_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap();
+            let txn = store.db.begin_write().unwrap();
+            {
+                let mut meta = txn.open_table(META).unwrap();
+                let newer = (SCHEMA_VERSION + 1).to_be_bytes();
+                meta.insert(META_SCHEMA, newer.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let msg = EmbeddedStore::open(dir.path(), keys(KEY_A))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("written by a newer sidekey"), "{msg}");
+    }
+
     #[derive(Clone, Default)]
     struct Capture(Arc<Mutex<Vec<u8>>>);
 
