@@ -9,6 +9,7 @@
 //! them at rest is the backend's job ([`sealing`]).
 
 pub mod embedded;
+mod files;
 pub mod master_key;
 pub mod sealing;
 

@@ -1,0 +1,500 @@
+//! The embedded store through its public API, on real files in temporary directories:
+//! durability across reopen, compare-and-set, master-key checks and rotation, and that no
+//! secret reaches the disk in the clear.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use sidekey::secret::Secret;
+use sidekey::store::embedded::{DATA_FILE, EmbeddedStore};
+use sidekey::store::master_key::{GENERATED_KEY_FILE, MasterKeySource, MasterKeys};
+use sidekey::store::{Expect, Mutation, Store, StoreError};
+use sidekey::tenants::{
+    Connections, M3terConn, MailkitConn, MiradoreConn, PartnerRecord, TenantRecord,
+};
+
+const KEY_OLD: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+const KEY_NEW: &str = "YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXoxMjM0NTY="; // base64 of 32 bytes
+
+fn keys(text: &str) -> MasterKeys {
+    MasterKeys::parse(text, "test").unwrap()
+}
+
+fn key_id(text: &str) -> String {
+    keys(text).active().id().to_string()
+}
+
+fn at(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::new(secs, 123_456_789)
+}
+
+/// A tenant using all three vendors, its secrets derived from `tag` so each is distinctive.
+fn tenant(id: &str, tag: &str) -> TenantRecord {
+    TenantRecord {
+        id: id.to_owned(),
+        display_name: format!("Tenant {id}"),
+        connections: Connections {
+            miradore: Some(MiradoreConn {
+                site: "acme-site".into(),
+                api_key: Some(Secret::new(format!("miradore-key-{tag}-Zq81"))),
+            }),
+            m3ter: Some(M3terConn {
+                access_key_id: "AKID".into(),
+                api_secret: Some(Secret::new(format!("m3ter-secret-{tag}-Wv27"))),
+                org_id: "org-1".into(),
+                environment: "production".into(),
+            }),
+            mailkit: Some(MailkitConn {
+                client_id: "12345".into(),
+                client_md5: Some(Secret::new(format!("mailkit-md5-{tag}-Pk40"))),
+            }),
+        },
+        revision: 0,
+        create_time: at(1_700_000_000),
+        update_time: at(1_700_000_100),
+    }
+}
+
+fn secrets_of(t: &TenantRecord) -> Vec<String> {
+    let c = &t.connections;
+    [
+        c.miradore.as_ref().and_then(|m| m.api_key.as_ref()),
+        c.m3ter.as_ref().and_then(|m| m.api_secret.as_ref()),
+        c.mailkit.as_ref().and_then(|m| m.client_md5.as_ref()),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|s| s.expose().to_owned())
+    .collect()
+}
+
+fn partner(tag: &str) -> PartnerRecord {
+    PartnerRecord {
+        connections: Connections {
+            m3ter: Some(M3terConn {
+                access_key_id: "PARTNER-AKID".into(),
+                api_secret: Some(Secret::new(format!("partner-secret-{tag}-Hx55"))),
+                org_id: String::new(),
+                environment: "production".into(),
+            }),
+            ..Connections::default()
+        },
+        revision: 0,
+        update_time: Some(at(1_700_000_200)),
+    }
+}
+
+fn open(dir: &Path, key: &str) -> EmbeddedStore {
+    EmbeddedStore::open(dir, keys(key)).unwrap()
+}
+
+fn key_error(result: Result<EmbeddedStore, StoreError>) -> String {
+    match result {
+        Err(StoreError::Key(msg)) => msg,
+        other => panic!("expected StoreError::Key, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn tenants_and_partner_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), KEY_OLD);
+
+    let empty = store.load().await.unwrap();
+    assert!(empty.tenants.is_empty());
+    assert_eq!(empty.partner, PartnerRecord::default());
+    assert_eq!(empty.revision, 0);
+
+    let acme = tenant("acme", "a");
+    let mut bare = tenant("bare", "b");
+    bare.connections = Connections::default();
+    let r1 = store
+        .commit(Mutation::PutTenant(acme.clone()), Expect::Absent)
+        .await
+        .unwrap();
+    let r2 = store
+        .commit(Mutation::PutTenant(bare.clone()), Expect::Absent)
+        .await
+        .unwrap();
+    let r3 = store
+        .commit(Mutation::PutPartner(partner("p")), Expect::Absent)
+        .await
+        .unwrap();
+
+    let state = store.load().await.unwrap();
+    assert_eq!(state.revision, r3);
+    let ids: Vec<_> = state.tenants.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, ["acme", "bare"]);
+    // Everything comes back as written, secrets opened, with the store's revision.
+    assert_eq!(
+        state.tenants[0],
+        TenantRecord {
+            revision: r1,
+            ..acme
+        }
+    );
+    assert_eq!(
+        state.tenants[1],
+        TenantRecord {
+            revision: r2,
+            ..bare
+        }
+    );
+    assert_eq!(
+        state.partner,
+        PartnerRecord {
+            revision: r3,
+            ..partner("p")
+        }
+    );
+}
+
+#[tokio::test]
+async fn compare_and_set_refuses_stale_and_duplicate_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), KEY_OLD);
+    let r1 = store
+        .commit(Mutation::PutTenant(tenant("acme", "a")), Expect::Absent)
+        .await
+        .unwrap();
+
+    // Absent on an existing record: a create that lost a race.
+    let dup = store
+        .commit(Mutation::PutTenant(tenant("acme", "x")), Expect::Absent)
+        .await;
+    assert!(matches!(dup, Err(StoreError::Conflict)), "{dup:?}");
+    // A revision that is not the current one.
+    let stale = store
+        .commit(
+            Mutation::PutTenant(tenant("acme", "x")),
+            Expect::Revision(r1 + 7),
+        )
+        .await;
+    assert!(matches!(stale, Err(StoreError::Conflict)), "{stale:?}");
+    // A revision for a record that does not exist.
+    let missing = store
+        .commit(
+            Mutation::PutTenant(tenant("none", "x")),
+            Expect::Revision(r1),
+        )
+        .await;
+    assert!(matches!(missing, Err(StoreError::Conflict)), "{missing:?}");
+
+    // None of the refused writes changed anything, revision included.
+    let state = store.load().await.unwrap();
+    assert_eq!(state.revision, r1);
+    assert_eq!(state.tenants.len(), 1);
+    assert_eq!(
+        secrets_of(&state.tenants[0]),
+        secrets_of(&tenant("acme", "a"))
+    );
+
+    let r2 = store
+        .commit(
+            Mutation::PutTenant(tenant("acme", "b")),
+            Expect::Revision(r1),
+        )
+        .await
+        .unwrap();
+    assert!(r2 > r1);
+
+    // The partner defaults: Absent until first written, then their revision.
+    let p1 = store
+        .commit(Mutation::PutPartner(partner("1")), Expect::Absent)
+        .await
+        .unwrap();
+    let again = store
+        .commit(Mutation::PutPartner(partner("2")), Expect::Absent)
+        .await;
+    assert!(matches!(again, Err(StoreError::Conflict)), "{again:?}");
+    let stale = store
+        .commit(Mutation::PutPartner(partner("2")), Expect::Revision(r1))
+        .await;
+    assert!(matches!(stale, Err(StoreError::Conflict)), "{stale:?}");
+    store
+        .commit(Mutation::PutPartner(partner("2")), Expect::Revision(p1))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn revisions_increase_store_wide() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), KEY_OLD);
+    let a = store
+        .commit(Mutation::PutTenant(tenant("a", "a")), Expect::Absent)
+        .await
+        .unwrap();
+    let b = store
+        .commit(Mutation::PutTenant(tenant("b", "b")), Expect::Absent)
+        .await
+        .unwrap();
+    let p = store
+        .commit(Mutation::PutPartner(partner("p")), Expect::Absent)
+        .await
+        .unwrap();
+    let a2 = store
+        .commit(Mutation::PutTenant(tenant("a", "c")), Expect::Revision(a))
+        .await
+        .unwrap();
+    let del = store
+        .commit(Mutation::DeleteTenant("b".into()), Expect::Revision(b))
+        .await
+        .unwrap();
+    assert!(
+        a < b && b < p && p < a2 && a2 < del,
+        "{a} {b} {p} {a2} {del}"
+    );
+
+    let state = store.load().await.unwrap();
+    assert_eq!(state.revision, del);
+    assert_eq!(state.tenants[0].revision, a2);
+    assert_eq!(state.partner.revision, p);
+}
+
+#[tokio::test]
+async fn delete_removes_only_with_the_current_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), KEY_OLD);
+    let r = store
+        .commit(Mutation::PutTenant(tenant("acme", "a")), Expect::Absent)
+        .await
+        .unwrap();
+    let stale = store
+        .commit(
+            Mutation::DeleteTenant("acme".into()),
+            Expect::Revision(r - 1),
+        )
+        .await;
+    assert!(matches!(stale, Err(StoreError::Conflict)), "{stale:?}");
+    let gone = store
+        .commit(Mutation::DeleteTenant("other".into()), Expect::Revision(r))
+        .await;
+    assert!(matches!(gone, Err(StoreError::Conflict)), "{gone:?}");
+
+    store
+        .commit(Mutation::DeleteTenant("acme".into()), Expect::Revision(r))
+        .await
+        .unwrap();
+    assert!(store.load().await.unwrap().tenants.is_empty());
+    // The id can be created again.
+    store
+        .commit(Mutation::PutTenant(tenant("acme", "b")), Expect::Absent)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn data_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r_t, r_p) = {
+        let store = open(dir.path(), KEY_OLD);
+        let t = store
+            .commit(Mutation::PutTenant(tenant("acme", "a")), Expect::Absent)
+            .await
+            .unwrap();
+        let p = store
+            .commit(Mutation::PutPartner(partner("p")), Expect::Absent)
+            .await
+            .unwrap();
+        (t, p)
+    };
+    let store = open(dir.path(), KEY_OLD);
+    let state = store.load().await.unwrap();
+    assert_eq!(state.revision, r_p);
+    assert_eq!(
+        state.tenants,
+        [TenantRecord {
+            revision: r_t,
+            ..tenant("acme", "a")
+        }]
+    );
+    assert_eq!(state.partner.revision, r_p);
+    // The revision counter carries on from where it was.
+    let next = store
+        .commit(Mutation::DeleteTenant("acme".into()), Expect::Revision(r_t))
+        .await
+        .unwrap();
+    assert_eq!(next, r_p + 1);
+}
+
+#[tokio::test]
+async fn a_wrong_master_key_fails_open_and_names_both_key_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path(), KEY_OLD);
+        store
+            .commit(Mutation::PutTenant(tenant("acme", "a")), Expect::Absent)
+            .await
+            .unwrap();
+    }
+    let msg = key_error(EmbeddedStore::open(dir.path(), keys(KEY_NEW)));
+    assert!(msg.contains(&key_id(KEY_OLD)), "{msg}");
+    assert!(msg.contains(&key_id(KEY_NEW)), "{msg}");
+    assert!(msg.contains("--master-key-file"), "{msg}");
+    assert!(!msg.contains(KEY_OLD) && !msg.contains(KEY_NEW), "{msg}");
+
+    // The refusal left the data untouched: the right key still opens it.
+    let store = open(dir.path(), KEY_OLD);
+    assert_eq!(store.load().await.unwrap().tenants.len(), 1);
+}
+
+#[tokio::test]
+async fn rotation_reseals_under_the_new_key_so_the_old_one_can_go() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path(), KEY_OLD);
+        store
+            .commit(Mutation::PutTenant(tenant("acme", "a")), Expect::Absent)
+            .await
+            .unwrap();
+        store
+            .commit(Mutation::PutPartner(partner("p")), Expect::Absent)
+            .await
+            .unwrap();
+    }
+    let before = open(dir.path(), KEY_OLD).load().await.unwrap();
+
+    // New key first (active), old key kept to open what it sealed.
+    {
+        let store = open(dir.path(), &format!("{KEY_NEW}\n{KEY_OLD}"));
+        let state = store.load().await.unwrap();
+        assert_eq!(state.tenants, before.tenants);
+        assert_eq!(state.partner, before.partner);
+        assert_eq!(state.revision, before.revision, "rotation is not a write");
+    }
+    // Everything is now sealed under the new key alone.
+    {
+        let store = open(dir.path(), KEY_NEW);
+        let state = store.load().await.unwrap();
+        assert_eq!(state.tenants, before.tenants);
+        assert_eq!(state.partner, before.partner);
+    }
+    let msg = key_error(EmbeddedStore::open(dir.path(), keys(KEY_OLD)));
+    assert!(msg.contains(&key_id(KEY_NEW)), "{msg}");
+}
+
+#[tokio::test]
+async fn a_generated_key_is_private_and_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let ring = MasterKeys::load(&MasterKeySource::Generate, &data_dir).unwrap();
+    let first_id = ring.active().id();
+    {
+        let store = EmbeddedStore::open(&data_dir, ring).unwrap();
+        store
+            .commit(Mutation::PutTenant(tenant("acme", "a")), Expect::Absent)
+            .await
+            .unwrap();
+    }
+    let key_file = data_dir.join(GENERATED_KEY_FILE);
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&key_file), 0o600);
+    assert_eq!(mode(&data_dir.join(DATA_FILE)), 0o600);
+    assert_eq!(mode(&data_dir), 0o700);
+
+    let ring = MasterKeys::load(&MasterKeySource::Generate, &data_dir).unwrap();
+    assert_eq!(ring.active().id(), first_id);
+    let store = EmbeddedStore::open(&data_dir, ring).unwrap();
+    assert_eq!(store.load().await.unwrap().tenants.len(), 1);
+}
+
+#[tokio::test]
+async fn no_secret_reaches_the_data_directory_in_the_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut secrets = Vec::new();
+    {
+        let store = open(dir.path(), KEY_OLD);
+        for (id, tag) in [
+            ("acme", "Acme9"),
+            ("globex", "Globex4"),
+            ("initech", "Ini7"),
+        ] {
+            let t = tenant(id, tag);
+            secrets.extend(secrets_of(&t));
+            store
+                .commit(Mutation::PutTenant(t), Expect::Absent)
+                .await
+                .unwrap();
+        }
+        // An update leaves the previous value in freed pages unless it was sealed too.
+        let t = tenant("acme", "AcmeUpdated");
+        secrets.extend(secrets_of(&t));
+        let r = store.load().await.unwrap().tenants[0].revision;
+        store
+            .commit(Mutation::PutTenant(t), Expect::Revision(r))
+            .await
+            .unwrap();
+        let p = partner("Partner3");
+        secrets.push("partner-secret-Partner3-Hx55".into());
+        store
+            .commit(Mutation::PutPartner(p), Expect::Absent)
+            .await
+            .unwrap();
+    }
+    // Rotation writes again: still nothing in the clear.
+    drop(open(dir.path(), &format!("{KEY_NEW}\n{KEY_OLD}")));
+
+    let files = all_files(dir.path());
+    assert!(files.iter().any(|f| f.ends_with(DATA_FILE)));
+    for file in &files {
+        let bytes = fs::read(file).unwrap();
+        for secret in &secrets {
+            for needle in encodings(secret) {
+                assert!(
+                    !contains(&bytes, needle.as_bytes()),
+                    "{} holds a secret as {needle:?}",
+                    file.display()
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_data_directory_in_use_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = open(dir.path(), KEY_OLD);
+    match EmbeddedStore::open(dir.path(), keys(KEY_OLD)) {
+        Err(StoreError::Backend(msg)) => {
+            assert!(
+                msg.contains("already in use by another sidekey process"),
+                "{msg}"
+            );
+            assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+        }
+        other => panic!("expected a Backend error, got {other:?}"),
+    }
+}
+
+fn encodings(secret: &str) -> Vec<String> {
+    let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+    vec![
+        secret.to_owned(),
+        STANDARD.encode(secret).trim_end_matches('=').to_owned(),
+        URL_SAFE_NO_PAD.encode(secret),
+        hex.to_uppercase(),
+        hex,
+    ]
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn all_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(all_files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
