@@ -45,7 +45,7 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
                         2.5, 5.0, 10.0, 30.0,
                     ],
                 )
-                .and_then(|b| Ok(b.build_recorder()));
+                .map(|b| b.build_recorder());
             match recorder {
                 Ok(recorder) => {
                     let handle = recorder.handle();
@@ -97,16 +97,15 @@ fn respond(
             );
             res
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz, /readyz or /metrics\n",
+        ),
     }
 }
 
 /// Serves the admin endpoints until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    ready: Readiness,
-    shutdown: impl Future<Output = ()>,
-) {
+pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: impl Future<Output = ()>) {
     let metrics = metrics_handle();
     let graceful = GracefulShutdown::new();
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

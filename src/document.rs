@@ -231,10 +231,13 @@ mod tests {
 
     #[test]
     fn missing_env_and_unknown_fields_are_errors() {
-        let doc = TenantDoc::parse("id: a\nm3ter: { apiSecret: { valueFrom: { env: NOPE } } }")
-            .unwrap();
+        let doc =
+            TenantDoc::parse("id: a\nm3ter: { apiSecret: { valueFrom: { env: NOPE } } }").unwrap();
         let err = doc.into_proto(&|_| None).unwrap_err().to_string();
-        assert!(err.contains("m3ter.apiSecret") && err.contains("NOPE"), "{err}");
+        assert!(
+            err.contains("m3ter.apiSecret") && err.contains("NOPE"),
+            "{err}"
+        );
         assert!(TenantDoc::parse("id: a\nmiradore: { sight: x }").is_err());
     }
 

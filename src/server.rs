@@ -61,22 +61,36 @@ async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, Start
 /// Starts every plane; returns once they are bound and ready.
 pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     let source = match (&config.master_key_file, &config.master_key) {
-        (Some(path), _) => MasterKeySource::File(path.clone()),
+        (Some(_), Some(_)) => {
+            return Err(StartError::Config(
+                "give the master key with --master-key-file or SIDEKEY_MASTER_KEY, not both".into(),
+            ));
+        }
+        (Some(path), None) => MasterKeySource::File(path.clone()),
         (None, Some(value)) => MasterKeySource::Value(value.clone()),
         (None, None) => MasterKeySource::Generate,
     };
-    let keys = MasterKeys::load(&source, &config.data_dir)
-        .map_err(|e| StartError::MasterKey(e.to_string()))?;
-    let store = EmbeddedStore::open(&config.data_dir, keys).map_err(|e| StartError::Store {
-        dir: config.data_dir.display().to_string(),
-        message: e.to_string(),
-    })?;
-    let catalog = Arc::new(Catalog::open(Arc::new(store)).await.map_err(|e| {
-        StartError::Store {
-            dir: config.data_dir.display().to_string(),
+    let data_dir = config.data_dir.clone();
+    // Key loading and opening redb are blocking file work.
+    let store = tokio::task::spawn_blocking(move || {
+        let keys = MasterKeys::load(&source, &data_dir)
+            .map_err(|e| StartError::MasterKey(e.to_string()))?;
+        EmbeddedStore::open(&data_dir, keys).map_err(|e| StartError::Store {
+            dir: data_dir.display().to_string(),
             message: e.to_string(),
-        }
-    })?);
+        })
+    })
+    .await
+    .map_err(|e| StartError::Config(format!("start-up task failed: {e}")))??;
+    let catalog =
+        Arc::new(
+            Catalog::open(Arc::new(store))
+                .await
+                .map_err(|e| StartError::Store {
+                    dir: config.data_dir.display().to_string(),
+                    message: e.to_string(),
+                })?,
+        );
     let token = config
         .grpc_token_file
         .as_deref()

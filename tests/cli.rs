@@ -22,15 +22,26 @@ struct Server {
 
 /// Starts `sidekey serve` and waits for its ready line (or its exit).
 fn serve(dir: &Path, key: &str) -> Result<Server, String> {
+    serve_with(dir, key, &[], "info")
+}
+
+fn serve_with(dir: &Path, key: &str, extra: &[&str], rust_log: &str) -> Result<Server, String> {
     let socket = dir.join("grpc.sock");
     let mut child = bin()
-        .args(["serve", "--proxy-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(extra)
         .arg("--grpc-listen")
         .arg(format!("unix:{}", socket.display()))
         .arg("--data-dir")
         .arg(dir.join("data"))
         .env("SIDEKEY_MASTER_KEY", key)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", rust_log)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -88,7 +99,8 @@ impl Server {
     fn crash(mut self) -> String {
         self.child.kill().unwrap(); // SIGKILL: no clean shutdown
         self.child.wait().unwrap();
-        self.log.try_iter().collect::<Vec<_>>().join("\n")
+        // The reader thread ends at EOF, closing the channel: every line is collected.
+        self.log.iter().collect::<Vec<_>>().join("\n")
     }
 }
 
@@ -115,8 +127,15 @@ fn operator_workflow_survives_a_crash() {
     // Secret from stdin; the table shows a fingerprint, never the key.
     let out = stdout(&server.cli_with_stdin(
         &[
-            "tenants", "create", "acme", "--display-name", "Acme",
-            "--miradore-site", "AcmeSite", "--miradore-api-key-file", "-",
+            "tenants",
+            "create",
+            "acme",
+            "--display-name",
+            "Acme",
+            "--miradore-site",
+            "AcmeSite",
+            "--miradore-api-key-file",
+            "-",
         ],
         Some("1_AaDf234sdf8!4\n"),
     ));
@@ -126,8 +145,22 @@ fn operator_workflow_survives_a_crash() {
     // Secret from an environment variable; JSON output for scripts.
     let mut cmd = bin();
     let out = cmd
-        .args(["tenants", "update", "acme", "--m3ter-access-key-id", "AK", "--m3ter-org-id", ORG])
-        .args(["--m3ter-api-secret-env", "ACME_SECRET", "-o", "json", "--server"])
+        .args([
+            "tenants",
+            "update",
+            "acme",
+            "--m3ter-access-key-id",
+            "AK",
+            "--m3ter-org-id",
+            ORG,
+        ])
+        .args([
+            "--m3ter-api-secret-env",
+            "ACME_SECRET",
+            "-o",
+            "json",
+            "--server",
+        ])
         .arg(format!("unix:{}", server.socket.display()))
         .env("ACME_SECRET", "m3ter-secret-value")
         .output()
@@ -135,7 +168,12 @@ fn operator_workflow_survives_a_crash() {
     let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(json["m3ter"]["accessKeyId"], "AK");
     assert_eq!(json["miradore"]["site"], "AcmeSite");
-    assert!(json["m3ter"]["apiSecret"]["fingerprint"].as_str().unwrap().starts_with("sha256:"));
+    assert!(
+        json["m3ter"]["apiSecret"]["fingerprint"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
     assert!(!json.to_string().contains("m3ter-secret-value"));
 
     // apply -f: a YAML document creates a second tenant.
@@ -147,13 +185,18 @@ fn operator_workflow_survives_a_crash() {
     .unwrap();
     stdout(&server.cli(&["tenants", "apply", "-f", doc.to_str().unwrap()]));
     let list = stdout(&server.cli(&["tenants", "list"]));
-    assert!(list.contains("acme") && list.contains("beta") && list.contains("mailkit"), "{list}");
+    assert!(
+        list.contains("acme") && list.contains("beta") && list.contains("mailkit"),
+        "{list}"
+    );
 
     // Crash without a clean shutdown, restart: every acknowledged write is there.
     server.crash();
     let server = serve(dir.path(), KEY).unwrap();
-    let json: serde_json::Value =
-        serde_json::from_str(&stdout(&server.cli(&["tenants", "get", "acme", "-o", "json"]))).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&stdout(
+        &server.cli(&["tenants", "get", "acme", "-o", "json"]),
+    ))
+    .unwrap();
     assert_eq!(json["displayName"], "Acme");
     assert_eq!(json["m3ter"]["orgId"], ORG);
     stdout(&server.cli(&["tenants", "get", "beta"]));
@@ -173,9 +216,19 @@ fn validation_failures_are_listed_field_by_field() {
     let dir = tempfile::tempdir().unwrap();
     let server = serve(dir.path(), KEY).unwrap();
     let err = stderr(&server.cli(&[
-        "tenants", "create", "Bad_Id", "--m3ter-org-id", "nope", "--mailkit-client-id", "x1",
+        "tenants",
+        "create",
+        "Bad_Id",
+        "--m3ter-org-id",
+        "nope",
+        "--mailkit-client-id",
+        "x1",
     ]));
-    for field in ["tenant.id", "tenant.m3ter.org_id", "tenant.mailkit.client_id"] {
+    for field in [
+        "tenant.id",
+        "tenant.m3ter.org_id",
+        "tenant.mailkit.client_id",
+    ] {
         assert!(err.contains(field), "{field} missing from: {err}");
     }
     let err = stderr(&server.cli(&["tenants", "update", "ghost", "--display-name", "x"]));
@@ -193,5 +246,118 @@ fn a_server_that_is_not_running_is_reported_plainly() {
         .output()
         .unwrap();
     let err = stderr(&out);
-    assert!(err.contains("cannot reach sidekey") && err.contains("sidekey serve"), "{err}");
+    assert!(
+        err.contains("cannot reach sidekey") && err.contains("sidekey serve"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_or_wrong_token_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "the-right-token\n").unwrap();
+    let server = serve_with(
+        dir.path(),
+        KEY,
+        &["--grpc-token-file", token.to_str().unwrap()],
+        "info",
+    )
+    .unwrap();
+    let err = stderr(&server.cli(&["tenants", "list"]));
+    assert!(
+        err.contains("token") && err.contains("--token-file"),
+        "{err}"
+    );
+
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "the-wrong-token").unwrap();
+    let err = stderr(&server.cli(&["tenants", "list", "--token-file", wrong.to_str().unwrap()]));
+    assert!(err.contains("not valid"), "{err}");
+    stdout(&server.cli(&["tenants", "list", "--token-file", token.to_str().unwrap()]));
+}
+
+#[test]
+fn no_secret_reaches_the_log_at_trace_level() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "control-token-xyz").unwrap();
+    let server = serve_with(
+        dir.path(),
+        KEY,
+        &["--grpc-token-file", token.to_str().unwrap()],
+        "trace",
+    )
+    .unwrap();
+    let t = token.to_str().unwrap();
+    let secrets = [
+        "1_Ke{y},!+Secret",
+        "m3ter-api-secret-42",
+        "fedcba9876543210fedcba9876543210",
+    ];
+    let doc = dir.path().join("acme.yaml");
+    std::fs::write(
+        &doc,
+        format!(
+            "id: acme\nmiradore: {{ site: acme, apiKey: {{ value: \"{}\" }} }}\n\
+             m3ter: {{ accessKeyId: AK, orgId: {ORG}, apiSecret: {{ value: {} }} }}\n\
+             mailkit: {{ clientId: \"7\", clientMd5: {{ value: {} }} }}\n",
+            secrets[0], secrets[1], secrets[2]
+        ),
+    )
+    .unwrap();
+    stdout(&server.cli(&[
+        "tenants",
+        "apply",
+        "-f",
+        doc.to_str().unwrap(),
+        "--token-file",
+        t,
+    ]));
+    stdout(&server.cli_with_stdin(
+        &[
+            "tenants",
+            "update",
+            "acme",
+            "--m3ter-api-secret-file",
+            "-",
+            "--token-file",
+            t,
+        ],
+        Some(secrets[1]),
+    ));
+    stdout(&server.cli(&["tenants", "get", "acme", "-o", "json", "--token-file", t]));
+    stderr(&server.cli(&[
+        "tenants",
+        "list",
+        "--token-file",
+        token.to_str().unwrap().replace("token", "nope").as_str(),
+    ]));
+    let log = server.crash();
+    assert!(
+        log.contains("TRACE") || log.contains("trace"),
+        "trace logging was not on"
+    );
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for s in secrets.iter().chain(&["control-token-xyz"]) {
+        for form in [s.to_string(), b64.encode(s), percent(s)] {
+            assert!(
+                !log.contains(&form),
+                "secret form {form:?} found in the log"
+            );
+        }
+    }
+}
+
+fn percent(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }

@@ -75,7 +75,9 @@ async fn crud_round_trip_never_returns_secret_values() {
     let running = start(dir.path()).await;
     let mut c = client(&running).await;
 
-    let created = create(&mut c, m3ter_tenant("acme", "s3cr3t-value")).await.unwrap();
+    let created = create(&mut c, m3ter_tenant("acme", "s3cr3t-value"))
+        .await
+        .unwrap();
     assert_eq!(created.id, "acme");
     let fp = created.m3ter.as_ref().unwrap().api_secret.as_ref().unwrap();
     assert!(fp.value.is_empty());
@@ -128,7 +130,9 @@ async fn list_pages_across_more_than_one_page() {
     let running = start(dir.path()).await;
     let mut c = client(&running).await;
     for i in 0..7 {
-        create(&mut c, m3ter_tenant(&format!("t{i}"), "x")).await.unwrap();
+        create(&mut c, m3ter_tenant(&format!("t{i}"), "x"))
+            .await
+            .unwrap();
     }
     let mut seen = Vec::new();
     let mut token = String::new();
@@ -176,8 +180,17 @@ async fn mask_update_rotates_one_secret_and_keeps_the_rest_and_stale_etag_aborts
     let dir = tempfile::tempdir().unwrap();
     let running = start(dir.path()).await;
     let mut c = client(&running).await;
-    let created = create(&mut c, m3ter_tenant("acme", "old-secret")).await.unwrap();
-    let old_fp = created.m3ter.as_ref().unwrap().api_secret.clone().unwrap().fingerprint;
+    let created = create(&mut c, m3ter_tenant("acme", "old-secret"))
+        .await
+        .unwrap();
+    let old_fp = created
+        .m3ter
+        .as_ref()
+        .unwrap()
+        .api_secret
+        .clone()
+        .unwrap()
+        .fingerprint;
 
     let updated = c
         .update_tenant(proto::UpdateTenantRequest {
@@ -308,7 +321,10 @@ async fn every_validation_failure_names_its_field() {
                 }),
                 ..Default::default()
             },
-            &["tenant.mailkit.client_id", "tenant.mailkit.client_md5.value"],
+            &[
+                "tenant.mailkit.client_id",
+                "tenant.mailkit.client_md5.value",
+            ],
         ),
         // Incomplete effective credentials: nothing to inherit from.
         (
@@ -385,7 +401,10 @@ async fn partner_defaults_are_inherited_and_cannot_be_pulled_from_under_tenants(
     let detail = err.get_details_bad_request().unwrap().field_violations[0]
         .description
         .clone();
-    assert!(detail.contains("acme") && detail.contains("beta"), "{detail}");
+    assert!(
+        detail.contains("acme") && detail.contains("beta"),
+        "{detail}"
+    );
 
     let bad = c
         .update_partner_defaults(proto::UpdatePartnerDefaultsRequest {
@@ -466,7 +485,9 @@ async fn writes_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(dir.path()).await;
     let mut c = client(&running).await;
-    let created = create(&mut c, m3ter_tenant("acme", "persisted")).await.unwrap();
+    let created = create(&mut c, m3ter_tenant("acme", "persisted"))
+        .await
+        .unwrap();
     drop(c);
     assert!(running.shutdown().await);
 
@@ -480,7 +501,13 @@ async fn writes_survive_a_restart() {
     assert_eq!(got, created);
     let snap = running.catalog.snapshot().load();
     assert_eq!(
-        snap.tenant("acme").unwrap().m3ter.as_ref().unwrap().api_secret.expose(),
+        snap.tenant("acme")
+            .unwrap()
+            .m3ter
+            .as_ref()
+            .unwrap()
+            .api_secret
+            .expose(),
         "persisted"
     );
 }

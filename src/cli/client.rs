@@ -31,7 +31,12 @@ impl Interceptor for BearerToken {
 #[derive(clap::Args, Clone, Debug)]
 pub struct ClientArgs {
     /// The control plane: http://HOST:PORT or unix:/path.
-    #[arg(long, global = true, env = "SIDEKEY_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "SIDEKEY_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub server: String,
     /// File holding the control-plane bearer token (also: SIDEKEY_GRPC_TOKEN holding the
     /// token itself).

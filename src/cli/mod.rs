@@ -19,7 +19,11 @@ use flags::ConnectionFlags;
 use render::Output;
 
 #[derive(Parser, Debug)]
-#[command(name = "sidekey", version, about = "Auth-proxy sidecar: injects per-tenant vendor credentials (Miradore, m3ter, Mailkit)")]
+#[command(
+    name = "sidekey",
+    version,
+    about = "Auth-proxy sidecar: injects per-tenant vendor credentials (Miradore, m3ter, Mailkit)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -53,7 +57,7 @@ pub enum TenantsCommand {
         #[arg(long)]
         display_name: Option<String>,
         #[command(flatten)]
-        connections: ConnectionFlags,
+        connections: Box<ConnectionFlags>,
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
@@ -74,7 +78,7 @@ pub enum TenantsCommand {
         #[arg(long)]
         display_name: Option<String>,
         #[command(flatten)]
-        connections: ConnectionFlags,
+        connections: Box<ConnectionFlags>,
         /// Stop using a vendor: miradore, m3ter or mailkit. Repeatable.
         #[arg(long, value_name = "VENDOR")]
         remove: Vec<VendorArg>,
@@ -117,7 +121,7 @@ pub enum PartnerCommand {
     /// Change the partner defaults given as flags; everything else is kept.
     Update {
         #[command(flatten)]
-        connections: ConnectionFlags,
+        connections: Box<ConnectionFlags>,
         /// Remove a vendor's defaults: miradore, m3ter or mailkit. Repeatable.
         #[arg(long, value_name = "VENDOR")]
         remove: Vec<VendorArg>,
@@ -319,8 +323,9 @@ pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<()
                     let mut text = String::new();
                     std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
                         .map_err(|e| format!("cannot read standard input: {e}"))?;
-                    TenantDoc::parse(&text)
-                        .map_err(|e| format!("standard input is not a valid tenant document: {e}"))?
+                    TenantDoc::parse(&text).map_err(|e| {
+                        format!("standard input is not a valid tenant document: {e}")
+                    })?
                 } else {
                     TenantDoc::from_file(&file).map_err(|e| e.to_string())?
                 };

@@ -51,7 +51,10 @@ fn connections_json(
 ) -> Map<String, Value> {
     let mut m = Map::new();
     if let Some(c) = mir {
-        m.insert("miradore".into(), json!({"site": c.site, "apiKey": secret(&c.api_key)}));
+        m.insert(
+            "miradore".into(),
+            json!({"site": c.site, "apiKey": secret(&c.api_key)}),
+        );
     }
     if let Some(c) = m3 {
         m.insert(
@@ -168,7 +171,10 @@ pub fn partner_table(p: &proto::PartnerDefaults) -> String {
 }
 
 pub fn list_table(tenants: &[proto::Tenant]) -> String {
-    let mut out = format!("{:<32} {:<24} {:<24} {}\n", "ID", "DISPLAY NAME", "VENDORS", "UPDATED");
+    let mut out = format!(
+        "{:<32} {:<24} {:<24} {}\n",
+        "ID", "DISPLAY NAME", "VENDORS", "UPDATED"
+    );
     for t in tenants {
         let vendors: Vec<&str> = [
             (t.miradore.is_some(), "miradore"),
@@ -182,7 +188,11 @@ pub fn list_table(tenants: &[proto::Tenant]) -> String {
             "{:<32} {:<24} {:<24} {}\n",
             t.id,
             t.display_name,
-            if vendors.is_empty() { "-".to_owned() } else { vendors.join(",") },
+            if vendors.is_empty() {
+                "-".to_owned()
+            } else {
+                vendors.join(",")
+            },
             ts_text(&t.update_time)
         ));
     }

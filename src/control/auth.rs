@@ -37,7 +37,10 @@ impl ControlToken {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            });
         match presented {
             Some(p) if bool::from(p.as_bytes().ct_eq(self.0.expose().as_bytes())) => Ok(req),
             Some(_) => Err(Status::unauthenticated("the bearer token is not valid")),

@@ -6,8 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::proto;
 use crate::secret::Secret;
 use crate::tenants::{
-    Connections, FieldViolation, M3terConn, MailkitConn, MiradoreConn, PartnerRecord,
-    TenantRecord,
+    Connections, FieldViolation, M3terConn, MailkitConn, MiradoreConn, PartnerRecord, TenantRecord,
 };
 
 /// The etag of a record: its revision, as an opaque string.
@@ -15,13 +14,16 @@ pub fn etag(revision: u64) -> String {
     revision.to_string()
 }
 
-/// Parses an etag sent by a client. `Ok(None)` when none was sent; an etag that is not one
-/// of ours can never match, which is reported as a stale etag.
-pub fn parse_etag(etag: &str) -> Result<Option<u64>, ()> {
+/// An etag that is not one sidekey issued: it can never match, so it is reported as stale.
+#[derive(Debug)]
+pub struct ForeignEtag;
+
+/// Parses an etag sent by a client; `Ok(None)` when none was sent.
+pub fn parse_etag(etag: &str) -> Result<Option<u64>, ForeignEtag> {
     if etag.is_empty() {
         Ok(None)
     } else {
-        etag.parse().map(Some).map_err(|_| ())
+        etag.parse().map(Some).map_err(|_| ForeignEtag)
     }
 }
 

@@ -29,7 +29,7 @@ impl TenantApi {
 }
 
 fn etag_of(etag: &str) -> Result<Option<u64>, Status> {
-    parse_etag(etag).map_err(|()| stale_etag())
+    parse_etag(etag).map_err(|_| stale_etag())
 }
 
 fn required<T>(msg: Option<T>, field: &str) -> Result<T, Status> {
@@ -65,7 +65,9 @@ impl TenantService for TenantApi {
         let limit = match req.page_size {
             n if n < 0 => return Err(invalid_field("page_size", "must not be negative")),
             0 => DEFAULT_PAGE_SIZE,
-            n => usize::try_from(n).unwrap_or(MAX_PAGE_SIZE).min(MAX_PAGE_SIZE),
+            n => usize::try_from(n)
+                .unwrap_or(MAX_PAGE_SIZE)
+                .min(MAX_PAGE_SIZE),
         };
         // The token is the last id of the previous page, encoded so clients treat it as
         // opaque.
