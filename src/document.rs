@@ -103,14 +103,17 @@ pub struct SecretDoc {
     pub fingerprint: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// Where a secret is read from: exactly one of the two.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub enum SecretSource {
+pub struct SecretSource {
     /// A file whose content (surrounding whitespace trimmed) is the secret, e.g. a mounted
     /// Kubernetes Secret.
-    File(PathBuf),
+    #[serde(default)]
+    pub file: Option<PathBuf>,
     /// An environment variable of the process reading the document.
-    Env(String),
+    #[serde(default)]
+    pub env: Option<String>,
 }
 
 impl TenantDoc {
@@ -188,14 +191,17 @@ fn resolve_secret(
     let value = match (doc.value, doc.value_from) {
         (Some(_), Some(_)) => return Err(err("give value or valueFrom, not both".into())),
         (Some(v), None) => v,
-        (None, Some(SecretSource::File(path))) => std::fs::read_to_string(&path)
-            .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?
-            .trim()
-            .to_owned(),
-        (None, Some(SecretSource::Env(var))) => env(&var)
-            .ok_or_else(|| err(format!("environment variable {var} is not set")))?
-            .trim()
-            .to_owned(),
+        (None, Some(from)) => match (from.file, from.env) {
+            (Some(path), None) => std::fs::read_to_string(&path)
+                .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?
+                .trim()
+                .to_owned(),
+            (None, Some(var)) => env(&var)
+                .ok_or_else(|| err(format!("environment variable {var} is not set")))?
+                .trim()
+                .to_owned(),
+            _ => return Err(err("valueFrom needs exactly one of file or env".into())),
+        },
         (None, None) => return Ok(None),
     };
     Ok(Some(proto::Secret {
