@@ -3,6 +3,8 @@
 //! The data plane asks a [`TokenSource`] for a token per request and tells it when m3ter
 //! refused one; the token broker behind it caches, single-flights and refreshes.
 
+pub mod exchange;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
