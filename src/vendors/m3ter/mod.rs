@@ -3,6 +3,7 @@
 //! The data plane asks a [`TokenSource`] for a token per request and tells it when m3ter
 //! refused one; the token broker behind it caches, single-flights and refreshes.
 
+pub mod broker;
 pub mod exchange;
 
 use std::sync::Arc;
