@@ -1088,6 +1088,56 @@ mod tests {
         assert_eq!(cfg.backoff(1, Some(secs(3600))), secs(60));
     }
 
+    /// Collects everything logged at trace level.
+    #[derive(Clone, Default)]
+    struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogBuffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_flow_logs_a_secret_or_a_token() {
+        let logs = LogBuffer::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish();
+        // Thread-local; the paused-clock runtime runs every task on this thread.
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let fake = Fake::new([
+            Step::Fail(refused(401)),
+            Step::Ok("token-value-1", secs(1000)),
+            Step::Ok("token-value-2", secs(1000)),
+        ]);
+        let b = broker(&fake);
+        let c = creds("key", "api-secret-value");
+        let err = b.token(&c).await.unwrap_err();
+        tokio::time::advance(secs(1)).await;
+        let first = b.token(&c).await.unwrap();
+        tokio::time::advance(secs(600)).await;
+        b.refused(&c, &first);
+        let second = b.token(&c).await.unwrap();
+        b.retain(&snapshot([], 2)).await;
+        settle().await;
+
+        let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert!(logs.contains("m3ter token exchange failed"), "{logs}");
+        for shown in [logs, format!("{err:?} {first:?} {second:?} {c:?}")] {
+            for secret in ["api-secret-value", "token-value"] {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+        }
+    }
+
     #[test]
     fn cache_keys_never_show_the_secret() {
         let b = TokenBroker::new(Fake::new([]), BrokerConfig::default());
