@@ -2,6 +2,12 @@
 //!
 //! The data plane asks a [`TokenSource`] for a token per request and tells it when m3ter
 //! refused one; the token broker behind it caches, single-flights and refreshes.
+//!
+//! - [`broker`]: [`broker::TokenBroker`], the [`TokenSource`] with cache, refresh and backoff.
+//! - [`exchange`]: the client-credentials exchange on the wire, behind [`exchange::Exchange`].
+
+pub mod broker;
+pub mod exchange;
 
 use std::sync::Arc;
 
