@@ -1,7 +1,10 @@
 //! m3ter: bearer tokens from the client-credentials exchange.
 //!
 //! The data plane asks a [`TokenSource`] for a token per request and tells it when m3ter
-//! refused one; the token broker behind it caches, single-flights and refreshes.
+//! refused one; the token broker behind it caches, single-flights and refreshes. [`rule`] is
+//! the data plane's side of that seam.
+
+pub(crate) mod rule;
 
 use std::sync::Arc;
 
