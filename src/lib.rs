@@ -6,9 +6,11 @@
 //! (gRPC), which goes through the [`tenants::Catalog`] to the [`store`] and publishes a new
 //! snapshot.
 
+pub mod proxy;
 pub mod secret;
 pub mod store;
 pub mod tenants;
+pub mod upstream;
 pub mod vendors;
 
 /// Generated code of the `sidekey.v1` proto package.
