@@ -877,3 +877,170 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     done.await.unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn http_proxy_client_calling_prefix_urls_on_loopback() {
+    let (_ca, mock, proxy) = setup(|m| m).await;
+    // An app with HTTP_PROXY pointing at sidekey that also uses sidekey's prefix URLs.
+    let resp = proxy
+        .proxy_client("acme")
+        .get(proxy.url("/miradore/api/v2/Device"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(mock.single().header("x-api-key"), Some(MIRADORE_KEY));
+}
+
+// ---------------------------------------------------------------------------------------
+// TestTenant helpers
+
+#[tokio::test]
+async fn miradore_test_tenant_helper() {
+    let ca = TestCa::new("ca");
+    let mock = MockVendor::builder(&ca)
+        .respond(|r| {
+            if r.header("x-api-key") == Some(MIRADORE_KEY) {
+                MockResponse::ok("[]")
+            } else {
+                MockResponse::status(401)
+            }
+        })
+        .start()
+        .await;
+    let client = support::upstream_client(&ca, &mock);
+    let ok = sidekey::vendors::miradore::test(&client, &miradore()).await;
+    assert!(ok.ok, "{ok:?}");
+    assert_eq!(ok.http_status, 200);
+    let rec = mock.single();
+    assert_eq!(rec.method, http::Method::GET);
+    assert_eq!(rec.path_and_query(), "/api/v2/Device?limit=1");
+    assert_eq!(rec.header("x-instance-name"), Some(MIRADORE_SITE));
+
+    let mut wrong = miradore();
+    wrong.api_key = Secret::new("wrong");
+    let bad = sidekey::vendors::miradore::test(&client, &wrong).await;
+    assert!(!bad.ok);
+    assert_eq!(bad.http_status, 401);
+    assert!(!bad.message.contains("wrong"));
+}
+
+#[tokio::test]
+async fn mailkit_test_tenant_helper() {
+    let ca = TestCa::new("ca");
+    let mock = MockVendor::builder(&ca)
+        .respond(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            if v["md5"] == MAILKIT_MD5 && v["id"] == MAILKIT_ID {
+                MockResponse::ok(r#"[{"ID_USER_LIST":"1","NAME":"x"}]"#)
+            } else {
+                MockResponse::ok(r#"{"error_status":1,"error":"Unauthorized"}"#)
+            }
+        })
+        .start()
+        .await;
+    let client = support::upstream_client(&ca, &mock);
+    let ok = sidekey::vendors::mailkit::test(&client, &mailkit()).await;
+    assert!(ok.ok, "{ok:?}");
+    let rec = mock.single();
+    assert_eq!(rec.path_and_query(), "/json.fcgi");
+    let v: serde_json::Value = serde_json::from_slice(&rec.body).unwrap();
+    assert_eq!(v["function"], "mailkit.mailinglist.list");
+
+    let mut wrong = mailkit();
+    wrong.client_md5 = Secret::new("ffffffffffffffffffffffffffffffff");
+    let bad = sidekey::vendors::mailkit::test(&client, &wrong).await;
+    assert!(!bad.ok);
+    assert_eq!(bad.http_status, 200);
+    assert!(bad.message.contains("Unauthorized"), "{bad:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Observability
+
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Every flow at trace level: sidekey's own log never contains a secret or a query string,
+/// and each request has its one summary event.
+#[tokio::test]
+async fn logs_never_contain_secrets() {
+    let buf = LogBuffer::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("sidekey=trace"))
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let tokens = Arc::new(CountingTokens::default());
+    let (_ca, _mock, proxy) = m3ter_setup(tokens, |m| {
+        m.respond(|r| {
+            if r.header("authorization") == Some("Bearer tok-1") {
+                MockResponse::status(403)
+            } else {
+                MockResponse::ok("{}")
+            }
+        })
+    })
+    .await;
+    let c = proxy.client();
+    let t = |b: reqwest::RequestBuilder| b.header("x-sidekey-tenant", "acme");
+    t(c.get(proxy.url("/miradore/Acme1/API/Device?select=x&auth=app")))
+        .send()
+        .await
+        .unwrap();
+    t(c.get(proxy.url("/miradore/api/v2/Device")))
+        .send()
+        .await
+        .unwrap();
+    t(c.post(proxy.url("/mailkit/json.fcgi"))
+        .body(r#"{"function":"f"}"#))
+    .send()
+    .await
+    .unwrap();
+    t(c.post(proxy.url("/mailkit/rpc.fcgi")).body(
+        "<methodCall><params><param><value>1</value></param><param><value>2</value></param></params></methodCall>",
+    ))
+    .send()
+    .await
+    .unwrap();
+    t(c.get(proxy.url(&format!("/m3ter{M3TER_PATH}"))))
+        .send()
+        .await
+        .unwrap();
+    t(c.get(proxy.url("/miradore/Other/API/Device")))
+        .send()
+        .await
+        .unwrap();
+    drop(_guard);
+
+    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(log.matches("proxied request").count(), 6, "{log}");
+    assert!(
+        log.contains("error=\"site_mismatch\"") || log.contains("error=site_mismatch"),
+        "{log}"
+    );
+    for secret in [
+        MIRADORE_KEY,
+        MIRADORE_KEY_ENCODED,
+        MAILKIT_MD5,
+        M3TER_SECRET,
+        "tok-1",
+        "tok-2",
+        "select=x",
+    ] {
+        assert!(!log.contains(secret), "{secret:?} in log:\n{log}");
+    }
+}

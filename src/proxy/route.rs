@@ -7,7 +7,9 @@
 //!    anything else is origin-form, whose first segment must be a vendor prefix
 //!    (`/miradore`, `/m3ter`, `/m3ter-ingest`, `/mailkit`) → else 404 `unknown_route`.
 //!    Over HTTP/2 every request carries an authority, so there the forward-proxy form is
-//!    recognised by an authority that is a vendor host. Dot segments (`.`, `..`, also
+//!    recognised by an authority that is a vendor host. An absolute-form URL to a loopback
+//!    host (`http://127.0.0.1:8080/m3ter/...`, what a client with `HTTP_PROXY` set sends for
+//!    sidekey's own prefix URLs) is read as the prefix form. Dot segments (`.`, `..`, also
 //!    percent-encoded) → 400 `bad_request`, so a path cannot climb out of the site or
 //!    organisation it names.
 //! 3. Tenant named (`x-sidekey-tenant` or `Proxy-Authorization: Basic`) → else 407
@@ -139,8 +141,19 @@ fn is_forward_form(uri: &Uri, version: Version) -> bool {
         uri.host()
             .is_some_and(|h| !matches!(endpoint_of_host(h), Endpoint::Foreign(_)))
     } else {
-        uri.scheme().is_some()
+        // An app with HTTP_PROXY set that calls sidekey's own prefix URLs sends them in
+        // absolute-form to a loopback host: that is still the prefix form.
+        uri.scheme().is_some() && !uri.host().is_some_and(is_loopback)
     }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn endpoint_of_host(host: &str) -> Endpoint<'_> {
@@ -333,6 +346,20 @@ mod tests {
         for (uri, want) in cases {
             let r = req("GET", uri);
             assert_eq!(classify(&r).unwrap().endpoint, want, "{uri}");
+        }
+    }
+
+    #[test]
+    fn absolute_form_to_loopback_is_prefix_form() {
+        for uri in [
+            "http://127.0.0.1:8080/m3ter/x",
+            "http://localhost/m3ter/x",
+            "http://[::1]:8080/m3ter/x",
+        ] {
+            let r = req("GET", uri);
+            let t = classify(&r).unwrap();
+            assert_eq!(t.endpoint, Endpoint::M3terApi, "{uri}");
+            assert_eq!(t.path, "/x");
         }
     }
 

@@ -411,6 +411,32 @@ impl MockVendor {
 }
 
 // ---------------------------------------------------------------------------------------
+// Upstream configuration
+
+/// `--connect-to` rules sending every vendor host to `127.0.0.1:port`.
+pub fn connect_to_rules(port: u16) -> Vec<ConnectTo> {
+    ["*.miradore.com", "*.m3ter.com", "api.mailkit.eu"]
+        .iter()
+        .map(|host| {
+            format!("{host}:443:127.0.0.1:{port}")
+                .parse()
+                .expect("rule")
+        })
+        .collect()
+}
+
+/// An upstream client that trusts `ca` and dials `mock` for every vendor host (what
+/// `TestTenant` and other direct vendor calls use in tests).
+pub fn upstream_client(ca: &TestCa, mock: &MockVendor) -> upstream::Client {
+    upstream::Client::new(UpstreamConfig {
+        extra_ca_files: vec![ca.pem_file()],
+        connect_to: connect_to_rules(mock.port()),
+        ..Default::default()
+    })
+    .expect("upstream client")
+}
+
+// ---------------------------------------------------------------------------------------
 // Proxy under test
 
 pub struct TestProxyBuilder {
