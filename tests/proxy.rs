@@ -1044,3 +1044,67 @@ async fn logs_never_contain_secrets() {
         assert!(!log.contains(secret), "{secret:?} in log:\n{log}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Upstream client on its own
+
+#[tokio::test]
+async fn upstream_errors_are_classified() {
+    let req = || {
+        http::Request::get("https://online.miradore.com/api/v2/Device")
+            .body(sidekey::upstream::empty_body())
+            .unwrap()
+    };
+    let trusted = TestCa::new("trusted");
+    let other = TestCa::new("other");
+
+    let mock = MockVendor::builder(&other).start().await;
+    let err = support::upstream_client(&trusted, &mock)
+        .send(req())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "tls", "{err:?}");
+
+    let named = MockVendor::builder(&trusted)
+        .names(&["wrong.example"])
+        .start()
+        .await;
+    let err = support::upstream_client(&trusted, &named)
+        .send(req())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "tls", "{err:?}");
+
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let client = sidekey::upstream::Client::new(sidekey::upstream::UpstreamConfig {
+        connect_to: support::connect_to_rules(port),
+        ..Default::default()
+    })
+    .unwrap();
+    let err = client.send(req()).await.unwrap_err();
+    assert_eq!(err.kind(), "connect", "{err:?}");
+
+    let silent = MockVendor::builder(&trusted)
+        .respond(|_| MockResponse::never())
+        .start()
+        .await;
+    let client = sidekey::upstream::Client::new(sidekey::upstream::UpstreamConfig {
+        extra_ca_files: vec![trusted.pem_file()],
+        connect_to: support::connect_to_rules(silent.port()),
+        response_header_timeout: std::time::Duration::from_millis(200),
+        ..Default::default()
+    })
+    .unwrap();
+    let err = client.send(req()).await.unwrap_err();
+    assert_eq!(err.kind(), "timeout", "{err:?}");
+
+    // And the happy path: certificate checked against the original name, address redirected.
+    let good = MockVendor::builder(&trusted).start().await;
+    let resp = support::upstream_client(&trusted, &good)
+        .send(req())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
