@@ -306,7 +306,7 @@ fn plan<B>(
     tenant: &EffectiveTenant,
 ) -> Result<Plan, ProxyError> {
     match (
-        vendor_of(&target.endpoint),
+        target.endpoint.vendor(),
         &tenant.miradore,
         &tenant.m3ter,
         &tenant.mailkit,
@@ -334,19 +334,8 @@ fn not_configured() -> ProxyError {
     ProxyError::bad_request("the tenant has no connection for this vendor")
 }
 
-fn vendor_of(endpoint: &Endpoint<'_>) -> Option<VendorKind> {
-    match endpoint {
-        Endpoint::Miradore | Endpoint::MiradoreLegacy(_) => Some(VendorKind::Miradore),
-        Endpoint::M3terApi | Endpoint::M3terIngest | Endpoint::M3terHost(_) => {
-            Some(VendorKind::M3ter)
-        }
-        Endpoint::Mailkit => Some(VendorKind::Mailkit),
-        Endpoint::Foreign(_) => None,
-    }
-}
-
 fn vendor_label(endpoint: &Endpoint<'_>) -> &'static str {
-    vendor_of(endpoint).map_or("none", VendorKind::as_str)
+    endpoint.vendor().map_or("none", VendorKind::as_str)
 }
 
 /// Request headers toward any vendor: no hop-by-hop headers, no tenant naming, no `Host`

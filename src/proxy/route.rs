@@ -56,7 +56,8 @@ pub(crate) enum Endpoint<'a> {
 }
 
 impl Endpoint<'_> {
-    fn vendor(&self) -> Option<VendorKind> {
+    /// The vendor this endpoint belongs to; `None` for a foreign host.
+    pub(crate) fn vendor(&self) -> Option<VendorKind> {
         match self {
             Endpoint::Miradore | Endpoint::MiradoreLegacy(_) => Some(VendorKind::Miradore),
             Endpoint::M3terApi | Endpoint::M3terIngest | Endpoint::M3terHost(_) => {
