@@ -11,10 +11,12 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod document;
+pub mod proxy;
 pub mod secret;
 pub mod server;
 pub mod store;
 pub mod tenants;
+pub mod upstream;
 pub mod vendors;
 
 /// Generated code of the `sidekey.v1` proto package.

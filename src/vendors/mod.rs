@@ -2,6 +2,8 @@
 //! credential goes on the wire; none knows about listeners or connection pools.
 
 pub mod m3ter;
+pub mod mailkit;
+pub mod miradore;
 
 /// The verdict of `TestTenant`: one harmless authenticated call to the vendor.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,190 @@
+//! The refusals sidekey itself answers, and the one place they become HTTP responses.
+//!
+//! Each variant is one row of the contract's error table (design.md, "Errors sidekey itself
+//! returns"): its code, status and when. Messages are written for app developers and never
+//! contain a secret: variants carry only names (hosts, sites, org ids, tenant ids) that the
+//! app itself sent or that are not credentials.
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, PROXY_AUTHENTICATE};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+
+use crate::upstream::UpstreamError;
+
+/// A refusal, by the contract's error code.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Malformed request or unparsable body the rule must rewrite.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    UnknownRoute(String),
+    #[error(
+        "CONNECT is not supported: sidekey cannot inject credentials into a TLS tunnel; \
+         call the vendor with an http:// URL and sidekey supplies the TLS"
+    )]
+    ConnectUnsupported,
+    #[error(
+        "no tenant named: send the x-sidekey-tenant header or proxy credentials \
+         (http://<tenant>:x@host:port)"
+    )]
+    TenantRequired,
+    #[error("unknown tenant {0:?}")]
+    UnknownTenant(String),
+    #[error("tenant {tenant:?} has no {vendor} connection")]
+    VendorNotConfigured {
+        tenant: String,
+        vendor: &'static str,
+    },
+    #[error("host {0:?} is not one of this tenant's vendor hosts")]
+    HostNotAllowed(String),
+    #[error("the request names Miradore site {0:?}, which is not this tenant's site")]
+    SiteMismatch(String),
+    #[error("the request names m3ter organisation {0:?}, which is not this tenant's organisation")]
+    OrgMismatch(String),
+    #[error("the request body exceeds the {limit}-byte limit for bodies sidekey must rewrite")]
+    BodyTooLarge { limit: usize },
+    #[error("m3ter token exchange failed: {0}")]
+    TokenExchangeFailed(String),
+    #[error("could not reach {host}: {source}")]
+    UpstreamUnreachable {
+        host: String,
+        #[source]
+        source: UpstreamError,
+    },
+    #[error("{host} did not answer in time")]
+    UpstreamTimeout { host: String },
+}
+
+impl ProxyError {
+    /// The contract's error code, also used as the `outcome` metrics label.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::UnknownRoute(_) => "unknown_route",
+            ProxyError::ConnectUnsupported => "connect_unsupported",
+            ProxyError::TenantRequired => "tenant_required",
+            ProxyError::UnknownTenant(_) => "unknown_tenant",
+            ProxyError::VendorNotConfigured { .. } => "vendor_not_configured",
+            ProxyError::HostNotAllowed(_) => "host_not_allowed",
+            ProxyError::SiteMismatch(_) => "site_mismatch",
+            ProxyError::OrgMismatch(_) => "org_mismatch",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::TokenExchangeFailed(_) => "token_exchange_failed",
+            ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
+            ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UnknownRoute(_) => StatusCode::NOT_FOUND,
+            ProxyError::ConnectUnsupported => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::TenantRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ProxyError::UnknownTenant(_)
+            | ProxyError::VendorNotConfigured { .. }
+            | ProxyError::HostNotAllowed(_)
+            | ProxyError::SiteMismatch(_)
+            | ProxyError::OrgMismatch(_) => StatusCode::FORBIDDEN,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::TokenExchangeFailed(_) | ProxyError::UpstreamUnreachable { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Maps a failed vendor call (timeouts to 504, everything else to 502) and counts it in
+    /// `sidekey_upstream_errors_total{vendor,kind}`.
+    pub fn upstream(vendor: &'static str, host: &str, err: UpstreamError) -> Self {
+        metrics::counter!("sidekey_upstream_errors_total", "vendor" => vendor, "kind" => err.kind())
+            .increment(1);
+        tracing::debug!(vendor, host, error = %err, "upstream call failed");
+        if err.is_timeout() {
+            ProxyError::UpstreamTimeout {
+                host: host.to_owned(),
+            }
+        } else {
+            ProxyError::UpstreamUnreachable {
+                host: host.to_owned(),
+                source: err,
+            }
+        }
+    }
+
+    pub(crate) fn bad_request(msg: impl Into<String>) -> Self {
+        ProxyError::BadRequest(msg.into())
+    }
+
+    /// The response the app sees: JSON body, `x-sidekey-error`, and for 407 the
+    /// `Proxy-Authenticate` challenge.
+    pub fn to_response(&self) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({
+            "error": { "code": self.code(), "message": self.to_string() }
+        });
+        let bytes = Bytes::from(body.to_string());
+        let len = bytes.len();
+        let mut resp = Response::new(Full::new(bytes));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        h.insert(super::ERROR_HEADER, HeaderValue::from_static(self.code()));
+        if matches!(self, ProxyError::TenantRequired) {
+            h.insert(
+                PROXY_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"sidekey\""),
+            );
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn response_shape() {
+        let resp = ProxyError::TenantRequired.to_response();
+        assert_eq!(resp.status(), 407);
+        assert_eq!(resp.headers()["x-sidekey-error"], "tenant_required");
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        assert_eq!(
+            resp.headers()["proxy-authenticate"],
+            "Basic realm=\"sidekey\""
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "tenant_required");
+        assert!(v["error"]["message"].as_str().unwrap().contains("tenant"));
+    }
+
+    #[test]
+    fn every_code_has_its_status() {
+        let cases = [
+            (ProxyError::bad_request("x"), 400, "bad_request"),
+            (ProxyError::UnknownRoute("x".into()), 404, "unknown_route"),
+            (ProxyError::ConnectUnsupported, 405, "connect_unsupported"),
+            (ProxyError::UnknownTenant("t".into()), 403, "unknown_tenant"),
+            (
+                ProxyError::HostNotAllowed("h".into()),
+                403,
+                "host_not_allowed",
+            ),
+            (ProxyError::BodyTooLarge { limit: 1 }, 413, "body_too_large"),
+            (
+                ProxyError::UpstreamTimeout { host: "h".into() },
+                504,
+                "upstream_timeout",
+            ),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!(e.status().as_u16(), status);
+            assert_eq!(e.code(), code);
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! The data plane: accepts an app's plain-HTTP request, names the tenant, applies the vendor's
+//! rule and forwards it over TLS through [`crate::upstream`].
+//!
+//! - [`listener`]: the accept loop, connection limits and graceful shutdown.
+//! - [`route`]: request form, tenant, vendor and host, in the documented order of checks.
+//! - [`error`]: the refusals sidekey answers itself.
+//! - the rules themselves live in [`crate::vendors`].
+//!
+//! Wiring (from `sidekey serve`):
+//! ```ignore
+//! let client = sidekey::upstream::Client::new(upstream_config)?;
+//! let proxy = sidekey::proxy::Proxy::new(snapshot_reader, client, token_source, ProxyConfig::default());
+//! let listener = tokio::net::TcpListener::bind(proxy_listen).await?;
+//! sidekey::proxy::serve(listener, proxy, shutdown_signal).await;
+//! ```
+
+pub mod error;
+mod headers;
+pub mod listener;
+pub(crate) mod route;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, EXPECT, HOST, HeaderName, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+
+pub use error::ProxyError;
+pub use listener::serve;
+
+use crate::tenants::{EffectiveTenant, SnapshotReader, VendorKind};
+use crate::upstream;
+use crate::vendors::m3ter::TokenSource;
+use crate::vendors::m3ter::rule as m3ter_rule;
+use crate::vendors::{mailkit, miradore};
+use route::Endpoint;
+
+/// The header that names the tenant; removed before forwarding.
+pub const TENANT_HEADER: HeaderName = HeaderName::from_static("x-sidekey-tenant");
+/// The header on every refusal sidekey answers itself, carrying the error code.
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-sidekey-error");
+
+/// The body of responses to apps: the vendor's, streamed, or one sidekey wrote.
+pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+
+/// Data-plane limits and timeouts. Every default is documented on its field.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Connections served at once; further connections wait in the kernel's accept backlog
+    /// until one closes. Default: 1024.
+    pub max_connections: usize,
+    /// Bound on a request head: HTTP/1 read buffer (hence request line plus headers; hyper
+    /// answers 431 past it, and never goes below 8 KiB) and HTTP/2 header list size.
+    /// Default: 64 KiB.
+    pub max_header_bytes: usize,
+    /// HTTP/1: time allowed to receive a complete request head, counted from when the
+    /// connection is ready for the next request, so it is also the keep-alive idle timeout.
+    /// Past it the connection is closed. Default: 30 s.
+    pub header_read_timeout: Duration,
+    /// HTTP/2: interval of keep-alive pings on an idle connection; a peer that does not answer
+    /// one within `h2_keep_alive_timeout` is disconnected. Default: 30 s.
+    pub h2_keep_alive_interval: Duration,
+    /// HTTP/2: how long to wait for a ping answer. Default: 20 s.
+    pub h2_keep_alive_timeout: Duration,
+    /// HTTP/2: concurrent streams per connection. Default: 256.
+    pub h2_max_concurrent_streams: u32,
+    /// Overall bound from receiving a request to sending the response head (reading a body
+    /// to rewrite it, token exchange, connect, replay, the vendor's answer). Past it the app
+    /// gets 504 `upstream_timeout`. Response bodies are not bounded: they stream as long as
+    /// the vendor sends. Default: 120 s.
+    pub request_timeout: Duration,
+    /// Largest body a rule may read to rewrite it (Mailkit); larger gives 413
+    /// `body_too_large`. Default: 16 MiB (Mailkit itself accepts up to 128 MB).
+    pub rewrite_body_limit: usize,
+    /// Largest m3ter request body kept in memory so the request can be replayed once after a
+    /// refused token; bigger or unknown-length bodies stream and are not replayed.
+    /// Default: 1 MiB (m3ter ingest accepts at most 512 KB).
+    pub replay_body_limit: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(30),
+            h2_keep_alive_interval: Duration::from_secs(30),
+            h2_keep_alive_timeout: Duration::from_secs(20),
+            h2_max_concurrent_streams: 256,
+            request_timeout: Duration::from_secs(120),
+            rewrite_body_limit: 16 * 1024 * 1024,
+            replay_body_limit: 1024 * 1024,
+        }
+    }
+}
+
+/// The credential-injecting proxy. Cheap to clone; one per process.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    snapshot: SnapshotReader,
+    client: upstream::Client,
+    tokens: Arc<dyn TokenSource>,
+    config: ProxyConfig,
+    next_id: AtomicU64,
+}
+
+/// What one request's log line and metrics say, filled in as the request is understood.
+struct RequestLog {
+    tenant: Option<Arc<str>>,
+    vendor: &'static str,
+    host: Option<Box<str>>,
+}
+
+impl Proxy {
+    pub fn new(
+        snapshot: SnapshotReader,
+        client: upstream::Client,
+        tokens: Arc<dyn TokenSource>,
+        config: ProxyConfig,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                snapshot,
+                client,
+                tokens,
+                config,
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &ProxyConfig {
+        &self.inner.config
+    }
+
+    /// Serves one request: never fails, refusals become sidekey's error responses.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let request_id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let method = req.method().clone();
+        let path: Box<str> = req.uri().path().into();
+        let mut log = RequestLog {
+            tenant: None,
+            vendor: "none",
+            host: None,
+        };
+        let outcome =
+            tokio::time::timeout(self.inner.config.request_timeout, self.route(req, &mut log))
+                .await;
+        let (resp, code) = match outcome {
+            Ok(Ok(resp)) => (resp, None),
+            Ok(Err(e)) => (e.to_response().map(Either::Right), Some(e.code())),
+            Err(_) => {
+                let e = ProxyError::UpstreamTimeout {
+                    host: log.host.as_deref().unwrap_or("the vendor").to_owned(),
+                };
+                (e.to_response().map(Either::Right), Some(e.code()))
+            }
+        };
+        let elapsed = start.elapsed();
+        let status = resp.status();
+        let outcome = code.unwrap_or(match status.as_u16() / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
+        });
+        metrics::counter!("sidekey_proxy_requests_total", "vendor" => log.vendor, "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!("sidekey_proxy_request_duration_seconds", "vendor" => log.vendor)
+            .record(elapsed.as_secs_f64());
+        // Path without query: Miradore v1 keys travel in the query.
+        tracing::info!(
+            request_id,
+            tenant = log.tenant.as_deref().unwrap_or("-"),
+            vendor = log.vendor,
+            method = %method,
+            path = %path,
+            status = status.as_u16(),
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            error = code.unwrap_or(""),
+            "proxied request"
+        );
+        resp
+    }
+
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        log: &mut RequestLog,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let target = route::classify(&req)?;
+        let tenant_id = route::tenant_id(req.headers())?.ok_or(ProxyError::TenantRequired)?;
+        let snapshot = self.inner.snapshot.load();
+        let Some(tenant) = snapshot.tenant(&tenant_id).cloned() else {
+            log.tenant = Some(Arc::from(tenant_id.as_ref()));
+            return Err(ProxyError::UnknownTenant(tenant_id.into_owned()));
+        };
+        drop(snapshot);
+        log.tenant = Some(tenant.id.clone());
+        log.vendor = vendor_label(&target.endpoint);
+        let host = route::upstream_host(&target.endpoint, &tenant)?;
+        log.host = Some(host.into());
+        let plan = plan(&req, &target, &tenant)?;
+        let (path, query) = (target.path, target.query);
+        let path_and_query: std::borrow::Cow<'_, str> = match &plan {
+            Plan::Miradore(rw) => rw.path_and_query.as_str().into(),
+            _ => match query {
+                Some(q) => format!("{path}?{q}").into(),
+                None => path.into(),
+            },
+        };
+        let uri: Uri = format!("https://{host}{path_and_query}")
+            .parse()
+            .map_err(|_| ProxyError::bad_request("the request path is not a valid URI"))?;
+        drop(path_and_query);
+
+        if matches!(plan, Plan::M3ter(m3ter_rule::Action::LocalToken)) {
+            return Ok(m3ter_rule::placeholder_response().map(Either::Right));
+        }
+
+        let (mut parts, body) = req.into_parts();
+        parts.uri = uri;
+        // The upstream client picks HTTP/2 or HTTP/1.1 by ALPN; it wants an HTTP/1.1 request.
+        parts.version = Version::HTTP_11;
+        prepare_headers(&mut parts.headers);
+
+        let resp = match plan {
+            Plan::Miradore(rw) => {
+                let creds = tenant.miradore.as_ref().ok_or_else(not_configured)?;
+                miradore::apply_headers(&mut parts.headers, &rw, creds)?;
+                let req = Request::from_parts(parts, Either::Left(body));
+                self.forward("miradore", host, req).await?
+            }
+            Plan::Mailkit(endpoint) => {
+                let creds = tenant.mailkit.as_ref().ok_or_else(not_configured)?;
+                if parts
+                    .headers
+                    .get(CONTENT_ENCODING)
+                    .is_some_and(|v| v.as_bytes() != b"identity")
+                {
+                    return Err(ProxyError::bad_request(
+                        "a compressed Mailkit body cannot be rewritten; send it uncompressed",
+                    ));
+                }
+                let raw = read_limited(body, self.inner.config.rewrite_body_limit).await?;
+                let rewritten = mailkit::rewrite(endpoint, &raw, creds)?;
+                drop(raw);
+                parts
+                    .headers
+                    .insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
+                let req = Request::from_parts(parts, upstream::full_body(rewritten));
+                self.forward("mailkit", host, req).await?
+            }
+            Plan::M3ter(_) => {
+                let creds = tenant.m3ter.as_ref().ok_or_else(not_configured)?;
+                let ctx = m3ter_rule::Ctx {
+                    client: &self.inner.client,
+                    tokens: self.inner.tokens.as_ref(),
+                    creds,
+                    host,
+                    replay_limit: self.inner.config.replay_body_limit,
+                };
+                m3ter_rule::send(ctx, parts, body).await?
+            }
+        };
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+
+    async fn forward(
+        &self,
+        vendor: &'static str,
+        host: &str,
+        req: Request<upstream::Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        self.inner
+            .client
+            .send(req)
+            .await
+            .map_err(|e| ProxyError::upstream(vendor, host, e))
+    }
+}
+
+/// The rule's decision, made before the request is taken apart.
+enum Plan {
+    Miradore(miradore::Rewritten),
+    M3ter(m3ter_rule::Action),
+    Mailkit(mailkit::Endpoint),
+}
+
+fn plan<B>(
+    req: &Request<B>,
+    target: &route::Target<'_>,
+    tenant: &EffectiveTenant,
+) -> Result<Plan, ProxyError> {
+    match (
+        target.endpoint.vendor(),
+        &tenant.miradore,
+        &tenant.m3ter,
+        &tenant.mailkit,
+    ) {
+        (Some(VendorKind::Miradore), Some(c), _, _) => Ok(Plan::Miradore(miradore::rewrite(
+            target.path,
+            target.query,
+            c,
+        )?)),
+        (Some(VendorKind::M3ter), _, Some(c), _) => Ok(Plan::M3ter(m3ter_rule::check(
+            req.method(),
+            target.path,
+            c,
+        )?)),
+        (Some(VendorKind::Mailkit), _, _, Some(_)) => {
+            Ok(Plan::Mailkit(mailkit::endpoint(req.method(), target.path)?))
+        }
+        _ => Err(not_configured()),
+    }
+}
+
+// `route::upstream_host` has already refused vendors the tenant lacks; this is the same answer
+// should the two ever disagree, rather than a panic.
+fn not_configured() -> ProxyError {
+    ProxyError::bad_request("the tenant has no connection for this vendor")
+}
+
+fn vendor_label(endpoint: &Endpoint<'_>) -> &'static str {
+    endpoint.vendor().map_or("none", VendorKind::as_str)
+}
+
+/// Request headers toward any vendor: no hop-by-hop headers, no tenant naming, no `Host`
+/// (the client sets it from the URI: the vendor host), no `Expect` (sidekey already answered
+/// the app's `100-continue` by reading the body).
+fn prepare_headers(headers: &mut http::HeaderMap) {
+    headers::strip_hop_by_hop(headers);
+    headers.remove(HOST);
+    headers.remove(EXPECT);
+    headers.remove(TENANT_HEADER);
+}
+
+/// Reads a body that a rule must rewrite, refusing it past `limit` without reading further.
+async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
+    if body.size_hint().lower() > limit as u64 {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
+        Err(_) => Err(ProxyError::bad_request("reading the request body failed")),
+    }
+}

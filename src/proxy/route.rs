@@ -1,0 +1,400 @@
+//! Which tenant, which vendor, which host: everything decided from the request line and the
+//! tenant headers before any rule runs or any connection opens.
+//!
+//! Order of checks (the first failing one answers):
+//! 1. `CONNECT` → 405 `connect_unsupported`.
+//! 2. Request form. HTTP/1 absolute-form (`GET http://host/...`) is the forward-proxy form;
+//!    anything else is origin-form, whose first segment must be a vendor prefix
+//!    (`/miradore`, `/m3ter`, `/m3ter-ingest`, `/mailkit`) → else 404 `unknown_route`.
+//!    Over HTTP/2 every request carries an authority, so there the forward-proxy form is
+//!    recognised by an authority that is a vendor host. An absolute-form URL to a loopback
+//!    host (`http://127.0.0.1:8080/m3ter/...`, what a client with `HTTP_PROXY` set sends for
+//!    sidekey's own prefix URLs) is read as the prefix form. Dot segments (`.`, `..`, also
+//!    percent-encoded) → 400 `bad_request`, so a path cannot climb out of the site or
+//!    organisation it names.
+//! 3. Tenant named (`x-sidekey-tenant` or `Proxy-Authorization: Basic`) → else 407
+//!    `tenant_required`; both present and different → 400 `bad_request`.
+//! 4. Tenant exists in the snapshot → else 403 `unknown_tenant`.
+//! 5. Absolute-form host is a vendor host → else 403 `host_not_allowed`.
+//! 6. The tenant has that vendor → else 403 `vendor_not_configured`.
+//! 7. The host is one of the tenant's hosts for that vendor (m3ter: its environment's api or
+//!    ingest host) → else 403 `host_not_allowed`; a legacy Miradore host
+//!    `<site>.online.miradore.com` naming another site → 403 `site_mismatch`.
+//! 8. The vendor rule (site, organisation, body) → its own refusals.
+
+use std::borrow::Cow;
+
+use base64::Engine as _;
+use http::header::PROXY_AUTHORIZATION;
+use http::{HeaderMap, Method, Request, Uri, Version};
+use percent_encoding::percent_decode_str;
+
+use super::TENANT_HEADER;
+use super::error::ProxyError;
+use crate::tenants::{EffectiveTenant, VendorKind};
+
+pub(crate) const MIRADORE_HOST: &str = "online.miradore.com";
+pub(crate) const MAILKIT_HOST: &str = "api.mailkit.eu";
+const MIRADORE_LEGACY_SUFFIX: &str = ".online.miradore.com";
+
+/// The vendor endpoint a request names, before the tenant is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Endpoint<'a> {
+    /// `online.miradore.com`, by prefix or host.
+    Miradore,
+    /// `<label>.online.miradore.com`: the legacy per-site host.
+    MiradoreLegacy(&'a str),
+    /// `/m3ter` prefix: the tenant's m3ter API host.
+    M3terApi,
+    /// `/m3ter-ingest` prefix: the tenant's m3ter ingest host.
+    M3terIngest,
+    /// An m3ter host named in absolute-form, checked against the tenant's environment.
+    M3terHost(&'a str),
+    Mailkit,
+    /// An absolute-form host that belongs to no vendor.
+    Foreign(&'a str),
+}
+
+impl Endpoint<'_> {
+    /// The vendor this endpoint belongs to; `None` for a foreign host.
+    pub(crate) fn vendor(&self) -> Option<VendorKind> {
+        match self {
+            Endpoint::Miradore | Endpoint::MiradoreLegacy(_) => Some(VendorKind::Miradore),
+            Endpoint::M3terApi | Endpoint::M3terIngest | Endpoint::M3terHost(_) => {
+                Some(VendorKind::M3ter)
+            }
+            Endpoint::Mailkit => Some(VendorKind::Mailkit),
+            Endpoint::Foreign(_) => None,
+        }
+    }
+}
+
+/// The request line, classified.
+#[derive(Debug)]
+pub(crate) struct Target<'a> {
+    pub endpoint: Endpoint<'a>,
+    /// The path as the vendor will see it (prefix removed), always starting with `/`.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+}
+
+/// Steps 1 and 2: the form and the vendor endpoint.
+pub(crate) fn classify<B>(req: &Request<B>) -> Result<Target<'_>, ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::ConnectUnsupported);
+    }
+    let uri = req.uri();
+    let target = if is_forward_form(uri, req.version()) {
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => return Err(ProxyError::bad_request("only http:// URLs can be proxied")),
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| ProxyError::bad_request("absolute URL without a host"))?;
+        let endpoint = match uri.port_u16() {
+            None | Some(80) | Some(443) => endpoint_of_host(host),
+            // Upstream is always port 443; a URL naming another port is not a vendor host.
+            Some(_) => Endpoint::Foreign(host),
+        };
+        Target {
+            endpoint,
+            path: uri.path(),
+            query: uri.query(),
+        }
+    } else {
+        let path = uri.path();
+        let (prefix, rest) = match path[1.min(path.len())..].find('/') {
+            Some(i) => (&path[1..i + 1], &path[i + 1..]),
+            None => (&path[1.min(path.len())..], "/"),
+        };
+        let endpoint = match prefix {
+            "miradore" => Endpoint::Miradore,
+            "m3ter" => Endpoint::M3terApi,
+            "m3ter-ingest" => Endpoint::M3terIngest,
+            "mailkit" => Endpoint::Mailkit,
+            _ => {
+                return Err(ProxyError::UnknownRoute(
+                    "the path must start with a vendor prefix: /miradore/, /m3ter/, \
+                     /m3ter-ingest/ or /mailkit/ (or use sidekey as an HTTP proxy)"
+                        .to_owned(),
+                ));
+            }
+        };
+        Target {
+            endpoint,
+            path: rest,
+            query: uri.query(),
+        }
+    };
+    if has_dot_segment(target.path) {
+        return Err(ProxyError::bad_request(
+            "paths with '.' or '..' segments are refused",
+        ));
+    }
+    Ok(target)
+}
+
+fn is_forward_form(uri: &Uri, version: Version) -> bool {
+    if version == Version::HTTP_2 {
+        // h2 always carries :scheme and :authority; the authority of a prefix-form request is
+        // sidekey itself, which is never a vendor host.
+        uri.host()
+            .is_some_and(|h| !matches!(endpoint_of_host(h), Endpoint::Foreign(_)))
+    } else {
+        // An app with HTTP_PROXY set that calls sidekey's own prefix URLs sends them in
+        // absolute-form to a loopback host: that is still the prefix form.
+        uri.scheme().is_some() && !uri.host().is_some_and(is_loopback)
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn endpoint_of_host(host: &str) -> Endpoint<'_> {
+    // Hosts are compared case-insensitively (DNS); `host` is borrowed as sent.
+    let lc = |s: &str| host.eq_ignore_ascii_case(s);
+    if lc(MIRADORE_HOST) {
+        return Endpoint::Miradore;
+    }
+    if lc(MAILKIT_HOST) {
+        return Endpoint::Mailkit;
+    }
+    if host.len() > MIRADORE_LEGACY_SUFFIX.len() {
+        let (label, suffix) = host.split_at(host.len() - MIRADORE_LEGACY_SUFFIX.len());
+        if suffix.eq_ignore_ascii_case(MIRADORE_LEGACY_SUFFIX) && !label.contains('.') {
+            return Endpoint::MiradoreLegacy(label);
+        }
+    }
+    if host.len() > ".m3ter.com".len() {
+        let (front, suffix) = host.split_at(host.len() - ".m3ter.com".len());
+        let first = front.split('.').next().unwrap_or("");
+        if suffix.eq_ignore_ascii_case(".m3ter.com")
+            && (first.eq_ignore_ascii_case("api") || first.eq_ignore_ascii_case("ingest"))
+        {
+            return Endpoint::M3terHost(host);
+        }
+    }
+    Endpoint::Foreign(host)
+}
+
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|seg| {
+        if seg.contains('%') {
+            let d = percent_decode_str(seg).collect::<Vec<u8>>();
+            d == b"." || d == b".."
+        } else {
+            seg == "." || seg == ".."
+        }
+    })
+}
+
+/// Step 3: the tenant id the app named, if any.
+pub(crate) fn tenant_id(headers: &HeaderMap) -> Result<Option<Cow<'_, str>>, ProxyError> {
+    let from_header = match headers.get(TENANT_HEADER) {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ProxyError::bad_request("x-sidekey-tenant is not valid text"))?
+                .trim(),
+        ),
+        None => None,
+    };
+    let from_auth = match headers.get(PROXY_AUTHORIZATION) {
+        Some(v) => basic_user(v.as_bytes())?,
+        None => None,
+    };
+    match (from_header, from_auth) {
+        (Some(h), Some(a)) if h != a => Err(ProxyError::bad_request(
+            "x-sidekey-tenant and Proxy-Authorization name different tenants",
+        )),
+        (Some(h), _) if !h.is_empty() => Ok(Some(Cow::Borrowed(h))),
+        (_, Some(a)) if !a.is_empty() => Ok(Some(Cow::Owned(a))),
+        _ => Ok(None),
+    }
+}
+
+/// The user part of `Basic base64(user:password)`; `None` for other schemes.
+fn basic_user(value: &[u8]) -> Result<Option<String>, ProxyError> {
+    let value = std::str::from_utf8(value)
+        .map_err(|_| ProxyError::bad_request("Proxy-Authorization is not valid text"))?;
+    let mut parts = value.trim().splitn(2, ' ');
+    let scheme = parts.next().unwrap_or("");
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Ok(None);
+    }
+    let bad = || ProxyError::bad_request("Proxy-Authorization: malformed Basic credentials");
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(parts.next().unwrap_or("").trim())
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(decoded).map_err(|_| bad())?;
+    let user = match text.split_once(':') {
+        Some((user, _)) => user,
+        None => text.as_str(),
+    };
+    // Clients percent-decode userinfo before encoding it; decode again for those that do not.
+    Ok(Some(
+        percent_decode_str(user).decode_utf8_lossy().into_owned(),
+    ))
+}
+
+/// Steps 5 to 7: the host to dial for this tenant, or the refusal.
+pub(crate) fn upstream_host<'t>(
+    endpoint: &Endpoint<'_>,
+    tenant: &'t EffectiveTenant,
+) -> Result<&'t str, ProxyError> {
+    let Some(vendor) = endpoint.vendor() else {
+        let Endpoint::Foreign(host) = endpoint else {
+            return unreachable_host();
+        };
+        return Err(ProxyError::HostNotAllowed((*host).to_owned()));
+    };
+    if !tenant.has(vendor) {
+        return Err(ProxyError::VendorNotConfigured {
+            tenant: tenant.id.to_string(),
+            vendor: vendor.as_str(),
+        });
+    }
+    match (endpoint, &tenant.miradore, &tenant.m3ter) {
+        (Endpoint::Miradore, _, _) => Ok(MIRADORE_HOST),
+        (Endpoint::MiradoreLegacy(label), Some(m), _) => {
+            // DNS names are case-insensitive, so the label is too; the canonical request then
+            // carries the tenant's exact site.
+            if label.eq_ignore_ascii_case(&m.site) {
+                Ok(MIRADORE_HOST)
+            } else {
+                Err(ProxyError::SiteMismatch((*label).to_owned()))
+            }
+        }
+        (Endpoint::M3terApi, _, Some(m)) => Ok(&m.api_host),
+        (Endpoint::M3terIngest, _, Some(m)) => Ok(&m.ingest_host),
+        (Endpoint::M3terHost(host), _, Some(m)) => {
+            if host.eq_ignore_ascii_case(&m.api_host) {
+                Ok(&m.api_host)
+            } else if host.eq_ignore_ascii_case(&m.ingest_host) {
+                Ok(&m.ingest_host)
+            } else {
+                Err(ProxyError::HostNotAllowed((*host).to_owned()))
+            }
+        }
+        (Endpoint::Mailkit, _, _) => Ok(MAILKIT_HOST),
+        _ => unreachable_host(),
+    }
+}
+
+/// Combinations excluded by `tenant.has(vendor)` above; answered as a refusal rather than a
+/// panic so no request can crash the task.
+fn unreachable_host<T>() -> Result<T, ProxyError> {
+    Err(ProxyError::bad_request("unroutable request"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, uri: &str) -> Request<()> {
+        Request::builder().method(method).uri(uri).body(()).unwrap()
+    }
+
+    #[test]
+    fn prefix_form() {
+        let r = req("GET", "/m3ter-ingest/organizations/o/measurements?x=1");
+        let t = classify(&r).unwrap();
+        assert_eq!(t.endpoint, Endpoint::M3terIngest);
+        assert_eq!(t.path, "/organizations/o/measurements");
+        assert_eq!(t.query, Some("x=1"));
+        let r = req("GET", "/mailkit");
+        assert_eq!(classify(&r).unwrap().path, "/");
+        let r = req("GET", "/other/x");
+        assert_eq!(classify(&r).unwrap_err().code(), "unknown_route");
+        let r = req("GET", "/");
+        assert_eq!(classify(&r).unwrap_err().code(), "unknown_route");
+    }
+
+    #[test]
+    fn absolute_form_hosts() {
+        let cases = [
+            ("http://online.miradore.com/a", Endpoint::Miradore),
+            (
+                "http://Acme.online.miradore.com/a",
+                Endpoint::MiradoreLegacy("Acme"),
+            ),
+            (
+                "http://api.m3ter.com/a",
+                Endpoint::M3terHost("api.m3ter.com"),
+            ),
+            (
+                "http://ingest.staging.m3ter.com/a",
+                Endpoint::M3terHost("ingest.staging.m3ter.com"),
+            ),
+            ("http://api.mailkit.eu:80/a", Endpoint::Mailkit),
+            ("http://evil.example/a", Endpoint::Foreign("evil.example")),
+            (
+                "http://a.b.online.miradore.com/",
+                Endpoint::Foreign("a.b.online.miradore.com"),
+            ),
+            (
+                "http://api.mailkit.eu:8443/a",
+                Endpoint::Foreign("api.mailkit.eu"),
+            ),
+            ("http://www.m3ter.com/a", Endpoint::Foreign("www.m3ter.com")),
+        ];
+        for (uri, want) in cases {
+            let r = req("GET", uri);
+            assert_eq!(classify(&r).unwrap().endpoint, want, "{uri}");
+        }
+    }
+
+    #[test]
+    fn absolute_form_to_loopback_is_prefix_form() {
+        for uri in [
+            "http://127.0.0.1:8080/m3ter/x",
+            "http://localhost/m3ter/x",
+            "http://[::1]:8080/m3ter/x",
+        ] {
+            let r = req("GET", uri);
+            let t = classify(&r).unwrap();
+            assert_eq!(t.endpoint, Endpoint::M3terApi, "{uri}");
+            assert_eq!(t.path, "/x");
+        }
+    }
+
+    #[test]
+    fn connect_and_dot_segments() {
+        let r = req("CONNECT", "api.m3ter.com:443");
+        assert_eq!(classify(&r).unwrap_err().code(), "connect_unsupported");
+        for p in [
+            "/miradore/acme/API/../other/API/Device",
+            "/m3ter/organizations/o/%2e%2E/x",
+            "http://api.m3ter.com/./x",
+        ] {
+            assert_eq!(
+                classify(&req("GET", p)).unwrap_err().code(),
+                "bad_request",
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn tenant_from_headers() {
+        let mut h = HeaderMap::new();
+        assert_eq!(tenant_id(&h).unwrap(), None);
+        h.insert(PROXY_AUTHORIZATION, "Basic YWNtZTp4".parse().unwrap()); // acme:x
+        assert_eq!(tenant_id(&h).unwrap().as_deref(), Some("acme"));
+        h.insert(TENANT_HEADER, "acme".parse().unwrap());
+        assert_eq!(tenant_id(&h).unwrap().as_deref(), Some("acme"));
+        h.insert(TENANT_HEADER, "other".parse().unwrap());
+        assert_eq!(tenant_id(&h).unwrap_err().code(), "bad_request");
+        h.remove(TENANT_HEADER);
+        h.insert(PROXY_AUTHORIZATION, "Basic !!!".parse().unwrap());
+        assert_eq!(tenant_id(&h).unwrap_err().code(), "bad_request");
+        h.insert(PROXY_AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(tenant_id(&h).unwrap(), None);
+    }
+}

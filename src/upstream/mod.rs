@@ -1,0 +1,279 @@
+//! The upstream side: the pooled HTTPS client that dials vendors.
+//!
+//! Kept apart from the listener: this module knows TLS roots, ALPN, `--connect-to` and
+//! timeouts toward vendors, nothing about tenants or the app's connection. Certificates are
+//! always verified against the public web roots plus the operator's `--upstream-ca` files;
+//! there is deliberately no switch to turn verification off.
+
+mod connect_to;
+
+use std::error::Error as StdError;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+use connect_to::{ConnectTimeout, RedirectingConnector};
+pub use connect_to::{ConnectTo, ConnectToParseError};
+
+/// A request body toward a vendor: the app's body streamed as received, or a buffered one
+/// (rewritten by a rule, kept for replay, or built by sidekey itself).
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+/// An empty request body.
+pub fn empty_body() -> Body {
+    Either::Right(Full::new(Bytes::new()))
+}
+
+/// A buffered request body.
+pub fn full_body(bytes: impl Into<Bytes>) -> Body {
+    Either::Right(Full::new(bytes.into()))
+}
+
+/// How to reach vendors. Built once from the `serve` flags.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// PEM files whose certificates are trusted in addition to the public web roots
+    /// (`--upstream-ca`, repeatable). Default: none.
+    pub extra_ca_files: Vec<PathBuf>,
+    /// `--connect-to` rules, first match wins. Default: none.
+    pub connect_to: Vec<ConnectTo>,
+    /// Bound on the TCP connect to a vendor; past it the request fails with 504
+    /// `upstream_timeout`. Default: 10 s.
+    pub connect_timeout: Duration,
+    /// Bound on the time from sending a request (including connect and TLS handshake) to
+    /// receiving the response headers; past it 504 `upstream_timeout`. The response body is
+    /// not bounded: it streams for as long as the vendor sends it. Default: 60 s.
+    pub response_header_timeout: Duration,
+    /// How long an idle pooled connection is kept. Default: 90 s.
+    pub pool_idle_timeout: Duration,
+    /// Idle connections kept per vendor host. Default: 32.
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            extra_ca_files: Vec::new(),
+            connect_to: Vec::new(),
+            connect_timeout: Duration::from_secs(10),
+            response_header_timeout: Duration::from_secs(60),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 32,
+        }
+    }
+}
+
+/// Building the client failed; the message names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamConfigError {
+    #[error("cannot read upstream CA file {path}: {source}")]
+    CaFile {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("upstream CA file {path} contains no certificate")]
+    CaFileEmpty { path: PathBuf },
+    #[error("upstream CA file {path} has an unusable certificate: {source}")]
+    CaCert {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Why a vendor call failed, by whose fault: the kinds map to the `kind` label of
+/// `sidekey_upstream_errors_total` and to 502 `upstream_unreachable` or 504 `upstream_timeout`.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("could not connect to the vendor: {0}")]
+    Connect(#[source] BoxError),
+    #[error("TLS with the vendor failed: {0}")]
+    Tls(#[source] BoxError),
+    #[error("the vendor connection failed: {0}")]
+    Protocol(#[source] BoxError),
+    #[error("the vendor did not answer in time")]
+    Timeout,
+}
+
+impl UpstreamError {
+    /// `connect`, `tls`, `timeout` or `protocol`: the metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(_) => "connect",
+            UpstreamError::Tls(_) => "tls",
+            UpstreamError::Protocol(_) => "protocol",
+            UpstreamError::Timeout => "timeout",
+        }
+    }
+
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, UpstreamError::Timeout)
+    }
+
+    fn classify(err: hyper_util::client::legacy::Error) -> Self {
+        let mut tls = false;
+        let mut timeout = false;
+        walk_chain(&err, &mut |e| {
+            if e.is::<rustls::Error>() {
+                tls = true;
+            }
+            if e.is::<ConnectTimeout>() {
+                timeout = true;
+            }
+        });
+        if timeout {
+            UpstreamError::Timeout
+        } else if tls {
+            UpstreamError::Tls(Box::new(err))
+        } else if err.is_connect() {
+            UpstreamError::Connect(Box::new(err))
+        } else {
+            UpstreamError::Protocol(Box::new(err))
+        }
+    }
+}
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Visits every error in the chain, descending into `io::Error` payloads, whose `source()`
+/// skips the wrapped error itself.
+fn walk_chain(err: &(dyn StdError + 'static), visit: &mut dyn FnMut(&(dyn StdError + 'static))) {
+    let mut current = Some(err);
+    let mut depth = 0;
+    while let Some(e) = current {
+        depth += 1;
+        if depth > 16 {
+            return;
+        }
+        visit(e);
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            walk_chain(inner, visit);
+        }
+        current = e.source();
+    }
+}
+
+/// The pooled HTTPS client toward vendors. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: HyperClient<HttpsConnector<RedirectingConnector>, Body>,
+    response_header_timeout: Duration,
+}
+
+impl Client {
+    pub fn new(config: UpstreamConfig) -> Result<Self, UpstreamConfigError> {
+        let mut roots = RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        for path in &config.extra_ca_files {
+            add_ca_file(&mut roots, path)?;
+        }
+        // The ring provider is passed explicitly: no process-wide default is installed or read.
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let https = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(RedirectingConnector::new(
+                config.connect_to,
+                config.connect_timeout,
+            ));
+        let inner = HyperClient::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle_per_host)
+            .build(https);
+        Ok(Self {
+            inner,
+            response_header_timeout: config.response_header_timeout,
+        })
+    }
+
+    /// Sends `req` (absolute `https://` URI) and returns once the response headers arrived;
+    /// the body streams afterwards. Redirects are not followed.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(self.response_header_timeout, self.inner.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(UpstreamError::classify(e)),
+            Err(_) => Err(UpstreamError::Timeout),
+        }
+    }
+}
+
+fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> Result<(), UpstreamConfigError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| UpstreamConfigError::CaFile {
+            path: path.to_owned(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(UpstreamConfigError::CaFileEmpty {
+            path: path.to_owned(),
+        });
+    }
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|source| UpstreamConfigError::CaCert {
+                path: path.to_owned(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.pem");
+        let cfg = UpstreamConfig {
+            extra_ca_files: vec![missing.clone()],
+            ..Default::default()
+        };
+        let err = Client::new(cfg).err().unwrap().to_string();
+        assert!(err.contains("nope.pem"), "{err}");
+
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a pem\n").unwrap();
+        let cfg = UpstreamConfig {
+            extra_ca_files: vec![empty],
+            ..Default::default()
+        };
+        let err = Client::new(cfg).err().unwrap().to_string();
+        assert!(err.contains("empty.pem"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn default_client_builds() {
+        assert!(Client::new(UpstreamConfig::default()).is_ok());
+    }
+}

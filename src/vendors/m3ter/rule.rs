@@ -1,0 +1,221 @@
+//! m3ter's injection rule: bearer token from the [`TokenSource`], organisation check, the
+//! local `/oauth/token` answer, and one replay after m3ter refuses a token.
+//!
+//! Replay: m3ter answers 403 (sometimes 401) when a token expired or was revoked. The token
+//! is then reported with [`TokenSource::refused`], and the request is sent once more with a
+//! fresh token, provided its body was kept: bodies whose length is declared and at most
+//! `replay_limit` bytes (default 1 MiB, `ProxyConfig::replay_body_limit`) are read into memory
+//! before the first attempt (bodiless requests trivially qualify). Bigger bodies, and bodies
+//! of unknown length (chunked), stream straight through and are not replayed: the refusal
+//! goes to the app, and the next request gets a fresh token. A second refusal goes to the app
+//! unchanged.
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+
+use super::{BearerToken, TokenSource};
+use crate::proxy::error::ProxyError;
+use crate::tenants::M3terCreds;
+use crate::upstream::{self, full_body};
+
+/// What sidekey does with an m3ter request.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// `POST /oauth/token`: answered locally with [`PLACEHOLDER_TOKEN`].
+    LocalToken,
+    /// Forwarded with a bearer token.
+    Forward,
+}
+
+/// What the SDKs get from `POST /oauth/token`: a token they send back, which sidekey replaces.
+pub const PLACEHOLDER_TOKEN: &str = r#"{"token_type":"Bearer","access_token":"sidekey-placeholder","expires_in":18000,"scope":null}"#;
+
+/// Checks the path against the tenant's organisation.
+pub(crate) fn check(method: &Method, path: &str, creds: &M3terCreds) -> Result<Action, ProxyError> {
+    if path == "/oauth/token" && method == Method::POST {
+        return Ok(Action::LocalToken);
+    }
+    if let Some(rest) = path.strip_prefix("/organizations/") {
+        let raw = rest.split('/').next().unwrap_or("");
+        let org = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+        // Organisation ids are UUIDs, which compare case-insensitively.
+        if !org.eq_ignore_ascii_case(&creds.org_id) {
+            return Err(ProxyError::OrgMismatch(org.into_owned()));
+        }
+    }
+    Ok(Action::Forward)
+}
+
+/// The local answer to `POST /oauth/token`.
+pub(crate) fn placeholder_response() -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(PLACEHOLDER_TOKEN.as_bytes())));
+    *resp.status_mut() = StatusCode::OK;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
+/// Everything `send` needs besides the request.
+pub(crate) struct Ctx<'a> {
+    pub client: &'a upstream::Client,
+    pub tokens: &'a dyn TokenSource,
+    pub creds: &'a M3terCreds,
+    pub host: &'a str,
+    pub replay_limit: usize,
+}
+
+/// Sends `parts` + `body` (URI and headers already prepared) with a bearer token, replaying
+/// once on 401/403 when the body was kept.
+pub(crate) async fn send(
+    ctx: Ctx<'_>,
+    parts: http::request::Parts,
+    body: Incoming,
+) -> Result<Response<Incoming>, ProxyError> {
+    let token = fetch_token(&ctx).await?;
+    let declared = body.size_hint().exact();
+    let bytes: Bytes = match declared {
+        Some(n) if n <= ctx.replay_limit as u64 => Limited::new(body, ctx.replay_limit)
+            .collect()
+            .await
+            .map_err(|_| ProxyError::bad_request("reading the request body failed"))?
+            .to_bytes(),
+        _ => {
+            // Too big or of unknown length to keep: stream it, no replay.
+            let req = with_token(parts, Either::Left(body), &token)?;
+            let resp = forward(&ctx, req).await?;
+            if refused(resp.status()) {
+                ctx.tokens.refused(ctx.creds, &token);
+            }
+            return Ok(resp);
+        }
+    };
+    let (method, uri, version, headers) = (
+        parts.method.clone(),
+        parts.uri.clone(),
+        parts.version,
+        parts.headers.clone(),
+    );
+    let req = with_token(parts, full_body(bytes.clone()), &token)?;
+    let resp = forward(&ctx, req).await?;
+    if !refused(resp.status()) {
+        return Ok(resp);
+    }
+    ctx.tokens.refused(ctx.creds, &token);
+    drop(resp);
+    let fresh = fetch_token(&ctx).await?;
+    let mut retry = Request::new(full_body(bytes));
+    *retry.method_mut() = method;
+    *retry.uri_mut() = uri;
+    *retry.version_mut() = version;
+    *retry.headers_mut() = headers;
+    let (parts, body) = retry.into_parts();
+    let req = with_token(parts, body, &fresh)?;
+    let resp = forward(&ctx, req).await?;
+    if refused(resp.status()) {
+        ctx.tokens.refused(ctx.creds, &fresh);
+    }
+    Ok(resp)
+}
+
+fn refused(status: StatusCode) -> bool {
+    status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN
+}
+
+async fn fetch_token(ctx: &Ctx<'_>) -> Result<BearerToken, ProxyError> {
+    ctx.tokens
+        .token(ctx.creds)
+        .await
+        .map_err(|e| ProxyError::TokenExchangeFailed(e.message))
+}
+
+fn with_token(
+    parts: http::request::Parts,
+    body: upstream::Body,
+    token: &BearerToken,
+) -> Result<Request<upstream::Body>, ProxyError> {
+    let mut req = Request::from_parts(parts, body);
+    let mut value = HeaderValue::try_from(format!("Bearer {}", token.expose())).map_err(|_| {
+        ProxyError::TokenExchangeFailed("m3ter returned an unusable token".to_owned())
+    })?;
+    value.set_sensitive(true);
+    req.headers_mut().insert(AUTHORIZATION, value);
+    Ok(req)
+}
+
+async fn forward(
+    ctx: &Ctx<'_>,
+    req: Request<upstream::Body>,
+) -> Result<Response<Incoming>, ProxyError> {
+    ctx.client
+        .send(req)
+        .await
+        .map_err(|e| ProxyError::upstream("m3ter", ctx.host, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    fn creds() -> M3terCreds {
+        M3terCreds {
+            access_key_id: "k".into(),
+            api_secret: Secret::new("s"),
+            org_id: "0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa".into(),
+            environment: String::new(),
+            api_host: "api.m3ter.com".into(),
+            ingest_host: "ingest.m3ter.com".into(),
+        }
+    }
+
+    #[test]
+    fn org_check() {
+        let c = creds();
+        assert_eq!(
+            check(
+                &Method::GET,
+                "/organizations/0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa/meters",
+                &c
+            )
+            .unwrap(),
+            Action::Forward
+        );
+        assert_eq!(
+            check(
+                &Method::GET,
+                "/organizations/0C2A1D53-5A44-4C1A-9F7E-3F7CC1D7E0AA",
+                &c
+            )
+            .unwrap(),
+            Action::Forward
+        );
+        assert_eq!(
+            check(&Method::GET, "/organizations/other/meters", &c)
+                .unwrap_err()
+                .code(),
+            "org_mismatch"
+        );
+        assert_eq!(
+            check(&Method::GET, "/organizations//meters", &c)
+                .unwrap_err()
+                .code(),
+            "org_mismatch"
+        );
+        assert_eq!(
+            check(&Method::POST, "/oauth/token", &c).unwrap(),
+            Action::LocalToken
+        );
+        assert_eq!(
+            check(&Method::GET, "/oauth/token", &c).unwrap(),
+            Action::Forward
+        );
+    }
+}

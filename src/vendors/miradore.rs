@@ -1,0 +1,306 @@
+//! Miradore: where the API key goes, by API version and path shape.
+//!
+//! | app path | sent to `online.miradore.com` |
+//! |---|---|
+//! | `/<site>/API/...` (v1) | same path, query `auth=<key>` (percent-encoded) |
+//! | `/API/...` (site-less v1) | `/<site>/API/...`, query `auth=<key>` |
+//! | `/<site>/api/v2/...` | same path, header `X-API-Key` |
+//! | `/api/v2/...` (site-less v2) | same path, headers `X-API-Key` and `X-Instance-Name: <site>` |
+//!
+//! The `api`/`v2` segments are matched case-insensitively (the server is); the site is
+//! compared case-sensitively after percent-decoding, and a different one is refused with
+//! `site_mismatch`. Any other path (no `API` segment in the first or second position) is
+//! refused with 404 `unknown_route`: it is not an API call and there is nowhere to put the
+//! key. A first segment `api` is always read as the site-less form, so a site literally
+//! named `api` must use the site-less paths. App-sent `auth` parameters (compared after
+//! decoding, so `%61uth` counts), `X-API-Key` and `X-Instance-Name` never reach Miradore.
+
+use http::header::HeaderValue;
+use http::{HeaderMap, HeaderName, Method, Request, StatusCode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+
+use super::TestOutcome;
+use crate::proxy::error::ProxyError;
+use crate::tenants::MiradoreCreds;
+use crate::upstream;
+
+pub const API_KEY_HEADER: HeaderName = HeaderName::from_static("x-api-key");
+pub const INSTANCE_HEADER: HeaderName = HeaderName::from_static("x-instance-name");
+
+/// Everything except RFC 3986 unreserved characters is encoded, so keys with `{ } , ! +`
+/// survive any query parser.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The request as Miradore must receive it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Rewritten {
+    /// Path and query to send.
+    pub path_and_query: String,
+    /// v2: the key goes in `X-API-Key`.
+    pub key_header: bool,
+    /// Site-less v2: the site goes in `X-Instance-Name`.
+    pub instance_header: bool,
+}
+
+/// Applies the rule to an app's path and query.
+pub(crate) fn rewrite(
+    path: &str,
+    query: Option<&str>,
+    creds: &MiradoreCreds,
+) -> Result<Rewritten, ProxyError> {
+    let mut segs = path.trim_start_matches('/').split('/');
+    let first = segs.next().unwrap_or("");
+    let second = segs.next();
+    let is_api = |s: &str| s.eq_ignore_ascii_case("api");
+    let is_v2 = |s: Option<&str>| s.is_some_and(|s| s.eq_ignore_ascii_case("v2"));
+
+    // (site present in path, is v2)
+    let (site_in_path, v2) = if is_api(first) {
+        (false, is_v2(second))
+    } else if second.is_some_and(is_api) {
+        let third = segs.next();
+        if percent_decode_str(first).decode_utf8_lossy() != creds.site {
+            return Err(ProxyError::SiteMismatch(
+                percent_decode_str(first).decode_utf8_lossy().into_owned(),
+            ));
+        }
+        (true, is_v2(third))
+    } else {
+        return Err(ProxyError::UnknownRoute(
+            "not a Miradore API path: expected /<site>/API/..., /<site>/api/v2/..., \
+             /API/... or /api/v2/..."
+                .to_owned(),
+        ));
+    };
+
+    if v2 {
+        let path_and_query = match query {
+            Some(q) => {
+                let q = strip_auth(q);
+                if q.is_empty() {
+                    path.to_owned()
+                } else {
+                    format!("{path}?{q}")
+                }
+            }
+            None => path.to_owned(),
+        };
+        return Ok(Rewritten {
+            path_and_query,
+            key_header: true,
+            instance_header: !site_in_path,
+        });
+    }
+
+    let key = utf8_percent_encode(creds.api_key.expose(), QUERY_VALUE);
+    let mut out = String::with_capacity(path.len() + creds.site.len() + 64);
+    if !site_in_path {
+        out.push('/');
+        out.push_str(&creds.site);
+    }
+    out.push_str(path);
+    out.push('?');
+    if let Some(q) = query {
+        let kept = strip_auth(q);
+        if !kept.is_empty() {
+            out.push_str(&kept);
+            out.push('&');
+        }
+    }
+    out.push_str("auth=");
+    out.extend(key);
+    Ok(Rewritten {
+        path_and_query: out,
+        key_header: false,
+        instance_header: false,
+    })
+}
+
+/// The query without any `auth` parameter; other parameters stay byte-identical and in order.
+fn strip_auth(query: &str) -> String {
+    let mut out = String::with_capacity(query.len());
+    for pair in query.split('&') {
+        let name = pair.split('=').next().unwrap_or("");
+        let decoded = percent_decode_str(name).collect::<Vec<u8>>();
+        if decoded.eq_ignore_ascii_case(b"auth") || pair.is_empty() {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push('&');
+        }
+        out.push_str(pair);
+    }
+    out
+}
+
+/// Removes what the app must not send and adds the key (and site) headers the rule asks for.
+pub(crate) fn apply_headers(
+    headers: &mut HeaderMap,
+    rw: &Rewritten,
+    creds: &MiradoreCreds,
+) -> Result<(), ProxyError> {
+    headers.remove(API_KEY_HEADER);
+    headers.remove(INSTANCE_HEADER);
+    if rw.key_header {
+        headers.insert(API_KEY_HEADER, key_header(creds)?);
+    }
+    if rw.instance_header {
+        let site = HeaderValue::from_str(&creds.site).map_err(|_| {
+            ProxyError::bad_request("the tenant's Miradore site is not a valid header value")
+        })?;
+        headers.insert(INSTANCE_HEADER, site);
+    }
+    Ok(())
+}
+
+fn key_header(creds: &MiradoreCreds) -> Result<HeaderValue, ProxyError> {
+    let mut v = HeaderValue::from_str(creds.api_key.expose()).map_err(|_| {
+        ProxyError::bad_request("the tenant's Miradore API key cannot be sent as a header")
+    })?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// `TestTenant` for Miradore: `GET /api/v2/Device?limit=1` (a one-row read) with the key and
+/// site headers. 2xx is success; anything else is the vendor's refusal.
+pub async fn test(client: &upstream::Client, creds: &MiradoreCreds) -> TestOutcome {
+    let req = (|| -> Result<_, ProxyError> {
+        let mut req = Request::builder()
+            .method(Method::GET)
+            .uri(format!(
+                "https://{}/api/v2/Device?limit=1",
+                crate::proxy::route::MIRADORE_HOST
+            ))
+            .header(http::header::ACCEPT, "application/json")
+            .body(upstream::empty_body())
+            .map_err(|_| ProxyError::bad_request("cannot build the test request"))?;
+        let rw = Rewritten {
+            path_and_query: String::new(),
+            key_header: true,
+            instance_header: true,
+        };
+        apply_headers(req.headers_mut(), &rw, creds)?;
+        Ok(req)
+    })();
+    let req = match req {
+        Ok(r) => r,
+        Err(e) => {
+            return TestOutcome {
+                ok: false,
+                http_status: 0,
+                message: e.to_string(),
+            };
+        }
+    };
+    match client.send(req).await {
+        Ok(resp) => {
+            let status = resp.status();
+            let message = if status.is_success() {
+                "Miradore accepted the API key".to_owned()
+            } else if status == StatusCode::UNAUTHORIZED {
+                "Miradore refused the API key (401)".to_owned()
+            } else {
+                format!("Miradore answered {status} (a wrong-case site name gives 403 or 500)")
+            };
+            TestOutcome {
+                ok: status.is_success(),
+                http_status: status.as_u16(),
+                message,
+            }
+        }
+        Err(e) => TestOutcome {
+            ok: false,
+            http_status: 0,
+            message: format!("could not reach Miradore: {e}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    fn creds() -> MiradoreCreds {
+        MiradoreCreds {
+            site: "Acme1".into(),
+            api_key: Secret::new("1_AaDf234sdf8!4{x},+ /&="),
+        }
+    }
+    const ENC: &str = "1_AaDf234sdf8%214%7Bx%7D%2C%2B%20%2F%26%3D";
+
+    #[test]
+    fn v1_with_site_sets_auth_and_keeps_other_params() {
+        let rw = rewrite(
+            "/Acme1/API/Device",
+            Some("select=Name,ID&%61uth=app&auth=x&top=5"),
+            &creds(),
+        )
+        .unwrap();
+        assert_eq!(
+            rw.path_and_query,
+            format!("/Acme1/API/Device?select=Name,ID&top=5&auth={ENC}")
+        );
+        assert!(!rw.key_header && !rw.instance_header);
+    }
+
+    #[test]
+    fn siteless_v1_gets_site_inserted() {
+        let rw = rewrite("/API/Device/12", None, &creds()).unwrap();
+        assert_eq!(
+            rw.path_and_query,
+            format!("/Acme1/API/Device/12?auth={ENC}")
+        );
+    }
+
+    #[test]
+    fn v2_forms() {
+        let rw = rewrite("/Acme1/api/v2/Device", Some("limit=1&auth=x"), &creds()).unwrap();
+        assert_eq!(rw.path_and_query, "/Acme1/api/v2/Device?limit=1");
+        assert!(rw.key_header && !rw.instance_header);
+        let rw = rewrite("/api/v2/Device", None, &creds()).unwrap();
+        assert_eq!(rw.path_and_query, "/api/v2/Device");
+        assert!(rw.key_header && rw.instance_header);
+    }
+
+    #[test]
+    fn site_mismatch_is_case_sensitive_and_decoded() {
+        for p in ["/acme1/API/Device", "/Other/api/v2/Device"] {
+            assert_eq!(
+                rewrite(p, None, &creds()).unwrap_err().code(),
+                "site_mismatch",
+                "{p}"
+            );
+        }
+        assert!(rewrite("/%41cme1/API/Device", None, &creds()).is_ok());
+    }
+
+    #[test]
+    fn other_paths_are_unknown_routes() {
+        for p in ["/", "/Acme1", "/Acme1/Device", "/favicon.ico"] {
+            assert_eq!(
+                rewrite(p, None, &creds()).unwrap_err().code(),
+                "unknown_route",
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn headers_replace_app_values() {
+        let mut h = HeaderMap::new();
+        h.insert(API_KEY_HEADER, "app-key".parse().unwrap());
+        h.insert(INSTANCE_HEADER, "Other".parse().unwrap());
+        let rw = rewrite("/Acme1/API/Device", None, &creds()).unwrap();
+        apply_headers(&mut h, &rw, &creds()).unwrap();
+        assert!(h.get(API_KEY_HEADER).is_none() && h.get(INSTANCE_HEADER).is_none());
+        let rw = rewrite("/api/v2/Device", None, &creds()).unwrap();
+        apply_headers(&mut h, &rw, &creds()).unwrap();
+        assert_eq!(h[API_KEY_HEADER], creds().api_key.expose());
+        assert_eq!(h[INSTANCE_HEADER], "Acme1");
+    }
+}

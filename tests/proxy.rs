@@ -1,0 +1,1110 @@
+//! The data plane over real sockets: app → sidekey (plain HTTP) → mock vendor (TLS).
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use sidekey::secret::Secret;
+use sidekey::tenants::M3terCreds;
+use sidekey::vendors::m3ter::{BearerToken, TokenError, TokenSource};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use support::tenants::*;
+use support::{MockResponse, MockVendor, TestCa, TestProxy};
+
+const M3TER_PATH: &str = "/organizations/0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa/meters";
+
+async fn setup(
+    mock: impl FnOnce(support::MockVendorBuilder<'_>) -> support::MockVendorBuilder<'_>,
+) -> (TestCa, MockVendor, TestProxy) {
+    let ca = TestCa::new("sidekey test CA");
+    let vendor = mock(MockVendor::builder(&ca)).start().await;
+    let proxy = TestProxy::builder()
+        .tenant(acme())
+        .tenant(bare())
+        .trust(&ca)
+        .route_to(&vendor)
+        .start()
+        .await;
+    (ca, vendor, proxy)
+}
+
+/// Asserts a sidekey refusal: status, `x-sidekey-error`, JSON content type and body code.
+async fn assert_refusal(resp: reqwest::Response, status: u16, code: &str) -> String {
+    assert_eq!(resp.status().as_u16(), status, "status for {code}");
+    assert_eq!(resp.headers()["x-sidekey-error"], code);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body: serde_json::Value =
+        serde_json::from_slice(&resp.bytes().await.unwrap()).expect("JSON error body");
+    assert_eq!(body["error"]["code"], code);
+    let message = body["error"]["message"]
+        .as_str()
+        .expect("message")
+        .to_owned();
+    for secret in [MIRADORE_KEY, M3TER_SECRET, MAILKIT_MD5] {
+        assert!(!message.contains(secret), "secret in message {message:?}");
+    }
+    message
+}
+
+fn assert_no_tenant_headers(rec: &support::Recorded) {
+    for h in [
+        "x-sidekey-tenant",
+        "proxy-authorization",
+        "proxy-connection",
+    ] {
+        assert!(rec.header(h).is_none(), "{h} reached the vendor");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Miradore
+
+#[tokio::test]
+async fn miradore_v1_sets_auth_query_replacing_the_apps() {
+    let (_ca, mock, proxy) = setup(|m| m).await;
+    let resp = proxy
+        .client()
+        .get(proxy.url("/miradore/Acme1/API/Device?select=Name,ID&%61uth=app-key&auth=x"))
+        .header("x-sidekey-tenant", "acme")
+        .header("x-api-key", "app-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rec = mock.single();
+    assert_eq!(
+        rec.path_and_query(),
+        format!("/Acme1/API/Device?select=Name,ID&auth={MIRADORE_KEY_ENCODED}")
+    );
+    assert_eq!(rec.host(), Some("online.miradore.com"));
+    assert!(rec.header("x-api-key").is_none());
+    assert_no_tenant_headers(&rec);
+}
+
+#[tokio::test]
+async fn miradore_siteless_v1_gets_the_site() {
+    let (_ca, mock, proxy) = setup(|m| m).await;
+    proxy
+        .client()
+        .get(proxy.url("/miradore/API/Device/7"))
+        .header("x-sidekey-tenant", "acme")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        mock.single().path_and_query(),
+        format!("/Acme1/API/Device/7?auth={MIRADORE_KEY_ENCODED}")
+    );
+}
+
+#[tokio::test]
+async fn miradore_v2_headers() {
+    let (_ca, mock, proxy) = setup(|m| m).await;
+    let c = proxy.client();
+    for path in [
+        "/miradore/Acme1/api/v2/Device?limit=1",
+        "/miradore/api/v2/Device?limit=1",
+    ] {
+        let resp = c
+            .get(proxy.url(path))
+            .header("x-sidekey-tenant", "acme")
+            .header("X-API-Key", "app-key")
+            .header("X-Instance-Name", "Other")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let reqs = mock.requests();
+    assert_eq!(reqs[0].path_and_query(), "/Acme1/api/v2/Device?limit=1");
+    assert_eq!(reqs[0].header("x-api-key"), Some(MIRADORE_KEY));
+    assert_eq!(reqs[0].header("x-instance-name"), None);
+    assert_eq!(reqs[1].path_and_query(), "/api/v2/Device?limit=1");
+    assert_eq!(reqs[1].header("x-api-key"), Some(MIRADORE_KEY));
+    assert_eq!(reqs[1].header("x-instance-name"), Some(MIRADORE_SITE));
+    for r in &reqs {
+        assert_eq!(r.headers.get_all("x-api-key").iter().count(), 1);
+        assert_no_tenant_headers(r);
+    }
+}
+
+#[tokio::test]
+async fn http_proxy_client_with_userinfo_uses_absolute_form() {
+    let (_ca, mock, proxy) = setup(|m| m.respond(|_| MockResponse::ok("[]"))).await;
+    // What `HTTP_PROXY=http://acme:x@127.0.0.1:PORT` produces.
+    let resp = proxy
+        .proxy_client("acme")
+        .get("http://online.miradore.com/api/v2/Device")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "[]");
+    // The legacy per-site host is canonicalised.
+    let resp = proxy
+        .proxy_client("acme")
+        .get("http://acme1.online.miradore.com/API/Device")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let reqs = mock.requests();
+    assert_eq!(reqs[0].header("x-instance-name"), Some(MIRADORE_SITE));
+    assert_eq!(reqs[0].host(), Some("online.miradore.com"));
+    assert_eq!(
+        reqs[1].path_and_query(),
+        format!("/Acme1/API/Device?auth={MIRADORE_KEY_ENCODED}")
+    );
+    assert_eq!(reqs[1].host(), Some("online.miradore.com"));
+    for r in &reqs {
+        assert_no_tenant_headers(r);
+    }
+}
+
+#[tokio::test]
+async fn vendor_errors_pass_through_untouched() {
+    let (_ca, _mock, proxy) = setup(|m| {
+        m.respond(|_| {
+            MockResponse::status(401)
+                .header("content-type", "text/xml")
+                .body("<Content><Error><Description>Authentication failed</Description><Code>401</Code></Error></Content>")
+        })
+    })
+    .await;
+    let resp = proxy
+        .client()
+        .get(proxy.url("/miradore/Acme1/API/Device"))
+        .header("x-sidekey-tenant", "acme")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().get("x-sidekey-error").is_none());
+    assert_eq!(resp.headers()["content-type"], "text/xml");
+    assert!(resp.text().await.unwrap().contains("Authentication failed"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Mailkit
+
+#[tokio::test]
+async fn mailkit_json_round_trip_keeps_everything_but_credentials() {
+    let (_ca, mock, proxy) = setup(|m| m).await;
+    let body = "{\n  \"function\": \"mailkit.mailinglist.list\",\n  \"id\": \"placeholder\",\n  \"md5\": \"placeholder\",\n  \"parameters\": {\"name\": \"caf\\u00e9 \\\"q\\\"\", \"nested\": {\"id\": 1, \"list\": [1, 2.50, null]}}\n}";
+    let resp = proxy
+        .client()
+        .post(proxy.url("/mailkit/json.fcgi"))
+        .header("x-sidekey-tenant", "acme")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rec = mock.single();
+    let want = body
+        .replacen(
+            "\"id\": \"placeholder\"",
+            &format!("\"id\": \"{MAILKIT_ID}\""),
+            1,
+        )
+        .replacen(
+            "\"md5\": \"placeholder\"",
+            &format!("\"md5\": \"{MAILKIT_MD5}\""),
+            1,
+        );
+    assert_eq!(rec.body_str(), want);
+    assert_eq!(
+        rec.header("content-length"),
+        Some(want.len().to_string().as_str())
+    );
+    assert!(rec.header("transfer-encoding").is_none());
+    assert_eq!(rec.path_and_query(), "/json.fcgi");
+    assert_eq!(rec.host(), Some("api.mailkit.eu"));
+}
+
+#[tokio::test]
+async fn mailkit_xmlrpc_round_trip_keeps_everything_but_credentials() {
+    let (_ca, mock, proxy) = setup(|m| m).await;
+    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\r\n<methodCall>\n\t<methodName>mailkit.campaigns.list</methodName>\n\t<params>\n\t\t<param><value><int>0</int></value></param>\n\t\t<param><value><string>x</string></value></param>\n\t\t<param><value><struct><member><name>a &amp; b</name><value><string>&lt;keep&gt; \u{e9}</string></value></member></struct></value></param>\n\t</params>\n</methodCall>\n";
+    // Chunked upload (no Content-Length): the rewritten body gets one.
+    let stream = futures_like_stream(body.as_bytes().to_vec());
+    let resp = proxy
+        .client()
+        .post(proxy.url("/mailkit/rpc.fcgi"))
+        .header("x-sidekey-tenant", "acme")
+        .header("content-type", "text/xml")
+        .body(stream)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rec = mock.single();
+    let want = body
+        .replacen(
+            "<value><int>0</int></value>",
+            &format!("<value><int>{MAILKIT_ID}</int></value>"),
+            1,
+        )
+        .replacen(
+            "<value><string>x</string></value>",
+            &format!("<value><string>{MAILKIT_MD5}</string></value>"),
+            1,
+        );
+    assert_eq!(rec.body_str(), want);
+    assert_eq!(
+        rec.header("content-length"),
+        Some(want.len().to_string().as_str())
+    );
+    assert!(rec.header("transfer-encoding").is_none());
+}
+
+/// A body reqwest sends chunked, without Content-Length.
+fn futures_like_stream(bytes: Vec<u8>) -> reqwest::Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    tokio::spawn(async move {
+        for chunk in bytes.chunks(7) {
+            let _ = tx.send(Ok(chunk.to_vec())).await;
+        }
+    });
+    reqwest::Body::wrap(http_body_util::StreamBody::new(ReceiverFrames(rx)))
+}
+
+struct ReceiverFrames(tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>);
+impl tokio_stream::Stream for ReceiverFrames {
+    type Item = Result<http_body::Frame<bytes::Bytes>, std::io::Error>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0
+            .poll_recv(cx)
+            .map(|o| o.map(|r| r.map(|v| http_body::Frame::data(bytes::Bytes::from(v)))))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// m3ter
+
+/// Hands out `tok-1`, `tok-2`, ... (a new one after each refusal), counting calls.
+#[derive(Default)]
+struct CountingTokens {
+    issued: AtomicUsize,
+    calls: AtomicUsize,
+    refusals: AtomicUsize,
+    fail: bool,
+}
+
+#[async_trait]
+impl TokenSource for CountingTokens {
+    async fn token(&self, _: &M3terCreds) -> Result<BearerToken, TokenError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.fail {
+            return Err(TokenError {
+                message: "m3ter answered 401 to the client-credentials exchange".into(),
+            });
+        }
+        let n = self.refusals.load(Ordering::SeqCst) + 1;
+        self.issued.fetch_max(n, Ordering::SeqCst);
+        Ok(Arc::new(Secret::new(format!("tok-{n}"))))
+    }
+    fn refused(&self, _: &M3terCreds, _: &BearerToken) {
+        self.refusals.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+async fn m3ter_setup(
+    tokens: Arc<CountingTokens>,
+    mock: impl FnOnce(support::MockVendorBuilder<'_>) -> support::MockVendorBuilder<'_>,
+) -> (TestCa, MockVendor, TestProxy) {
+    let ca = TestCa::new("sidekey test CA");
+    let vendor = mock(MockVendor::builder(&ca)).start().await;
+    let proxy = TestProxy::builder()
+        .tenant(acme())
+        .trust(&ca)
+        .route_to(&vendor)
+        .tokens(tokens)
+        .start()
+        .await;
+    (ca, vendor, proxy)
+}
+
+#[tokio::test]
+async fn m3ter_bearer_replaces_the_apps_authorization() {
+    let tokens = Arc::new(CountingTokens::default());
+    let (_ca, mock, proxy) = m3ter_setup(tokens.clone(), |m| m).await;
+    let resp = proxy
+        .client()
+        .get(proxy.url(&format!("/m3ter{M3TER_PATH}?pageSize=10")))
+        .header("x-sidekey-tenant", "acme")
+        .header("authorization", "Bearer sidekey-placeholder")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rec = mock.single();
+    assert_eq!(rec.header("authorization"), Some("Bearer tok-1"));
+    assert_eq!(rec.headers.get_all("authorization").iter().count(), 1);
+    assert_eq!(rec.path_and_query(), format!("{M3TER_PATH}?pageSize=10"));
+    assert_eq!(rec.host(), Some("api.m3ter.com"));
+    // Ingest prefix and absolute-form to the ingest host.
+    proxy
+        .client()
+        .post(
+            proxy.url(
+                "/m3ter-ingest/organizations/0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa/measurements",
+            ),
+        )
+        .header("x-sidekey-tenant", "acme")
+        .body("{\"measurements\":[]}")
+        .send()
+        .await
+        .unwrap();
+    proxy
+        .proxy_client("acme")
+        .get(format!("http://api.m3ter.com{M3TER_PATH}"))
+        .send()
+        .await
+        .unwrap();
+    let reqs = mock.requests();
+    assert_eq!(reqs[1].host(), Some("ingest.m3ter.com"));
+    assert_eq!(reqs[1].body_str(), "{\"measurements\":[]}");
+    assert_eq!(reqs[2].host(), Some("api.m3ter.com"));
+    for r in &reqs {
+        assert_eq!(r.header("authorization"), Some("Bearer tok-1"));
+        assert_no_tenant_headers(r);
+    }
+}
+
+#[tokio::test]
+async fn m3ter_replays_once_on_403_then_200() {
+    let tokens = Arc::new(CountingTokens::default());
+    let (_ca, mock, proxy) = m3ter_setup(tokens.clone(), |m| {
+        m.respond(|r| {
+            if r.header("authorization") == Some("Bearer tok-1") {
+                MockResponse::status(403).body("expired")
+            } else {
+                MockResponse::ok("{\"data\":[]}")
+            }
+        })
+    })
+    .await;
+    let resp = proxy
+        .client()
+        .post(proxy.url(&format!("/m3ter{M3TER_PATH}")))
+        .header("x-sidekey-tenant", "acme")
+        .body("{\"name\":\"m\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "{\"data\":[]}");
+    let reqs = mock.requests();
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(reqs[1].header("authorization"), Some("Bearer tok-2"));
+    assert_eq!(reqs[0].body, reqs[1].body);
+    assert_eq!(reqs[1].body_str(), "{\"name\":\"m\"}");
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(tokens.refusals.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn m3ter_second_refusal_goes_to_the_app() {
+    let tokens = Arc::new(CountingTokens::default());
+    let (_ca, mock, proxy) = m3ter_setup(tokens.clone(), |m| {
+        m.respond(|_| MockResponse::status(403).body("no"))
+    })
+    .await;
+    let resp = proxy
+        .client()
+        .get(proxy.url(&format!("/m3ter{M3TER_PATH}")))
+        .header("x-sidekey-tenant", "acme")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert!(resp.headers().get("x-sidekey-error").is_none());
+    assert_eq!(resp.text().await.unwrap(), "no");
+    assert_eq!(mock.requests().len(), 2);
+    assert_eq!(tokens.refusals.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn m3ter_large_streaming_body_is_not_replayed() {
+    let tokens = Arc::new(CountingTokens::default());
+    let (_ca, mock, proxy) =
+        m3ter_setup(tokens.clone(), |m| m.respond(|_| MockResponse::status(403))).await;
+    let resp = proxy
+        .client()
+        .post(proxy.url(&format!("/m3ter{M3TER_PATH}")))
+        .header("x-sidekey-tenant", "acme")
+        .body(futures_like_stream(vec![b'a'; 10]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(mock.requests().len(), 1);
+    assert_eq!(tokens.refusals.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn m3ter_oauth_token_is_answered_locally() {
+    let tokens = Arc::new(CountingTokens::default());
+    let (_ca, mock, proxy) = m3ter_setup(tokens.clone(), |m| m).await;
+    let r1 = proxy
+        .client()
+        .post(proxy.url("/m3ter/oauth/token"))
+        .header("x-sidekey-tenant", "acme")
+        .basic_auth("dummy", Some("dummy"))
+        .header("content-type", "application/json")
+        .body(r#"{"grant_type":"client_credentials"}"#)
+        .send()
+        .await
+        .unwrap();
+    let r2 = proxy
+        .proxy_client("acme")
+        .post("http://api.m3ter.com/oauth/token")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("grant_type=client_credentials")
+        .send()
+        .await
+        .unwrap();
+    for r in [r1, r2] {
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"token_type":"Bearer","access_token":"sidekey-placeholder","expires_in":18000,"scope":null})
+        );
+    }
+    assert_eq!(mock.connections(), 0);
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Refusals
+
+#[tokio::test]
+async fn refusals_before_any_connection() {
+    let (_ca, mock, proxy) = setup(|m| m).await;
+    let c = proxy.client();
+    let t = |b: reqwest::RequestBuilder| b.header("x-sidekey-tenant", "acme");
+
+    assert_refusal(
+        c.get(proxy.url("/nope/x"))
+            .header("x-sidekey-tenant", "acme")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "unknown_route",
+    )
+    .await;
+
+    let resp = c
+        .get(proxy.url("/miradore/api/v2/Device"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["proxy-authenticate"],
+        "Basic realm=\"sidekey\""
+    );
+    assert_refusal(resp, 407, "tenant_required").await;
+
+    let msg = assert_refusal(
+        c.get(proxy.url("/miradore/api/v2/Device"))
+            .header("x-sidekey-tenant", "ghost")
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "unknown_tenant",
+    )
+    .await;
+    assert!(msg.contains("ghost"));
+    assert_refusal(
+        c.post(proxy.url("/mailkit/json.fcgi"))
+            .header("x-sidekey-tenant", "bare")
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "vendor_not_configured",
+    )
+    .await;
+    assert_refusal(
+        t(c.get(proxy.url("/miradore/Other/API/Device")))
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "site_mismatch",
+    )
+    .await;
+    assert_refusal(
+        t(c.get(proxy.url("/m3ter/organizations/11111111-2222-3333-4444-555555555555/meters")))
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "org_mismatch",
+    )
+    .await;
+    assert_refusal(
+        t(c.post(proxy.url("/mailkit/json.fcgi")).body("{not json"))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    assert_refusal(
+        t(c.post(proxy.url("/mailkit/rpc.fcgi"))
+            .body("<methodCall><params><param><value>1</value></param></params></methodCall>"))
+        .send()
+        .await
+        .unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+
+    // Absolute-form hosts that are not this tenant's.
+    let pc = proxy.proxy_client("acme");
+    for url in [
+        "http://evil.example/steal",
+        "http://api.staging.m3ter.com/organizations/x", // another m3ter environment
+        "http://online.miradore.com.evil.example/API/Device",
+    ] {
+        assert_refusal(pc.get(url).send().await.unwrap(), 403, "host_not_allowed").await;
+    }
+    assert_refusal(
+        pc.get("http://other.online.miradore.com/API/Device")
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "site_mismatch",
+    )
+    .await;
+    assert_refusal(
+        proxy
+            .proxy_client("bare")
+            .get("http://api.m3ter.com/x")
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "vendor_not_configured",
+    )
+    .await;
+
+    // None of the above reached the vendor: no TCP connection was even opened.
+    assert_eq!(mock.connections(), 0);
+}
+
+#[tokio::test]
+async fn connect_is_refused() {
+    let (_ca, mock, proxy) = setup(|m| m).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"CONNECT api.m3ter.com:443 HTTP/1.1\r\nHost: api.m3ter.com:443\r\nProxy-Authorization: Basic YWNtZTp4\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 405"), "{out}");
+    let lc = out.to_ascii_lowercase();
+    assert!(lc.contains("x-sidekey-error: connect_unsupported"), "{out}");
+    assert!(lc.contains("content-type: application/json"), "{out}");
+    assert!(out.contains("\"code\":\"connect_unsupported\""), "{out}");
+    assert_eq!(mock.connections(), 0);
+}
+
+#[tokio::test]
+async fn body_too_large() {
+    let ca = TestCa::new("ca");
+    let mock = MockVendor::builder(&ca).start().await;
+    let proxy = TestProxy::builder()
+        .tenant(acme())
+        .trust(&ca)
+        .route_to(&mock)
+        .config(|c| c.rewrite_body_limit = 1024)
+        .start()
+        .await;
+    let big = format!("{{\"function\":\"f\",\"pad\":\"{}\"}}", "x".repeat(2048));
+    for body in [
+        reqwest::Body::from(big.clone()),
+        futures_like_stream(big.into_bytes()),
+    ] {
+        let resp = proxy
+            .client()
+            .post(proxy.url("/mailkit/json.fcgi"))
+            .header("x-sidekey-tenant", "acme")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_refusal(resp, 413, "body_too_large").await;
+    }
+    assert_eq!(mock.connections(), 0);
+}
+
+#[tokio::test]
+async fn token_exchange_failed() {
+    let tokens = Arc::new(CountingTokens {
+        fail: true,
+        ..Default::default()
+    });
+    let (_ca, mock, proxy) = m3ter_setup(tokens, |m| m).await;
+    let resp = proxy
+        .client()
+        .get(proxy.url(&format!("/m3ter{M3TER_PATH}")))
+        .header("x-sidekey-tenant", "acme")
+        .send()
+        .await
+        .unwrap();
+    let msg = assert_refusal(resp, 502, "token_exchange_failed").await;
+    assert!(msg.contains("401"), "{msg}");
+    assert_eq!(mock.connections(), 0);
+}
+
+async fn get_via(proxy: &TestProxy) -> reqwest::Response {
+    proxy
+        .client()
+        .get(proxy.url("/miradore/api/v2/Device"))
+        .header("x-sidekey-tenant", "acme")
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn upstream_unreachable_when_nothing_listens() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let ca = TestCa::new("ca");
+    let proxy = TestProxy::builder()
+        .tenant(acme())
+        .trust(&ca)
+        .route_to_port(port)
+        .start()
+        .await;
+    assert_refusal(get_via(&proxy).await, 502, "upstream_unreachable").await;
+}
+
+#[tokio::test]
+async fn wrong_ca_is_unreachable_never_a_bypass() {
+    let trusted = TestCa::new("trusted");
+    let other = TestCa::new("other");
+    let mock = MockVendor::builder(&other).start().await;
+    let proxy = TestProxy::builder()
+        .tenant(acme())
+        .trust(&trusted)
+        .route_to(&mock)
+        .start()
+        .await;
+    assert_refusal(get_via(&proxy).await, 502, "upstream_unreachable").await;
+    assert!(mock.requests().is_empty());
+    assert_eq!(mock.connections(), 1);
+}
+
+#[tokio::test]
+async fn wrong_certificate_name_is_unreachable() {
+    let ca = TestCa::new("ca");
+    let mock = MockVendor::builder(&ca)
+        .names(&["wrong.example"])
+        .start()
+        .await;
+    let proxy = TestProxy::builder()
+        .tenant(acme())
+        .trust(&ca)
+        .route_to(&mock)
+        .start()
+        .await;
+    assert_refusal(get_via(&proxy).await, 502, "upstream_unreachable").await;
+    assert!(mock.requests().is_empty());
+}
+
+#[tokio::test]
+async fn upstream_timeout() {
+    let ca = TestCa::new("ca");
+    let mock = MockVendor::builder(&ca)
+        .respond(|_| MockResponse::never())
+        .start()
+        .await;
+    let proxy = TestProxy::builder()
+        .tenant(acme())
+        .trust(&ca)
+        .route_to(&mock)
+        .upstream(|u| u.response_header_timeout = std::time::Duration::from_millis(300))
+        .start()
+        .await;
+    assert_refusal(get_via(&proxy).await, 504, "upstream_timeout").await;
+    // The overall per-request bound answers the same way.
+    let proxy = TestProxy::builder()
+        .tenant(acme())
+        .trust(&ca)
+        .route_to(&mock)
+        .config(|c| c.request_timeout = std::time::Duration::from_millis(300))
+        .start()
+        .await;
+    assert_refusal(get_via(&proxy).await, 504, "upstream_timeout").await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Streaming, protocols, headers, shutdown
+
+#[tokio::test]
+async fn large_response_streams_without_buffering() {
+    const REST: usize = 64 * 1024 * 1024;
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let (_ca, _mock, proxy) =
+        setup(move |m| m.respond(move |_| MockResponse::gated("first-bytes", REST, g.clone())))
+            .await;
+    let mut resp = get_via(&proxy).await;
+    assert_eq!(resp.status(), 200);
+    // The mock has sent only "first-bytes" and waits on the gate: if the proxy buffered the
+    // body, this chunk could never arrive.
+    let mut got = Vec::new();
+    while got.len() < "first-bytes".len() {
+        got.extend_from_slice(&resp.chunk().await.unwrap().expect("first chunk"));
+    }
+    assert_eq!(got, b"first-bytes");
+    gate.notify_one();
+    let mut total = 0usize;
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        total += chunk.len();
+    }
+    assert_eq!(total, REST);
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_works() {
+    let (_ca, mock, proxy) = setup(|m| m.respond(|_| MockResponse::ok("h2"))).await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let resp = client
+        .get(proxy.url("/miradore/api/v2/Device"))
+        .header("x-sidekey-tenant", "acme")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.text().await.unwrap(), "h2");
+    assert_eq!(mock.single().header("x-api-key"), Some(MIRADORE_KEY));
+}
+
+#[tokio::test]
+async fn upstream_http1_gets_the_vendor_host_header() {
+    let (_ca, mock, proxy) = setup(|m| m.http1_only()).await;
+    let resp = get_via(&proxy).await;
+    assert_eq!(resp.status(), 200);
+    let rec = mock.single();
+    assert_eq!(rec.version, http::Version::HTTP_11);
+    assert_eq!(rec.header("host"), Some("online.miradore.com"));
+}
+
+#[tokio::test]
+async fn upstream_negotiates_h2_by_alpn() {
+    let (_ca, mock, proxy) = setup(|m| m).await;
+    get_via(&proxy).await;
+    let rec = mock.single();
+    assert_eq!(rec.version, http::Version::HTTP_2);
+    assert_eq!(rec.uri.host(), Some("online.miradore.com"));
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_removed_both_ways() {
+    let (_ca, mock, proxy) = setup(|m| {
+        m.respond(|_| {
+            MockResponse::ok("ok")
+                .header("x-vendor", "kept")
+                .header("proxy-authenticate", "Basic realm=vendor")
+                .header("keep-alive", "timeout=5")
+        })
+    })
+    .await;
+    let resp = proxy
+        .client()
+        .get(proxy.url("/miradore/api/v2/Device"))
+        .header("x-sidekey-tenant", "acme")
+        .header("connection", "x-drop-me")
+        .header("x-drop-me", "1")
+        .header("te", "gzip")
+        .header("x-app", "kept")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-vendor"], "kept");
+    assert!(resp.headers().get("proxy-authenticate").is_none());
+    assert!(resp.headers().get("keep-alive").is_none());
+    let rec = mock.single();
+    assert_eq!(rec.header("x-app"), Some("kept"));
+    for h in ["x-drop-me", "te", "connection"] {
+        assert!(rec.header(h).is_none(), "{h} forwarded");
+    }
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let (_ca, _mock, proxy) =
+        setup(move |m| m.respond(move |_| MockResponse::gated("a", 10, g.clone()))).await;
+    let mut resp = get_via(&proxy).await;
+    let first = resp.chunk().await.unwrap().unwrap();
+    assert_eq!(&first[..], b"a");
+    let addr = proxy.addr;
+    let done = tokio::spawn(proxy.shutdown());
+    gate.notify_one();
+    let mut rest = 0;
+    while let Some(c) = resp.chunk().await.unwrap() {
+        rest += c.len();
+    }
+    assert_eq!(rest, 10);
+    done.await.unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn http_proxy_client_calling_prefix_urls_on_loopback() {
+    let (_ca, mock, proxy) = setup(|m| m).await;
+    // An app with HTTP_PROXY pointing at sidekey that also uses sidekey's prefix URLs.
+    let resp = proxy
+        .proxy_client("acme")
+        .get(proxy.url("/miradore/api/v2/Device"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(mock.single().header("x-api-key"), Some(MIRADORE_KEY));
+}
+
+// ---------------------------------------------------------------------------------------
+// TestTenant helpers
+
+#[tokio::test]
+async fn miradore_test_tenant_helper() {
+    let ca = TestCa::new("ca");
+    let mock = MockVendor::builder(&ca)
+        .respond(|r| {
+            if r.header("x-api-key") == Some(MIRADORE_KEY) {
+                MockResponse::ok("[]")
+            } else {
+                MockResponse::status(401)
+            }
+        })
+        .start()
+        .await;
+    let client = support::upstream_client(&ca, &mock);
+    let ok = sidekey::vendors::miradore::test(&client, &miradore()).await;
+    assert!(ok.ok, "{ok:?}");
+    assert_eq!(ok.http_status, 200);
+    let rec = mock.single();
+    assert_eq!(rec.method, http::Method::GET);
+    assert_eq!(rec.path_and_query(), "/api/v2/Device?limit=1");
+    assert_eq!(rec.header("x-instance-name"), Some(MIRADORE_SITE));
+
+    let mut wrong = miradore();
+    wrong.api_key = Secret::new("wrong");
+    let bad = sidekey::vendors::miradore::test(&client, &wrong).await;
+    assert!(!bad.ok);
+    assert_eq!(bad.http_status, 401);
+    assert!(!bad.message.contains("wrong"));
+}
+
+#[tokio::test]
+async fn mailkit_test_tenant_helper() {
+    let ca = TestCa::new("ca");
+    let mock = MockVendor::builder(&ca)
+        .respond(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            if v["md5"] == MAILKIT_MD5 && v["id"] == MAILKIT_ID {
+                MockResponse::ok(r#"[{"ID_USER_LIST":"1","NAME":"x"}]"#)
+            } else {
+                MockResponse::ok(r#"{"error_status":1,"error":"Unauthorized"}"#)
+            }
+        })
+        .start()
+        .await;
+    let client = support::upstream_client(&ca, &mock);
+    let ok = sidekey::vendors::mailkit::test(&client, &mailkit()).await;
+    assert!(ok.ok, "{ok:?}");
+    let rec = mock.single();
+    assert_eq!(rec.path_and_query(), "/json.fcgi");
+    let v: serde_json::Value = serde_json::from_slice(&rec.body).unwrap();
+    assert_eq!(v["function"], "mailkit.mailinglist.list");
+
+    let mut wrong = mailkit();
+    wrong.client_md5 = Secret::new("ffffffffffffffffffffffffffffffff");
+    let bad = sidekey::vendors::mailkit::test(&client, &wrong).await;
+    assert!(!bad.ok);
+    assert_eq!(bad.http_status, 200);
+    assert!(bad.message.contains("Unauthorized"), "{bad:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Observability
+
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Every flow at trace level: sidekey's own log never contains a secret or a query string,
+/// and each request has its one summary event.
+#[tokio::test]
+async fn logs_never_contain_secrets() {
+    let buf = LogBuffer::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("sidekey=trace"))
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let tokens = Arc::new(CountingTokens::default());
+    let (_ca, _mock, proxy) = m3ter_setup(tokens, |m| {
+        m.respond(|r| {
+            if r.header("authorization") == Some("Bearer tok-1") {
+                MockResponse::status(403)
+            } else {
+                MockResponse::ok("{}")
+            }
+        })
+    })
+    .await;
+    let c = proxy.client();
+    let t = |b: reqwest::RequestBuilder| b.header("x-sidekey-tenant", "acme");
+    t(c.get(proxy.url("/miradore/Acme1/API/Device?select=x&auth=app")))
+        .send()
+        .await
+        .unwrap();
+    t(c.get(proxy.url("/miradore/api/v2/Device")))
+        .send()
+        .await
+        .unwrap();
+    t(c.post(proxy.url("/mailkit/json.fcgi"))
+        .body(r#"{"function":"f"}"#))
+    .send()
+    .await
+    .unwrap();
+    t(c.post(proxy.url("/mailkit/rpc.fcgi")).body(
+        "<methodCall><params><param><value>1</value></param><param><value>2</value></param></params></methodCall>",
+    ))
+    .send()
+    .await
+    .unwrap();
+    t(c.get(proxy.url(&format!("/m3ter{M3TER_PATH}"))))
+        .send()
+        .await
+        .unwrap();
+    t(c.get(proxy.url("/miradore/Other/API/Device")))
+        .send()
+        .await
+        .unwrap();
+    drop(_guard);
+
+    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(log.matches("proxied request").count(), 6, "{log}");
+    assert!(
+        log.contains("error=\"site_mismatch\"") || log.contains("error=site_mismatch"),
+        "{log}"
+    );
+    for secret in [
+        MIRADORE_KEY,
+        MIRADORE_KEY_ENCODED,
+        MAILKIT_MD5,
+        M3TER_SECRET,
+        "tok-1",
+        "tok-2",
+        "select=x",
+    ] {
+        assert!(!log.contains(secret), "{secret:?} in log:\n{log}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Upstream client on its own
+
+#[tokio::test]
+async fn upstream_errors_are_classified() {
+    let req = || {
+        http::Request::get("https://online.miradore.com/api/v2/Device")
+            .body(sidekey::upstream::empty_body())
+            .unwrap()
+    };
+    let trusted = TestCa::new("trusted");
+    let other = TestCa::new("other");
+
+    let mock = MockVendor::builder(&other).start().await;
+    let err = support::upstream_client(&trusted, &mock)
+        .send(req())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "tls", "{err:?}");
+
+    let named = MockVendor::builder(&trusted)
+        .names(&["wrong.example"])
+        .start()
+        .await;
+    let err = support::upstream_client(&trusted, &named)
+        .send(req())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "tls", "{err:?}");
+
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let client = sidekey::upstream::Client::new(sidekey::upstream::UpstreamConfig {
+        connect_to: support::connect_to_rules(port),
+        ..Default::default()
+    })
+    .unwrap();
+    let err = client.send(req()).await.unwrap_err();
+    assert_eq!(err.kind(), "connect", "{err:?}");
+
+    let silent = MockVendor::builder(&trusted)
+        .respond(|_| MockResponse::never())
+        .start()
+        .await;
+    let client = sidekey::upstream::Client::new(sidekey::upstream::UpstreamConfig {
+        extra_ca_files: vec![trusted.pem_file()],
+        connect_to: support::connect_to_rules(silent.port()),
+        response_header_timeout: std::time::Duration::from_millis(200),
+        ..Default::default()
+    })
+    .unwrap();
+    let err = client.send(req()).await.unwrap_err();
+    assert_eq!(err.kind(), "timeout", "{err:?}");
+
+    // And the happy path: certificate checked against the original name, address redirected.
+    let good = MockVendor::builder(&trusted).start().await;
+    let resp = support::upstream_client(&trusted, &good)
+        .send(req())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
