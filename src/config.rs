@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 
 use crate::control::GrpcListen;
 use crate::secret::Secret;
+use crate::upstream::ConnectTo;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -58,7 +59,7 @@ pub struct ServeArgs {
     /// certificate name and Host as HOST. HOST may be *.suffix. Repeatable
     /// (comma-separated in the environment variable).
     #[arg(long, env = "SIDEKEY_CONNECT_TO", value_delimiter = ',')]
-    pub connect_to: Vec<String>,
+    pub connect_to: Vec<ConnectTo>,
 
     /// Log line format. Filter with RUST_LOG (default: info).
     #[arg(long, env = "SIDEKEY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -81,7 +82,7 @@ pub struct ServeConfig {
     pub master_key: Option<Secret>,
     pub grpc_token_file: Option<PathBuf>,
     pub upstream_ca: Vec<PathBuf>,
-    pub connect_to: Vec<String>,
+    pub connect_to: Vec<ConnectTo>,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
 }

@@ -9,7 +9,23 @@ use sidekey::cli::{Cli, ClientCommand, Command};
 use sidekey::config::{LogFormat, ServeConfig};
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The HTTP and TLS libraries print URIs and headers at debug and trace, and a Miradore
+    // v1 URI carries the API key: they are capped whatever RUST_LOG says, so no log level
+    // can leak a credential. sidekey's own events never hold one.
+    for target in [
+        "h2",
+        "hyper",
+        "hyper_util",
+        "rustls",
+        "tonic",
+        "tower",
+        "reqwest",
+    ] {
+        if let Ok(directive) = format!("{target}=info").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -15,9 +15,14 @@ use tokio::task::JoinSet;
 use crate::admin::{self, Readiness};
 use crate::config::ServeConfig;
 use crate::control::{self, ControlToken, GrpcListener, TenantApi};
+use crate::proxy::{self, Proxy, ProxyConfig};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::master_key::{MasterKeySource, MasterKeys};
 use crate::tenants::Catalog;
+use crate::upstream::{self, UpstreamConfig};
+use crate::vendors::Tester;
+use crate::vendors::m3ter::broker::{BrokerConfig, TokenBroker};
+use crate::vendors::m3ter::exchange::HttpExchange;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -44,7 +49,10 @@ pub struct Running {
     pub catalog: Arc<Catalog>,
     readiness: Readiness,
     stop: watch::Sender<bool>,
+    /// Proxy and control plane: drained first.
     tasks: JoinSet<()>,
+    stop_admin: watch::Sender<bool>,
+    admin: tokio::task::JoinHandle<()>,
     grace: Duration,
 }
 
@@ -121,7 +129,32 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     let readiness = Readiness::default();
     let mut tasks = JoinSet::new();
 
-    let tester = crate::vendors::UnavailableTester;
+    // Data plane: one pooled upstream client shared by the proxy, the token exchange and
+    // TestTenant; one token broker whose cache follows the snapshot.
+    let client = upstream::Client::new(UpstreamConfig {
+        extra_ca_files: config.upstream_ca.clone(),
+        connect_to: config.connect_to.clone(),
+        ..UpstreamConfig::default()
+    })
+    .map_err(|e| StartError::Config(e.to_string()))?;
+    crate::vendors::m3ter::client::describe_metrics();
+    let broker = Arc::new(TokenBroker::new(
+        Arc::new(HttpExchange::new(client.clone())),
+        BrokerConfig::default(),
+    ));
+    let _retain = broker.spawn_retain(catalog.snapshot());
+    let proxy = Proxy::new(
+        catalog.snapshot(),
+        client.clone(),
+        broker.clone(),
+        ProxyConfig::default(),
+    );
+    tasks.spawn(proxy::serve(proxy_listener, proxy, on_stop()));
+
+    let tester = Tester {
+        client,
+        tokens: broker,
+    };
     let api = TenantApi::new(catalog.clone(), Arc::new(tester));
     let grpc_stop = on_stop();
     tasks.spawn(async move {
@@ -129,14 +162,15 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
             tracing::error!(error = %e, "control plane stopped");
         }
     });
-    let admin_stop = on_stop();
+    // The admin plane outlives the drain so probes see /readyz answer 503; it stops last.
+    let (stop_admin, mut admin_stopped) = watch::channel(false);
     let admin_ready = readiness.clone();
-    tasks.spawn(async move {
-        // The admin plane outlives the drain so probes see /readyz fail; it stops last.
-        admin::serve(admin_listener, admin_ready, admin_stop).await;
+    let admin = tokio::spawn(async move {
+        let stopped = async move {
+            let _ = admin_stopped.wait_for(|s| *s).await;
+        };
+        admin::serve(admin_listener, admin_ready, stopped).await;
     });
-    drop(proxy_listener);
-
     readiness.set(true);
     tracing::info!(proxy = %proxy_addr, grpc = %grpc_url, admin = %admin_addr,
         tenants = catalog.snapshot().load().len(), "sidekey ready");
@@ -148,6 +182,8 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         readiness,
         stop,
         tasks,
+        stop_admin,
+        admin,
         grace: config.shutdown_grace,
     })
 }
@@ -172,6 +208,8 @@ impl Running {
             tracing::warn!(grace = ?self.grace, "in-flight work did not finish within the shutdown grace; aborting it");
             self.tasks.abort_all();
         }
+        self.stop_admin.send_replace(true);
+        let _ = self.admin.await;
         finished
     }
 }

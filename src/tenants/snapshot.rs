@@ -99,6 +99,7 @@ impl SnapshotPublisher {
     pub(crate) fn publish(&self, next: Snapshot) {
         let revision = next.revision;
         metrics::gauge!("sidekey_tenants_configured").set(next.len() as f64);
+        tracing::debug!(revision, tenants = next.len(), "snapshot published");
         self.current.store(Arc::new(next));
         self.changes.send_replace(revision);
     }

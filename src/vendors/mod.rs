@@ -26,20 +26,38 @@ pub trait VendorTester: Send + Sync + 'static {
     ) -> TestOutcome;
 }
 
-/// A tester for builds without upstream access wired in.
-pub struct UnavailableTester;
+/// The real tester: the vendors' own test calls over the upstream client.
+pub struct Tester {
+    pub client: crate::upstream::Client,
+    pub tokens: std::sync::Arc<dyn m3ter::TokenSource>,
+}
 
 #[async_trait::async_trait]
-impl VendorTester for UnavailableTester {
+impl VendorTester for Tester {
     async fn test(
         &self,
-        _tenant: &crate::tenants::EffectiveTenant,
+        tenant: &crate::tenants::EffectiveTenant,
         vendor: crate::tenants::VendorKind,
     ) -> TestOutcome {
-        TestOutcome {
+        use crate::tenants::VendorKind;
+        let not_configured = || TestOutcome {
             ok: false,
             http_status: 0,
-            message: format!("testing {} is not available", vendor.as_str()),
+            message: format!("the tenant has no {} connection", vendor.as_str()),
+        };
+        match vendor {
+            VendorKind::Miradore => match &tenant.miradore {
+                Some(c) => miradore::test(&self.client, c).await,
+                None => not_configured(),
+            },
+            VendorKind::Mailkit => match &tenant.mailkit {
+                Some(c) => mailkit::test(&self.client, c).await,
+                None => not_configured(),
+            },
+            VendorKind::M3ter => match &tenant.m3ter {
+                Some(c) => m3ter::client::test(&self.client, self.tokens.as_ref(), c).await,
+                None => not_configured(),
+            },
         }
     }
 }

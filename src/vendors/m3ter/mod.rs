@@ -5,9 +5,11 @@
 //!
 //! - [`broker`]: [`broker::TokenBroker`], the [`TokenSource`] with cache, refresh and backoff.
 //! - [`exchange`]: the client-credentials exchange on the wire, behind [`exchange::Exchange`].
+//! - [`client`]: the exchange's POST over the upstream client, and `TestTenant`.
 //! - [`rule`]: the data plane's side: injection, organisation check, replay on refusal.
 
 pub mod broker;
+pub mod client;
 pub mod exchange;
 pub(crate) mod rule;
 

@@ -110,6 +110,7 @@ pub(crate) async fn send(
     }
     ctx.tokens.refused(ctx.creds, &token);
     drop(resp);
+    super::broker::record_replay();
     let fresh = fetch_token(&ctx).await?;
     let mut retry = Request::new(full_body(bytes));
     *retry.method_mut() = method;
