@@ -315,7 +315,11 @@ pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<()
                     r.http_status
                 );
                 if !r.ok {
-                    return Err(format!("{} did not accept the credentials", vendor.path()));
+                    return Err(if r.http_status == 0 {
+                        format!("the test call to {} got no answer", vendor.path())
+                    } else {
+                        format!("{} did not accept the credentials", vendor.path())
+                    });
                 }
             }
             TenantsCommand::Apply { file, output } => {
