@@ -498,3 +498,48 @@ fn all_files(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[tokio::test]
+async fn a_batch_is_written_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), KEY_NEW);
+    let first = store
+        .commit(Mutation::PutTenant(tenant("alpha", "a")), Expect::Absent)
+        .await
+        .unwrap();
+
+    // The second write's precondition fails: the first must not land either.
+    let err = store
+        .commit_batch(vec![
+            (Mutation::PutTenant(tenant("beta", "b")), Expect::Absent),
+            (
+                Mutation::PutTenant(tenant("alpha", "a2")),
+                Expect::Revision(first + 7),
+            ),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict), "{err:?}");
+    let state = store.load().await.unwrap();
+    assert_eq!(state.revision, first);
+    assert_eq!(state.tenants.len(), 1);
+
+    // A valid batch lands whole, every record with the one new revision.
+    let rev = store
+        .commit_batch(vec![
+            (Mutation::PutTenant(tenant("beta", "b")), Expect::Absent),
+            (
+                Mutation::DeleteTenant("alpha".into()),
+                Expect::Revision(first),
+            ),
+            (Mutation::PutPartner(partner("p")), Expect::Absent),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(rev, first + 1);
+    let state = store.load().await.unwrap();
+    let ids: Vec<_> = state.tenants.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, ["beta"]);
+    assert_eq!(state.tenants[0].revision, rev);
+    assert_eq!(state.partner.revision, rev);
+}

@@ -226,10 +226,10 @@ impl Store for EmbeddedStore {
         run_blocking(move || load_blocking(&db, &keys)).await
     }
 
-    async fn commit(&self, mutation: Mutation, expect: Expect) -> Result<u64, StoreError> {
+    async fn commit_batch(&self, batch: Vec<(Mutation, Expect)>) -> Result<u64, StoreError> {
         let db = Arc::clone(&self.db);
         let keys = Arc::clone(&self.keys);
-        run_blocking(move || commit_blocking(&db, &keys, mutation, expect)).await
+        run_blocking(move || commit_blocking(&db, &keys, batch)).await
     }
 }
 
@@ -266,14 +266,14 @@ fn load_blocking(db: &Database, keys: &MasterKeys) -> Result<StoredState, StoreE
     })
 }
 
-/// One write transaction: check `expect` against the record's revision, write, bump the
-/// store revision, commit with immediate durability (redb's default, set explicitly because
-/// the trait promises it): redb fsyncs before `commit` returns.
+/// One write transaction: check each `expect` against its record's revision, write, bump the
+/// store revision once, commit with immediate durability (redb's default, set explicitly
+/// because the trait promises it): redb fsyncs before `commit` returns. Any failed check
+/// drops the transaction, so nothing of the batch is written.
 fn commit_blocking(
     db: &Database,
     keys: &MasterKeys,
-    mutation: Mutation,
-    expect: Expect,
+    batch: Vec<(Mutation, Expect)>,
 ) -> Result<u64, StoreError> {
     let mut txn = db.begin_write().map_err(backend)?;
     txn.set_durability(Durability::Immediate).map_err(backend)?;
@@ -283,46 +283,48 @@ fn commit_blocking(
             .unwrap_or(0)
             .checked_add(1)
             .ok_or_else(|| StoreError::Backend("the store revision overflowed".into()))?;
-        match mutation {
-            Mutation::PutTenant(mut record) => {
-                let mut table = txn.open_table(TENANTS).map_err(backend)?;
-                let current = table
-                    .get(record.id.as_str())
-                    .map_err(backend)?
-                    .map(|v| decode::<TenantDoc>(v.value()).map(|d| d.revision))
-                    .transpose()?;
-                check_expect(expect, current)?;
-                record.revision = revision;
-                let doc = TenantDoc::seal(keys, &record)?;
-                table
-                    .insert(record.id.as_str(), encode(&doc)?.as_slice())
-                    .map_err(backend)?;
-            }
-            // Deleting a record that is absent (with `Expect::Absent`) deletes nothing but
-            // still counts as a write, like every commit whose precondition holds.
-            Mutation::DeleteTenant(id) => {
-                let mut table = txn.open_table(TENANTS).map_err(backend)?;
-                let current = table
-                    .get(id.as_str())
-                    .map_err(backend)?
-                    .map(|v| decode::<TenantDoc>(v.value()).map(|d| d.revision))
-                    .transpose()?;
-                check_expect(expect, current)?;
-                table.remove(id.as_str()).map_err(backend)?;
-            }
-            Mutation::PutPartner(mut record) => {
-                let mut table = txn.open_table(PARTNER).map_err(backend)?;
-                let current = table
-                    .get(PARTNER_KEY)
-                    .map_err(backend)?
-                    .map(|v| decode::<PartnerDoc>(v.value()).map(|d| d.revision))
-                    .transpose()?;
-                check_expect(expect, current)?;
-                record.revision = revision;
-                let doc = PartnerDoc::seal(keys, &record)?;
-                table
-                    .insert(PARTNER_KEY, encode(&doc)?.as_slice())
-                    .map_err(backend)?;
+        for (mutation, expect) in batch {
+            match mutation {
+                Mutation::PutTenant(mut record) => {
+                    let mut table = txn.open_table(TENANTS).map_err(backend)?;
+                    let current = table
+                        .get(record.id.as_str())
+                        .map_err(backend)?
+                        .map(|v| decode::<TenantDoc>(v.value()).map(|d| d.revision))
+                        .transpose()?;
+                    check_expect(expect, current)?;
+                    record.revision = revision;
+                    let doc = TenantDoc::seal(keys, &record)?;
+                    table
+                        .insert(record.id.as_str(), encode(&doc)?.as_slice())
+                        .map_err(backend)?;
+                }
+                // Deleting a record that is absent (with `Expect::Absent`) deletes nothing but
+                // still counts as a write, like every commit whose precondition holds.
+                Mutation::DeleteTenant(id) => {
+                    let mut table = txn.open_table(TENANTS).map_err(backend)?;
+                    let current = table
+                        .get(id.as_str())
+                        .map_err(backend)?
+                        .map(|v| decode::<TenantDoc>(v.value()).map(|d| d.revision))
+                        .transpose()?;
+                    check_expect(expect, current)?;
+                    table.remove(id.as_str()).map_err(backend)?;
+                }
+                Mutation::PutPartner(mut record) => {
+                    let mut table = txn.open_table(PARTNER).map_err(backend)?;
+                    let current = table
+                        .get(PARTNER_KEY)
+                        .map_err(backend)?
+                        .map(|v| decode::<PartnerDoc>(v.value()).map(|d| d.revision))
+                        .transpose()?;
+                    check_expect(expect, current)?;
+                    record.revision = revision;
+                    let doc = PartnerDoc::seal(keys, &record)?;
+                    table
+                        .insert(PARTNER_KEY, encode(&doc)?.as_slice())
+                        .map_err(backend)?;
+                }
             }
         }
         meta.insert(META_REVISION, revision.to_be_bytes().as_slice())
@@ -774,8 +776,7 @@ mod tests {
         commit_blocking(
             &store.db,
             &store.keys,
-            Mutation::PutTenant(t),
-            Expect::Absent,
+            vec![(Mutation::PutTenant(t), Expect::Absent)],
         )
         .unwrap()
     }
@@ -869,12 +870,14 @@ mod tests {
             commit_blocking(
                 &store.db,
                 &store.keys,
-                Mutation::PutPartner(PartnerRecord {
-                    connections: tenant("p", "p-secret").connections,
-                    revision: 0,
-                    update_time: None,
-                }),
-                Expect::Absent,
+                vec![(
+                    Mutation::PutPartner(PartnerRecord {
+                        connections: tenant("p", "p-secret").connections,
+                        revision: 0,
+                        update_time: None,
+                    }),
+                    Expect::Absent,
+                )],
             )
             .unwrap();
         }
@@ -960,8 +963,10 @@ mod tests {
                 commit_blocking(
                     &store.db,
                     &store.keys,
-                    Mutation::PutTenant(tenant("alpha", "alpha-secret-value")),
-                    Expect::Absent,
+                    vec![(
+                        Mutation::PutTenant(tenant("alpha", "alpha-secret-value")),
+                        Expect::Absent,
+                    )],
                 )
                 .unwrap_err()
                 .to_string(),

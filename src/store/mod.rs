@@ -62,10 +62,16 @@ pub trait Store: Send + Sync + 'static {
     /// Reads everything, for start-up and after a change notification.
     async fn load(&self) -> Result<StoredState, StoreError>;
 
-    /// Applies `mutation` if the record's current revision matches `expect`, and returns
-    /// the new store revision. Returns only once the write is durable: a crash after `Ok`
-    /// does not lose it.
-    async fn commit(&self, mutation: Mutation, expect: Expect) -> Result<u64, StoreError>;
+    /// Applies every write of `batch` in one transaction, if each record's current
+    /// revision matches its `Expect`; otherwise applies none. Every record written gets the
+    /// one new store revision, which is returned. Returns only once the transaction is
+    /// durable: a crash after `Ok` does not lose it.
+    async fn commit_batch(&self, batch: Vec<(Mutation, Expect)>) -> Result<u64, StoreError>;
+
+    /// [`Store::commit_batch`] of one write.
+    async fn commit(&self, mutation: Mutation, expect: Expect) -> Result<u64, StoreError> {
+        self.commit_batch(vec![(mutation, expect)]).await
+    }
 
     /// For backends that other processes write to: a receiver notified after each foreign
     /// change, upon which the catalog reloads. `None` for a backend only this process writes.
