@@ -61,6 +61,15 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDEKEY_CONNECT_TO", value_delimiter = ',')]
     pub connect_to: Vec<ConnectTo>,
 
+    /// YAML file declaring tenants (and optionally partner defaults), e.g. a mounted
+    /// Kubernetes Secret: applied before sidekey turns ready, then whenever it changes.
+    #[arg(long, env = "SIDEKEY_TENANTS_FILE")]
+    pub tenants_file: Option<PathBuf>,
+
+    /// How often the tenants file (and the secret files it references) is re-read.
+    #[arg(long, env = "SIDEKEY_TENANTS_FILE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub tenants_file_interval: Duration,
+
     /// Log line format. Filter with RUST_LOG (default: info).
     #[arg(long, env = "SIDEKEY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -83,6 +92,8 @@ pub struct ServeConfig {
     pub grpc_token_file: Option<PathBuf>,
     pub upstream_ca: Vec<PathBuf>,
     pub connect_to: Vec<ConnectTo>,
+    pub tenants_file: Option<PathBuf>,
+    pub tenants_file_interval: Duration,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
 }
@@ -101,6 +112,8 @@ impl ServeArgs {
             grpc_token_file: self.grpc_token_file,
             upstream_ca: self.upstream_ca,
             connect_to: self.connect_to,
+            tenants_file: self.tenants_file,
+            tenants_file_interval: self.tenants_file_interval,
             log_format: self.log_format,
             shutdown_grace: self.shutdown_grace,
         }
@@ -122,6 +135,8 @@ impl ServeConfig {
             grpc_token_file: None,
             upstream_ca: Vec::new(),
             connect_to: Vec::new(),
+            tenants_file: None,
+            tenants_file_interval: crate::tenants_file::DEFAULT_POLL,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(20),
         }

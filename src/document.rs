@@ -116,6 +116,47 @@ pub struct SecretSource {
     pub env: Option<String>,
 }
 
+/// The partner defaults in a document: the same three connections as a tenant.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PartnerDefaultsDoc {
+    #[serde(default)]
+    pub miradore: Option<MiradoreDoc>,
+    #[serde(default)]
+    pub m3ter: Option<M3terDoc>,
+    #[serde(default)]
+    pub mailkit: Option<MailkitDoc>,
+}
+
+impl PartnerDefaultsDoc {
+    pub fn into_proto(
+        self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<proto::PartnerDefaults, DocumentError> {
+        // Same conversion as a tenant's connections, with the field paths of the partner.
+        let t = TenantDoc {
+            miradore: self.miradore,
+            m3ter: self.m3ter,
+            mailkit: self.mailkit,
+            ..Default::default()
+        }
+        .into_proto(env)
+        .map_err(|e| match e {
+            DocumentError::Secret { field, message } => DocumentError::Secret {
+                field: format!("partnerDefaults.{field}"),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(proto::PartnerDefaults {
+            miradore: t.miradore,
+            m3ter: t.m3ter,
+            mailkit: t.mailkit,
+            ..Default::default()
+        })
+    }
+}
+
 impl TenantDoc {
     /// Reads a YAML or JSON document (JSON is YAML).
     pub fn from_file(path: &Path) -> Result<Self, DocumentError> {

@@ -16,6 +16,7 @@ pub mod secret;
 pub mod server;
 pub mod store;
 pub mod tenants;
+pub mod tenants_file;
 pub mod upstream;
 pub mod vendors;
 

@@ -19,6 +19,7 @@ use crate::proxy::{self, Proxy, ProxyConfig};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::master_key::{MasterKeySource, MasterKeys};
 use crate::tenants::Catalog;
+use crate::tenants_file::{TenantsFile, TenantsFileStatus};
 use crate::upstream::{self, UpstreamConfig};
 use crate::vendors::Tester;
 use crate::vendors::m3ter::broker::{BrokerConfig, TokenBroker};
@@ -36,6 +37,8 @@ pub enum StartError {
     },
     #[error("{0}")]
     MasterKey(String),
+    #[error("the tenants file was rejected: {0}")]
+    TenantsFile(String),
     #[error("cannot open the store in {dir}: {message}")]
     Store { dir: String, message: String },
 }
@@ -47,6 +50,8 @@ pub struct Running {
     pub grpc_url: String,
     pub admin_addr: SocketAddr,
     pub catalog: Arc<Catalog>,
+    /// What the `--tenants-file` watcher has applied or rejected, when one is configured.
+    pub tenants_file: Option<watch::Receiver<TenantsFileStatus>>,
     readiness: Readiness,
     stop: watch::Sender<bool>,
     /// Proxy and control plane: drained first.
@@ -99,6 +104,15 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
                     message: e.to_string(),
                 })?,
         );
+    // Declared tenants are in force before any listener accepts a request.
+    let mut tenants_file = match &config.tenants_file {
+        Some(path) => {
+            let mut file = TenantsFile::new(path.clone(), &config.data_dir, catalog.clone());
+            file.apply_now().await.map_err(StartError::TenantsFile)?;
+            Some(file)
+        }
+        None => None,
+    };
     let token = config
         .grpc_token_file
         .as_deref()
@@ -162,6 +176,11 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
             tracing::error!(error = %e, "control plane stopped");
         }
     });
+    let tenants_file_status = tenants_file.as_ref().map(TenantsFile::status);
+    if let Some(file) = tenants_file.take() {
+        tasks.spawn(file.watch(config.tenants_file_interval, on_stop()));
+    }
+
     // The admin plane outlives the drain so probes see /readyz answer 503; it stops last.
     let (stop_admin, mut admin_stopped) = watch::channel(false);
     let admin_ready = readiness.clone();
@@ -179,6 +198,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         grpc_url,
         admin_addr,
         catalog,
+        tenants_file: tenants_file_status,
         readiness,
         stop,
         tasks,

@@ -32,6 +32,33 @@ pub enum CatalogError {
     Store(#[from] StoreError),
 }
 
+/// A declared state for some tenants, as a tenants file states it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Declared {
+    /// Replaces the partner defaults when set.
+    pub partner: Option<Connections>,
+    pub tenants: Vec<DeclaredTenant>,
+    /// Ids declared before but no longer: deleted if they exist.
+    pub removed: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeclaredTenant {
+    pub id: String,
+    pub display_name: String,
+    pub connections: Connections,
+}
+
+/// What [`Catalog::apply_declared`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub created: usize,
+    pub updated: usize,
+    pub deleted: usize,
+    pub unchanged: usize,
+    pub partner_changed: bool,
+}
+
 struct State {
     tenants: BTreeMap<String, TenantRecord>,
     partner: PartnerRecord,
@@ -215,6 +242,141 @@ impl Catalog {
         state.partner = record.clone();
         self.publisher.publish(build_snapshot(&state));
         Ok(record)
+    }
+
+    /// Applies a declared state (a tenants file) all at once: every declared tenant is
+    /// created or replaced, `removed` ids are deleted, the partner defaults replaced when
+    /// given. Everything is validated first and committed in one transaction; one invalid
+    /// field rejects the whole declaration and changes nothing. Records already equal to
+    /// their declaration are not rewritten, so an unchanged file bumps no etag.
+    pub async fn apply_declared(&self, declared: Declared) -> Result<ApplyReport, CatalogError> {
+        let mut state = self.state.lock().await;
+        let mut report = ApplyReport::default();
+        let defaults = declared
+            .partner
+            .clone()
+            .unwrap_or_else(|| state.partner.connections.clone());
+
+        let mut violations = Vec::new();
+        if let Some(p) = &declared.partner {
+            validate::validate_connections(p, "partner_defaults", &mut violations);
+        }
+        let mut declared_ids: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for t in &declared.tenants {
+            let prefix = format!("tenants[{}]", t.id);
+            if !declared_ids.insert(t.id.clone()) {
+                violations.push(FieldViolation::new(
+                    format!("{prefix}.id"),
+                    "declared twice",
+                ));
+                continue;
+            }
+            let mut own = Vec::new();
+            validate::validate_tenant_id(&t.id, &format!("{prefix}.id"), &mut own);
+            validate::validate_display_name(
+                &t.display_name,
+                &format!("{prefix}.display_name"),
+                &mut own,
+            );
+            validate::validate_connections(&t.connections, &prefix, &mut own);
+            if own.is_empty() {
+                if let Err(missing) = EffectiveTenant::resolve(&t.id, &t.connections, &defaults) {
+                    own.extend(missing.into_iter().map(|v| v.prefixed(&prefix)));
+                }
+            }
+            violations.extend(own);
+        }
+        if declared.partner.is_some() {
+            let others = state.tenants.values().filter(|t| {
+                !declared_ids.contains(t.id.as_str()) && !declared.removed.contains(&t.id)
+            });
+            violations.extend(tenants_left_incomplete(others, &defaults));
+        }
+        reject(violations)?;
+
+        let now = SystemTime::now();
+        let mut batch = Vec::new();
+        if let Some(p) = declared.partner {
+            if p != state.partner.connections {
+                report.partner_changed = true;
+                let expect = match state.partner.revision {
+                    0 => Expect::Absent,
+                    r => Expect::Revision(r),
+                };
+                let record = PartnerRecord {
+                    connections: p,
+                    revision: 0,
+                    update_time: Some(now),
+                };
+                batch.push((Mutation::PutPartner(record), expect));
+            }
+        }
+        for t in declared.tenants {
+            let (record, expect) = match state.tenants.get(&t.id) {
+                Some(cur)
+                    if cur.display_name == t.display_name && cur.connections == t.connections =>
+                {
+                    report.unchanged += 1;
+                    continue;
+                }
+                Some(cur) => {
+                    report.updated += 1;
+                    let mut record = cur.clone();
+                    record.display_name = t.display_name;
+                    record.connections = t.connections;
+                    record.update_time = now;
+                    (record, Expect::Revision(cur.revision))
+                }
+                None => {
+                    report.created += 1;
+                    let record = TenantRecord {
+                        id: t.id,
+                        display_name: t.display_name,
+                        connections: t.connections,
+                        revision: 0,
+                        create_time: now,
+                        update_time: now,
+                    };
+                    (record, Expect::Absent)
+                }
+            };
+            batch.push((Mutation::PutTenant(record), expect));
+        }
+        for id in declared.removed {
+            if declared_ids.contains(id.as_str()) {
+                continue;
+            }
+            if let Some(cur) = state.tenants.get(&id) {
+                report.deleted += 1;
+                batch.push((Mutation::DeleteTenant(id), Expect::Revision(cur.revision)));
+            }
+        }
+        if batch.is_empty() {
+            return Ok(report);
+        }
+
+        let revision = match self.store.commit_batch(batch.clone()).await {
+            Ok(r) => r,
+            Err(StoreError::Conflict) => return Err(CatalogError::Aborted),
+            Err(e) => return Err(e.into()),
+        };
+        for (mutation, _) in batch {
+            match mutation {
+                Mutation::PutTenant(mut r) => {
+                    r.revision = revision;
+                    state.tenants.insert(r.id.clone(), r);
+                }
+                Mutation::DeleteTenant(id) => {
+                    state.tenants.remove(&id);
+                }
+                Mutation::PutPartner(mut p) => {
+                    p.revision = revision;
+                    state.partner = p;
+                }
+            }
+        }
+        self.publisher.publish(build_snapshot(&state));
+        Ok(report)
     }
 
     async fn commit(&self, mutation: Mutation, expect: Expect) -> Result<u64, CatalogError> {

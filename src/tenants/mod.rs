@@ -13,7 +13,7 @@ pub mod model;
 pub mod snapshot;
 pub mod validate;
 
-pub use catalog::{Catalog, CatalogError};
+pub use catalog::{ApplyReport, Catalog, CatalogError, Declared, DeclaredTenant};
 pub use effective::{EffectiveTenant, M3terCreds, MailkitCreds, MiradoreCreds};
 pub use model::{
     Connections, M3terConn, MailkitConn, MiradoreConn, PartnerRecord, TenantRecord, VendorKind,

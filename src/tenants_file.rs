@@ -1,0 +1,236 @@
+//! `--tenants-file`: tenants declared in a YAML file, typically a mounted Kubernetes
+//! Secret, applied at start-up and again whenever the declared state changes.
+//!
+//! The file is `{ partnerDefaults?: <connections>, tenants: [<tenant documents>] }`, the
+//! documents being those of `sidekey tenants apply` (secrets inline or `valueFrom` a file or
+//! an environment variable). Each apply is all or nothing (one store transaction): a file
+//! that does not parse or validate is rejected whole with an error log line, and the state
+//! before it stays in force.
+//!
+//! The file is re-read every poll interval rather than watched with inotify: Kubernetes
+//! updates a mounted Secret by swapping a symlink, which a re-read by path always follows,
+//! and a secret referenced with `valueFrom: { file }` can change without the file changing.
+//!
+//! Tenants the file declared before and no longer declares are deleted. The ids the file
+//! last declared are kept in `<data-dir>/tenants-file.applied` (ids only, no secret), so a
+//! removal made while sidekey was down is applied at the next start.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::control::convert::connections_in;
+use crate::document::{PartnerDefaultsDoc, TenantDoc};
+use crate::tenants::{ApplyReport, Catalog, CatalogError, Declared, DeclaredTenant};
+
+/// How often the file is re-read when no interval is configured.
+pub const DEFAULT_POLL: Duration = Duration::from_secs(5);
+
+/// Name of the file in the data directory listing the ids the tenants file last declared.
+pub const APPLIED_IDS_FILE: &str = "tenants-file.applied";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileDoc {
+    #[serde(default, alias = "partner_defaults")]
+    partner_defaults: Option<PartnerDefaultsDoc>,
+    #[serde(default)]
+    tenants: Vec<TenantDoc>,
+}
+
+/// What the watcher has done so far; the error is the last rejection's reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantsFileStatus {
+    /// Applies that changed something.
+    pub applied: u64,
+    /// Files (or file versions) rejected.
+    pub rejected: u64,
+    pub last_error: Option<String>,
+}
+
+/// Reads the file and everything it references into a declaration (without `removed`).
+fn read_declared(path: &Path) -> Result<Declared, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let doc: FileDoc = serde_yaml_ng::from_str(&text)
+        .map_err(|e| format!("{} is not a valid tenants file: {e}", path.display()))?;
+    let env = |name: &str| std::env::var(name).ok();
+    let partner = doc
+        .partner_defaults
+        .map(|p| p.into_proto(&env))
+        .transpose()
+        .map_err(|e| e.to_string())?
+        .map(|p| connections_in(&p.miradore, &p.m3ter, &p.mailkit));
+    let mut tenants = Vec::with_capacity(doc.tenants.len());
+    for t in doc.tenants {
+        let id = t.id.clone();
+        let t = t
+            .into_proto(&env)
+            .map_err(|e| format!("tenants[{id}].{e}"))?;
+        tenants.push(DeclaredTenant {
+            connections: connections_in(&t.miradore, &t.m3ter, &t.mailkit),
+            id: t.id,
+            display_name: t.display_name,
+        });
+    }
+    Ok(Declared {
+        partner,
+        tenants,
+        removed: Vec::new(),
+    })
+}
+
+enum Rejection {
+    /// The file is wrong: reported once, retried only when it changes.
+    Invalid(String),
+    /// Something else failed: retried at the next poll.
+    Transient(String),
+}
+
+fn explain(e: CatalogError) -> String {
+    match e {
+        CatalogError::Invalid(violations) => violations
+            .iter()
+            .map(|v| format!("{}: {}", v.field, v.description))
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => other.to_string(),
+    }
+}
+
+/// Applies the tenants file and keeps applying it as it changes.
+pub struct TenantsFile {
+    path: PathBuf,
+    applied_ids: PathBuf,
+    catalog: Arc<Catalog>,
+    /// The declaration last applied or rejected, so an unchanged file is not re-applied or
+    /// re-reported every poll.
+    last_seen: Option<Result<Declared, String>>,
+    status: watch::Sender<TenantsFileStatus>,
+}
+
+impl TenantsFile {
+    pub fn new(path: PathBuf, data_dir: &Path, catalog: Arc<Catalog>) -> Self {
+        Self {
+            path,
+            applied_ids: data_dir.join(APPLIED_IDS_FILE),
+            catalog,
+            last_seen: None,
+            status: watch::Sender::new(TenantsFileStatus::default()),
+        }
+    }
+
+    pub fn status(&self) -> watch::Receiver<TenantsFileStatus> {
+        self.status.subscribe()
+    }
+
+    /// Reads and applies the file once. At start-up an error here stops sidekey.
+    pub async fn apply_now(&mut self) -> Result<Option<ApplyReport>, String> {
+        let declared = read_declared(&self.path);
+        if self.last_seen.as_ref() == Some(&declared) {
+            return Ok(None);
+        }
+        self.last_seen = Some(declared.clone());
+        let result = match declared {
+            Ok(declared) => match self.apply(declared).await {
+                Ok(report) => Ok(report),
+                Err(Rejection::Invalid(e)) => Err(e),
+                Err(Rejection::Transient(e)) => {
+                    // Not the file's fault (a concurrent write, the store): try it again at
+                    // the next poll.
+                    self.last_seen = None;
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
+        };
+        match &result {
+            Ok(report) => {
+                metrics::counter!("sidekey_tenants_file_applies_total", "outcome" => "applied")
+                    .increment(1);
+                tracing::info!(path = %self.path.display(), created = report.created,
+                    updated = report.updated, deleted = report.deleted,
+                    unchanged = report.unchanged, partner_changed = report.partner_changed,
+                    "tenants file applied");
+                self.status.send_modify(|s| {
+                    s.applied += 1;
+                    s.last_error = None;
+                });
+            }
+            Err(e) => {
+                metrics::counter!("sidekey_tenants_file_applies_total", "outcome" => "rejected")
+                    .increment(1);
+                tracing::error!(path = %self.path.display(), error = %e,
+                    "tenants file rejected; the previous state stays in force");
+                self.status.send_modify(|s| {
+                    s.rejected += 1;
+                    s.last_error = Some(e.clone());
+                });
+            }
+        }
+        result.map(Some)
+    }
+
+    async fn apply(&self, mut declared: Declared) -> Result<ApplyReport, Rejection> {
+        let previous = self.read_applied_ids();
+        declared.removed = previous
+            .into_iter()
+            .filter(|id| !declared.tenants.iter().any(|t| &t.id == id))
+            .collect();
+        let ids: Vec<String> = declared.tenants.iter().map(|t| t.id.clone()).collect();
+        let report = self
+            .catalog
+            .apply_declared(declared)
+            .await
+            .map_err(|e| match e {
+                CatalogError::Invalid(_) => Rejection::Invalid(explain(e)),
+                other => Rejection::Transient(explain(other)),
+            })?;
+        self.write_applied_ids(&ids).map_err(Rejection::Transient)?;
+        Ok(report)
+    }
+
+    fn read_applied_ids(&self) -> Vec<String> {
+        match std::fs::read_to_string(&self.applied_ids) {
+            Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+                tracing::warn!(path = %self.applied_ids.display(), error = %e,
+                    "ignoring an unreadable list of previously declared tenants");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Written to a temporary file and renamed over the old one, so it is never half written.
+    fn write_applied_ids(&self, ids: &[String]) -> Result<(), String> {
+        let tmp = self.applied_ids.with_extension("applied.tmp");
+        let text = serde_json::to_string(ids).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &self.applied_ids))
+            .map_err(|e| {
+                format!(
+                    "applied, but cannot record the declared ids in {}: {e}",
+                    self.applied_ids.display()
+                )
+            })
+    }
+
+    /// Re-reads the file every `poll` until `stop` resolves.
+    pub async fn watch(mut self, poll: Duration, stop: impl std::future::Future<Output = ()>) {
+        let mut ticks = tokio::time::interval(poll);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {
+                    // Errors are logged and counted by apply_now; the loop goes on.
+                    let _ = self.apply_now().await;
+                }
+                () = &mut stop => break,
+            }
+        }
+    }
+}
