@@ -279,10 +279,10 @@ impl Catalog {
                 &mut own,
             );
             validate::validate_connections(&t.connections, &prefix, &mut own);
-            if own.is_empty() {
-                if let Err(missing) = EffectiveTenant::resolve(&t.id, &t.connections, &defaults) {
-                    own.extend(missing.into_iter().map(|v| v.prefixed(&prefix)));
-                }
+            if own.is_empty()
+                && let Err(missing) = EffectiveTenant::resolve(&t.id, &t.connections, &defaults)
+            {
+                own.extend(missing.into_iter().map(|v| v.prefixed(&prefix)));
             }
             violations.extend(own);
         }
@@ -296,20 +296,20 @@ impl Catalog {
 
         let now = SystemTime::now();
         let mut batch = Vec::new();
-        if let Some(p) = declared.partner {
-            if p != state.partner.connections {
-                report.partner_changed = true;
-                let expect = match state.partner.revision {
-                    0 => Expect::Absent,
-                    r => Expect::Revision(r),
-                };
-                let record = PartnerRecord {
-                    connections: p,
-                    revision: 0,
-                    update_time: Some(now),
-                };
-                batch.push((Mutation::PutPartner(record), expect));
-            }
+        if let Some(p) = declared.partner
+            && p != state.partner.connections
+        {
+            report.partner_changed = true;
+            let expect = match state.partner.revision {
+                0 => Expect::Absent,
+                r => Expect::Revision(r),
+            };
+            let record = PartnerRecord {
+                connections: p,
+                revision: 0,
+                update_time: Some(now),
+            };
+            batch.push((Mutation::PutPartner(record), expect));
         }
         for t in declared.tenants {
             let (record, expect) = match state.tenants.get(&t.id) {
