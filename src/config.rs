@@ -70,6 +70,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDEKEY_TENANTS_FILE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub tenants_file_interval: Duration,
 
+    /// Also count proxied requests per tenant (sidekey_proxy_requests_by_tenant_total), for
+    /// at most 100 tenants; the rest are counted as "other".
+    #[arg(long, env = "SIDEKEY_METRICS_TENANT_LABEL")]
+    pub metrics_tenant_label: bool,
+
     /// Log line format. Filter with RUST_LOG (default: info).
     #[arg(long, env = "SIDEKEY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -94,6 +99,7 @@ pub struct ServeConfig {
     pub connect_to: Vec<ConnectTo>,
     pub tenants_file: Option<PathBuf>,
     pub tenants_file_interval: Duration,
+    pub metrics_tenant_label: bool,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
 }
@@ -114,6 +120,7 @@ impl ServeArgs {
             connect_to: self.connect_to,
             tenants_file: self.tenants_file,
             tenants_file_interval: self.tenants_file_interval,
+            metrics_tenant_label: self.metrics_tenant_label,
             log_format: self.log_format,
             shutdown_grace: self.shutdown_grace,
         }
@@ -137,6 +144,7 @@ impl ServeConfig {
             connect_to: Vec::new(),
             tenants_file: None,
             tenants_file_interval: crate::tenants_file::DEFAULT_POLL,
+            metrics_tenant_label: false,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(20),
         }

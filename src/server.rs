@@ -161,7 +161,10 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         catalog.snapshot(),
         client.clone(),
         broker.clone(),
-        ProxyConfig::default(),
+        ProxyConfig {
+            tenant_metrics: config.metrics_tenant_label,
+            ..ProxyConfig::default()
+        },
     );
     tasks.spawn(proxy::serve(proxy_listener, proxy, on_stop()));
 
@@ -214,11 +217,17 @@ fn local_addr(l: &TcpListener) -> SocketAddr {
 }
 
 impl Running {
-    /// Drains: not ready at once, listeners closed, in-flight work given the grace period.
-    /// Returns whether everything finished within it.
-    pub async fn shutdown(mut self) -> bool {
+    /// Starts the drain: `/readyz` answers 503 from now on and the proxy and control
+    /// listeners stop accepting; in-flight requests go on. [`Running::shutdown`] waits.
+    pub fn drain(&self) {
         self.readiness.set(false);
         self.stop.send_replace(true);
+    }
+
+    /// Drains, gives in-flight work the grace period, then stops the admin endpoints.
+    /// Returns whether everything finished within the grace period.
+    pub async fn shutdown(mut self) -> bool {
+        self.drain();
         let finished = tokio::time::timeout(self.grace, async {
             while self.tasks.join_next().await.is_some() {}
         })

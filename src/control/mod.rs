@@ -110,7 +110,16 @@ pub async fn serve(
         });
 
     let check = move |req: tonic::Request<()>| match &token {
-        Some(t) => t.check(req),
+        Some(t) => {
+            // Refused calls never reach the service: they are counted here.
+            let method = req
+                .extensions()
+                .get::<tonic::GrpcMethod>()
+                .map(|m| m.method().to_owned())
+                .unwrap_or_else(|| "reflection".to_owned());
+            t.check(req)
+                .inspect_err(|status| service::record_call(method, status.code()))
+        }
         None => Ok(req),
     };
     let mut router = Server::builder()

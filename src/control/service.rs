@@ -36,9 +36,8 @@ fn required<T>(msg: Option<T>, field: &str) -> Result<T, Status> {
     msg.ok_or_else(|| invalid_field(field, "required"))
 }
 
-#[tonic::async_trait]
-impl TenantService for TenantApi {
-    async fn create_tenant(
+impl TenantApi {
+    async fn do_create_tenant(
         &self,
         request: Request<proto::CreateTenantRequest>,
     ) -> Result<Response<proto::Tenant>, Status> {
@@ -49,7 +48,7 @@ impl TenantService for TenantApi {
         Ok(Response::new(convert::tenant_out(&record)))
     }
 
-    async fn get_tenant(
+    async fn do_get_tenant(
         &self,
         request: Request<proto::GetTenantRequest>,
     ) -> Result<Response<proto::Tenant>, Status> {
@@ -57,7 +56,7 @@ impl TenantService for TenantApi {
         Ok(Response::new(convert::tenant_out(&record)))
     }
 
-    async fn list_tenants(
+    async fn do_list_tenants(
         &self,
         request: Request<proto::ListTenantsRequest>,
     ) -> Result<Response<proto::ListTenantsResponse>, Status> {
@@ -93,7 +92,7 @@ impl TenantService for TenantApi {
         }))
     }
 
-    async fn update_tenant(
+    async fn do_update_tenant(
         &self,
         request: Request<proto::UpdateTenantRequest>,
     ) -> Result<Response<proto::Tenant>, Status> {
@@ -123,7 +122,7 @@ impl TenantService for TenantApi {
         Ok(Response::new(convert::tenant_out(&record)))
     }
 
-    async fn delete_tenant(
+    async fn do_delete_tenant(
         &self,
         request: Request<proto::DeleteTenantRequest>,
     ) -> Result<Response<proto::DeleteTenantResponse>, Status> {
@@ -133,7 +132,7 @@ impl TenantService for TenantApi {
         Ok(Response::new(proto::DeleteTenantResponse {}))
     }
 
-    async fn test_tenant(
+    async fn do_test_tenant(
         &self,
         request: Request<proto::TestTenantRequest>,
     ) -> Result<Response<proto::TestTenantResponse>, Status> {
@@ -171,7 +170,7 @@ impl TenantService for TenantApi {
         }))
     }
 
-    async fn get_partner_defaults(
+    async fn do_get_partner_defaults(
         &self,
         _request: Request<proto::GetPartnerDefaultsRequest>,
     ) -> Result<Response<proto::PartnerDefaults>, Status> {
@@ -180,7 +179,7 @@ impl TenantService for TenantApi {
         )))
     }
 
-    async fn update_partner_defaults(
+    async fn do_update_partner_defaults(
         &self,
         request: Request<proto::UpdatePartnerDefaultsRequest>,
     ) -> Result<Response<proto::PartnerDefaults>, Status> {
@@ -203,4 +202,96 @@ impl TenantService for TenantApi {
         tracing::info!("partner defaults updated");
         Ok(Response::new(convert::partner_out(&record)))
     }
+}
+
+/// Every RPC is counted by method and gRPC code.
+#[tonic::async_trait]
+impl TenantService for TenantApi {
+    async fn create_tenant(
+        &self,
+        request: Request<proto::CreateTenantRequest>,
+    ) -> Result<Response<proto::Tenant>, Status> {
+        observe("CreateTenant", self.do_create_tenant(request).await)
+    }
+
+    async fn get_tenant(
+        &self,
+        request: Request<proto::GetTenantRequest>,
+    ) -> Result<Response<proto::Tenant>, Status> {
+        observe("GetTenant", self.do_get_tenant(request).await)
+    }
+
+    async fn list_tenants(
+        &self,
+        request: Request<proto::ListTenantsRequest>,
+    ) -> Result<Response<proto::ListTenantsResponse>, Status> {
+        observe("ListTenants", self.do_list_tenants(request).await)
+    }
+
+    async fn update_tenant(
+        &self,
+        request: Request<proto::UpdateTenantRequest>,
+    ) -> Result<Response<proto::Tenant>, Status> {
+        observe("UpdateTenant", self.do_update_tenant(request).await)
+    }
+
+    async fn delete_tenant(
+        &self,
+        request: Request<proto::DeleteTenantRequest>,
+    ) -> Result<Response<proto::DeleteTenantResponse>, Status> {
+        observe("DeleteTenant", self.do_delete_tenant(request).await)
+    }
+
+    async fn test_tenant(
+        &self,
+        request: Request<proto::TestTenantRequest>,
+    ) -> Result<Response<proto::TestTenantResponse>, Status> {
+        observe("TestTenant", self.do_test_tenant(request).await)
+    }
+
+    async fn get_partner_defaults(
+        &self,
+        request: Request<proto::GetPartnerDefaultsRequest>,
+    ) -> Result<Response<proto::PartnerDefaults>, Status> {
+        observe(
+            "GetPartnerDefaults",
+            self.do_get_partner_defaults(request).await,
+        )
+    }
+
+    async fn update_partner_defaults(
+        &self,
+        request: Request<proto::UpdatePartnerDefaultsRequest>,
+    ) -> Result<Response<proto::PartnerDefaults>, Status> {
+        observe(
+            "UpdatePartnerDefaults",
+            self.do_update_partner_defaults(request).await,
+        )
+    }
+}
+
+/// Counts one control-plane call in `sidekey_control_calls_total{method, code}`.
+pub(crate) fn observe<T>(method: &'static str, result: Result<T, Status>) -> Result<T, Status> {
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    };
+    record_call(method, code);
+    result
+}
+
+pub(crate) fn record_call(method: impl Into<metrics::SharedString>, code: tonic::Code) {
+    let code = match code {
+        tonic::Code::Ok => "OK",
+        tonic::Code::InvalidArgument => "InvalidArgument",
+        tonic::Code::NotFound => "NotFound",
+        tonic::Code::AlreadyExists => "AlreadyExists",
+        tonic::Code::Aborted => "Aborted",
+        tonic::Code::FailedPrecondition => "FailedPrecondition",
+        tonic::Code::Unauthenticated => "Unauthenticated",
+        tonic::Code::Unavailable => "Unavailable",
+        _ => "Other",
+    };
+    metrics::counter!("sidekey_control_calls_total", "method" => method.into(), "code" => code)
+        .increment(1);
 }

@@ -19,8 +19,9 @@ mod headers;
 pub mod listener;
 pub(crate) mod route;
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -81,7 +82,15 @@ pub struct ProxyConfig {
     /// refused token; bigger or unknown-length bodies stream and are not replayed.
     /// Default: 1 MiB (m3ter ingest accepts at most 512 KB).
     pub replay_body_limit: usize,
+    /// Count requests per tenant too, in `sidekey_proxy_requests_by_tenant_total{tenant,
+    /// vendor}` (`--metrics-tenant-label`). Off by default: one series per tenant can swamp
+    /// a Prometheus server. At most [`MAX_TENANT_LABELS`] tenants get their own series; the
+    /// rest are counted as `tenant="other"`.
+    pub tenant_metrics: bool,
 }
+
+/// The hard cap on distinct `tenant` label values of the per-tenant request counter.
+pub const MAX_TENANT_LABELS: usize = 100;
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -95,6 +104,7 @@ impl Default for ProxyConfig {
             request_timeout: Duration::from_secs(120),
             rewrite_body_limit: 16 * 1024 * 1024,
             replay_body_limit: 1024 * 1024,
+            tenant_metrics: false,
         }
     }
 }
@@ -111,6 +121,8 @@ struct Inner {
     tokens: Arc<dyn TokenSource>,
     config: ProxyConfig,
     next_id: AtomicU64,
+    /// Tenants with their own label, when per-tenant metrics are on.
+    tenant_labels: Option<Mutex<HashSet<Arc<str>>>>,
 }
 
 /// What one request's log line and metrics say, filled in as the request is understood.
@@ -132,6 +144,7 @@ impl Proxy {
                 snapshot,
                 client,
                 tokens,
+                tenant_labels: config.tenant_metrics.then(Default::default),
                 config,
                 next_id: AtomicU64::new(1),
             }),
@@ -179,6 +192,23 @@ impl Proxy {
             .increment(1);
         metrics::histogram!("sidekey_proxy_request_duration_seconds", "vendor" => log.vendor)
             .record(elapsed.as_secs_f64());
+        if let (Some(labels), Some(tenant)) = (&self.inner.tenant_labels, &log.tenant)
+            && !matches!(code, Some("unknown_tenant" | "tenant_required"))
+        {
+            // Only tenants that exist get here, so callers cannot mint labels.
+            let label = {
+                let mut set = labels.lock().unwrap_or_else(PoisonError::into_inner);
+                if set.contains(tenant) || set.len() < MAX_TENANT_LABELS {
+                    set.insert(tenant.clone());
+                    tenant.to_string()
+                } else {
+                    "other".to_owned()
+                }
+            };
+            metrics::counter!("sidekey_proxy_requests_by_tenant_total",
+                "tenant" => label, "vendor" => log.vendor)
+            .increment(1);
+        }
         // Path without query: Miradore v1 keys travel in the query.
         tracing::info!(
             request_id,

@@ -1,0 +1,251 @@
+//! Operability: health and readiness through start, ready and drain (with a slow upstream
+//! request in flight), and metrics that move with traffic.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::BodyExt;
+use sidekey::config::ServeConfig;
+use sidekey::secret::Secret;
+use sidekey::server::{self, Running};
+use sidekey::tenants::{Connections, MiradoreConn};
+use support::{MockResponse, MockVendor, TestCa, connect_to_rules};
+use tokio::sync::Notify;
+
+async fn start(dir: &std::path::Path, ca: &TestCa, mock: &MockVendor) -> Running {
+    start_with(dir, ca, mock, false).await
+}
+
+async fn start_with(
+    dir: &std::path::Path,
+    ca: &TestCa,
+    mock: &MockVendor,
+    tenant_label: bool,
+) -> Running {
+    let mut config = ServeConfig::ephemeral(dir.join("data"));
+    config.metrics_tenant_label = tenant_label;
+    config.master_key = Some(Secret::new("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="));
+    config.upstream_ca = vec![ca.pem_file()];
+    config.connect_to = connect_to_rules(mock.port());
+    let running = server::start(config).await.unwrap();
+    running
+        .catalog
+        .create(
+            "acme".into(),
+            String::new(),
+            Connections {
+                miradore: Some(MiradoreConn {
+                    site: "acme".into(),
+                    api_key: Some(Secret::new("1_AaDf234sdf8!4")),
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    running
+}
+
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let resp = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// The value of one series in Prometheus text, 0 when absent.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_in_flight_requests_and_refuses_new_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("drain test CA");
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let mock = MockVendor::builder(&ca)
+        .respond(move |_| MockResponse::gated("first-", 1 << 20, g.clone()))
+        .start()
+        .await;
+    let running = start(dir.path(), &ca, &mock).await;
+    let (admin, proxy) = (running.admin_addr, running.proxy_addr);
+    assert_eq!(get(admin, "/healthz").await, (200, "ok\n".into()));
+    assert_eq!(get(admin, "/readyz").await.0, 200);
+
+    // A slow download is in flight: its head and first bytes have arrived.
+    let resp = reqwest::Client::new()
+        .get(format!("http://{proxy}/miradore/acme/api/v2/Device"))
+        .header("x-sidekey-tenant", "acme")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = http_body_util::BodyStream::new(reqwest::Body::from(resp));
+
+    running.drain();
+    assert_eq!(
+        get(admin, "/readyz").await.0,
+        503,
+        "not ready from the moment the drain starts"
+    );
+    assert_eq!(
+        get(admin, "/healthz").await.0,
+        200,
+        "still alive while draining"
+    );
+
+    // The proxy's listener closes (the kernel refuses new connections once it is dropped).
+    let mut refused = false;
+    for _ in 0..100_000 {
+        if tokio::net::TcpStream::connect(proxy).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(refused, "new connections are still accepted while draining");
+
+    // The in-flight download completes in full.
+    let shutdown = tokio::spawn(running.shutdown());
+    gate.notify_one();
+    let mut received = 0;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            received += data.len();
+        }
+    }
+    assert_eq!(received, "first-".len() + (1 << 20));
+    assert!(
+        shutdown.await.unwrap(),
+        "everything finished within the grace period"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(admin).await.is_err(),
+        "admin stops last"
+    );
+}
+
+#[tokio::test]
+async fn metrics_move_with_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("metrics test CA");
+    let mock = MockVendor::builder(&ca)
+        .respond(|_| MockResponse::ok("{}"))
+        .start()
+        .await;
+    let running = start(dir.path(), &ca, &mock).await;
+    let before = get(running.admin_addr, "/metrics").await.1;
+
+    let client = reqwest::Client::new();
+    for tenant in ["acme", "acme", "nobody"] {
+        client
+            .get(format!(
+                "http://{}/miradore/acme/api/v2/Device",
+                running.proxy_addr
+            ))
+            .header("x-sidekey-tenant", tenant)
+            .send()
+            .await
+            .unwrap();
+    }
+    let mut grpc = sidekey::proto::tenant_service_client::TenantServiceClient::connect(
+        running.grpc_url.clone(),
+    )
+    .await
+    .unwrap();
+    let _ = grpc
+        .get_tenant(sidekey::proto::GetTenantRequest { id: "ghost".into() })
+        .await;
+
+    let after = get(running.admin_addr, "/metrics").await.1;
+    let delta = |series: &str| metric(&after, series) - metric(&before, series);
+    assert_eq!(
+        delta(r#"sidekey_proxy_requests_total{vendor="miradore",outcome="2xx"}"#),
+        2.0,
+        "{after}"
+    );
+    assert_eq!(
+        delta(r#"sidekey_proxy_requests_total{vendor="none",outcome="unknown_tenant"}"#),
+        1.0
+    );
+    assert_eq!(
+        delta(r#"sidekey_proxy_request_duration_seconds_count{vendor="miradore"}"#),
+        2.0
+    );
+    assert_eq!(
+        delta(r#"sidekey_control_calls_total{method="GetTenant",code="NotFound"}"#),
+        1.0
+    );
+    assert_eq!(metric(&after, "sidekey_tenants_configured"), 1.0);
+    // No tenant label unless asked for.
+    assert!(!after.contains("sidekey_proxy_requests_by_tenant_total"));
+}
+
+#[tokio::test]
+async fn the_opt_in_tenant_label_is_capped() {
+    use sidekey::proxy::MAX_TENANT_LABELS;
+    use sidekey::tenants::{Declared, DeclaredTenant};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("label test CA");
+    let mock = MockVendor::builder(&ca)
+        .respond(|_| MockResponse::ok("{}"))
+        .start()
+        .await;
+    let running = start_with(dir.path(), &ca, &mock, true).await;
+    let ids: Vec<String> = (0..MAX_TENANT_LABELS + 5)
+        .map(|i| format!("t{i}"))
+        .collect();
+    running
+        .catalog
+        .apply_declared(Declared {
+            tenants: ids
+                .iter()
+                .map(|id| DeclaredTenant {
+                    id: id.clone(),
+                    display_name: String::new(),
+                    connections: Connections {
+                        miradore: Some(MiradoreConn {
+                            site: "acme".into(),
+                            api_key: Some(Secret::new("k")),
+                        }),
+                        ..Default::default()
+                    },
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    for id in ids.iter().chain(["unknown-tenant".to_owned()].iter()) {
+        client
+            .get(format!(
+                "http://{}/miradore/acme/api/v2/Device",
+                running.proxy_addr
+            ))
+            .header("x-sidekey-tenant", id)
+            .send()
+            .await
+            .unwrap();
+    }
+    let text = get(running.admin_addr, "/metrics").await.1;
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("sidekey_proxy_requests_by_tenant_total{"))
+        .collect();
+    assert_eq!(series.len(), MAX_TENANT_LABELS + 1, "{series:?}");
+    assert_eq!(
+        metric(
+            &text,
+            r#"sidekey_proxy_requests_by_tenant_total{tenant="other",vendor="miradore"}"#
+        ),
+        5.0
+    );
+    assert!(
+        !text.contains("unknown-tenant"),
+        "callers must not mint labels"
+    );
+}
