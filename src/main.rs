@@ -10,9 +10,10 @@ use sidekey::config::{LogFormat, ServeConfig};
 
 fn init_logging(format: LogFormat) {
     let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // The HTTP and TLS libraries print URIs and headers at debug and trace, and a Miradore
-    // v1 URI carries the API key: they are capped whatever RUST_LOG says, so no log level
-    // can leak a credential. sidekey's own events never hold one.
+    // A precaution: the HTTP and TLS libraries log connection and protocol details at debug
+    // and trace, and a request URI (a Miradore v1 query) or header may carry a credential.
+    // None is known to print one today; capping them at info whatever RUST_LOG says keeps
+    // a future version from doing so. sidekey's own events never hold a credential.
     for target in [
         "h2",
         "hyper",
