@@ -41,6 +41,8 @@ struct Behaviour {
     refuse_first_data_call: Option<Arc<AtomicBool>>,
     /// `organizationconfig` of this org is answered 403.
     refuse_org_config: Option<&'static str>,
+    /// Every data request is answered 403 (e.g. the org was deleted at m3ter).
+    refuse_all_data_calls: bool,
 }
 
 fn is_token_call(r: &Recorded) -> bool {
@@ -77,6 +79,9 @@ fn m3ter_responder(b: Behaviour) -> impl Fn(&Recorded) -> MockResponse + Send + 
             .is_some_and(|a| a.starts_with("Bearer tok-"));
         if !bearer_ok {
             return MockResponse::status(401);
+        }
+        if b.refuse_all_data_calls {
+            return MockResponse::status(403).body(r#"{"message":"Forbidden"}"#);
         }
         if let Some(flag) = &b.refuse_first_data_call
             && flag.swap(false, Ordering::SeqCst)
@@ -357,12 +362,8 @@ async fn refused_exchange_is_a_502_and_backs_off() {
     env.stop().await;
 }
 
-/// m3ter refuses the data call once: the proxy reports the token refused, fetches a token
-/// again and replays once; the app sees only the 200.
-///
-/// With the server's default broker config a refusal only drops a token at least
-/// `DEFAULT_REFUSAL_MIN_AGE` (30 s) old (a 403 on a fresh token means a wrong org, not
-/// expiry), so here the replay carries the same token and no second exchange happens.
+/// m3ter refuses the data call once (a revoked token): the proxy drops the token, exchanges
+/// a fresh one and replays once with it; the app sees only the 200.
 #[tokio::test]
 async fn data_call_refused_once_is_replayed_once() {
     let flag = Arc::new(AtomicBool::new(true));
@@ -391,13 +392,46 @@ async fn data_call_refused_once_is_replayed_once() {
     for r in &data {
         assert_eq!(r.method, http::Method::POST);
         assert_eq!(r.body_str(), r#"{"measurements":[]}"#, "body replayed");
-        assert_eq!(r.header("authorization"), Some("Bearer tok-key-acme-1"));
     }
     assert_eq!(
-        env.exchanges().len(),
-        1,
-        "young token: refusal does not re-exchange"
+        data[0].header("authorization"),
+        Some("Bearer tok-key-acme-1")
     );
+    assert_eq!(
+        data[1].header("authorization"),
+        Some("Bearer tok-key-acme-2")
+    );
+    assert_eq!(
+        env.exchanges().len(),
+        2,
+        "one fresh exchange for the replay"
+    );
+    env.stop().await;
+}
+
+/// m3ter refuses every data call: one fresh exchange and one replay, then the 403 goes to
+/// the app unchanged; further refusals within 30 s cause no exchange storm.
+#[tokio::test]
+async fn data_call_refused_twice_reaches_the_app() {
+    let env = Env::start(Behaviour {
+        refuse_all_data_calls: true,
+        ..Default::default()
+    })
+    .await;
+    env.tenant("acme", own("key-acme", ORG_A)).await;
+    for _ in 0..5 {
+        let resp = env.get("acme", &meters(ORG_A)).await;
+        assert_eq!(resp.status(), 403);
+        assert!(
+            resp.headers().get("x-sidekey-error").is_none(),
+            "m3ter's own answer"
+        );
+        assert_eq!(resp.text().await.unwrap(), r#"{"message":"Forbidden"}"#);
+    }
+    // First request: original + replay with a fresh token. Later ones: no replay (the
+    // refused token is kept within the refusal interval), no exchange.
+    assert_eq!(env.exchanges().len(), 2);
+    assert_eq!(env.data_calls().len(), 2 + 4);
     env.stop().await;
 }
 

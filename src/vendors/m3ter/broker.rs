@@ -75,11 +75,12 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// credential for as long as the transport allows.
 pub const DEFAULT_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Default youngest token a refusal drops: 30 s. m3ter answers 403 both for an expired token
-/// and for an unknown organisation; a tenant with a wrong org ID would otherwise turn every
-/// request into a fresh exchange. A token this young has not expired, so a new one would not
-/// help; older tokens are dropped, bounding refusal-driven exchanges to one per 30 s.
-pub const DEFAULT_REFUSAL_MIN_AGE: Duration = Duration::from_secs(30);
+/// Default shortest time between two refusal-driven token drops of one credential: 30 s.
+/// m3ter answers 403 both for an expired or revoked token and for an unknown organisation.
+/// The first refusal drops the token, so one fresh exchange and one replay recover from a
+/// revoked token at once; a tenant with a wrong org ID, refused again and again, then costs
+/// at most one exchange per 30 s instead of one per request.
+pub const DEFAULT_REFUSAL_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Longest lifetime believed from `expires_in`: 24 h (m3ter issues 5 h). Keeps deadline
 /// arithmetic far from `Instant` overflow whatever the response says.
@@ -131,8 +132,9 @@ pub struct BrokerConfig {
     pub backoff_max: Duration,
     /// Limit on one exchange; [`DEFAULT_EXCHANGE_TIMEOUT`].
     pub exchange_timeout: Duration,
-    /// Refusals of younger tokens are ignored; [`DEFAULT_REFUSAL_MIN_AGE`].
-    pub refusal_min_age: Duration,
+    /// Refusals closer than this to the last refusal-driven drop are ignored;
+    /// [`DEFAULT_REFUSAL_INTERVAL`].
+    pub refusal_interval: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -144,7 +146,7 @@ impl Default for BrokerConfig {
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
             exchange_timeout: DEFAULT_EXCHANGE_TIMEOUT,
-            refusal_min_age: DEFAULT_REFUSAL_MIN_AGE,
+            refusal_interval: DEFAULT_REFUSAL_INTERVAL,
         }
     }
 }
@@ -207,8 +209,6 @@ impl fmt::Debug for CredKey {
 /// A token with the deadlines that govern it.
 struct Cached {
     token: BearerToken,
-    /// When the exchange that produced it was sent: its age for refusals.
-    issued_at: Instant,
     /// Start a background refresh from here on.
     refresh_at: Instant,
     /// Never hand it out from here on.
@@ -231,6 +231,8 @@ struct SlotState {
     /// Consecutive failed exchanges; reset by a success.
     failures: u32,
     backoff: Option<Backoff>,
+    /// When a refusal last dropped a token.
+    last_refusal_drop: Option<Instant>,
 }
 
 /// Everything the broker knows about one credential.
@@ -442,7 +444,6 @@ fn settle(
         }
         Ok(Cached {
             token: Arc::new(issued.token),
-            issued_at: started,
             refresh_at: started + refresh_after,
             usable_until,
         })
@@ -539,12 +540,16 @@ impl TokenSource for TokenBroker {
         };
         let now = Instant::now();
         let mut state = slot.lock();
-        let drop_it = state.current.as_ref().is_some_and(|c| {
-            Arc::ptr_eq(&c.token, token)
-                && now.saturating_duration_since(c.issued_at) >= self.config.refusal_min_age
-        });
-        if drop_it {
+        let current = state
+            .current
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(&c.token, token));
+        let rested = state
+            .last_refusal_drop
+            .is_none_or(|at| now.saturating_duration_since(at) >= self.config.refusal_interval);
+        if current && rested {
             state.current = None;
+            state.last_refusal_drop = Some(now);
         }
     }
 }
@@ -857,19 +862,19 @@ mod tests {
         let c = creds("key", "secret");
         let first = b.token(&c).await.unwrap();
 
-        // A token younger than the minimum age is not dropped (403 for a wrong org).
-        b.refused(&c, &first);
-        assert!(Arc::ptr_eq(&b.token(&c).await.unwrap(), &first));
-        assert_eq!(fake.calls(), 1);
-
-        tokio::time::advance(DEFAULT_REFUSAL_MIN_AGE).await;
+        // The first refusal drops the token at once: a revoked token recovers.
         b.refused(&c, &first);
         let second = b.token(&c).await.unwrap();
         assert!(!Arc::ptr_eq(&first, &second));
         assert_eq!(fake.calls(), 2);
 
+        // Refused again within the interval (a wrong org ID): kept, no exchange storm.
+        b.refused(&c, &second);
+        assert!(Arc::ptr_eq(&b.token(&c).await.unwrap(), &second));
+        assert_eq!(fake.calls(), 2);
+
         // A late refusal of the replaced token does not drop its successor.
-        tokio::time::advance(DEFAULT_REFUSAL_MIN_AGE).await;
+        tokio::time::advance(DEFAULT_REFUSAL_INTERVAL).await;
         b.refused(&c, &first);
         assert!(Arc::ptr_eq(&b.token(&c).await.unwrap(), &second));
         assert_eq!(fake.calls(), 2);

@@ -7,8 +7,13 @@
 //! `replay_limit` bytes (default 1 MiB, `ProxyConfig::replay_body_limit`) are read into memory
 //! before the first attempt (bodiless requests trivially qualify). Bigger bodies, and bodies
 //! of unknown length (chunked), stream straight through and are not replayed: the refusal
-//! goes to the app, and the next request gets a fresh token. A second refusal goes to the app
+//! goes to the app, and the next request gets a fresh token. When the broker keeps the
+//! refused token (it already dropped one for this credential within the last 30 s, see
+//! `broker::DEFAULT_REFUSAL_INTERVAL`), the refusal goes to the app unreplayed. A second
+//! refusal goes to the app
 //! unchanged.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
@@ -109,9 +114,15 @@ pub(crate) async fn send(
         return Ok(resp);
     }
     ctx.tokens.refused(ctx.creds, &token);
+    let fresh = fetch_token(&ctx).await?;
+    if Arc::ptr_eq(&fresh, &token) {
+        // The broker kept the token (it dropped one for this credential moments ago, so
+        // the refusal is likely not about the token): resending the same request would
+        // only be refused again.
+        return Ok(resp);
+    }
     drop(resp);
     super::broker::record_replay();
-    let fresh = fetch_token(&ctx).await?;
     let mut retry = Request::new(full_body(bytes));
     *retry.method_mut() = method;
     *retry.uri_mut() = uri;
