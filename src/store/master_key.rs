@@ -319,9 +319,12 @@ fn write_generated_key(path: &Path, key_text: &str) -> Result<(), MasterKeyError
 fn warn_if_readable_by_others(path: &Path) {
     if let Ok(meta) = fs::metadata(path) {
         let mode = meta.permissions().mode();
-        if mode & 0o077 != 0 {
+        // Group read is accepted: a Kubernetes Secret volume can only give a non-root
+        // process its files through the pod's fsGroup (mode 0440). Anything for all users,
+        // or group write, is worth a warning.
+        if mode & 0o027 != 0 {
             tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777),
-                "the master key file is accessible to other users; 0600 or 0400 is recommended");
+                "the master key file is accessible to other users; 0600, 0400 or 0440 is recommended");
         }
     }
 }
