@@ -565,6 +565,7 @@ mod tests {
     use crate::secret::Secret;
     use crate::tenants::EffectiveTenant;
     use crate::tenants::snapshot::SnapshotPublisher;
+    use crate::vendors::m3ter::test_creds as creds;
 
     const LIFE: Duration = Duration::from_secs(18_000);
 
@@ -628,17 +629,6 @@ mod tests {
         ExchangeFailure::Refused {
             status,
             retry_after: None,
-        }
-    }
-
-    fn creds(id: &str, secret: &str) -> M3terCreds {
-        M3terCreds {
-            access_key_id: id.into(),
-            api_secret: Secret::new(secret),
-            org_id: "0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa".into(),
-            environment: String::new(),
-            api_host: "api.m3ter.com".into(),
-            ingest_host: "ingest.m3ter.com".into(),
         }
     }
 

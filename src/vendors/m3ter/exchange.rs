@@ -216,17 +216,7 @@ pub fn parse_token_response(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn creds(id: &str, secret: &str) -> M3terCreds {
-        M3terCreds {
-            access_key_id: id.into(),
-            api_secret: Secret::new(secret),
-            org_id: "0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa".into(),
-            environment: String::new(),
-            api_host: "api.m3ter.com".into(),
-            ingest_host: "ingest.m3ter.com".into(),
-        }
-    }
+    use crate::vendors::m3ter::test_creds as creds;
 
     #[test]
     fn request_matches_the_wire_format() {

@@ -42,3 +42,17 @@ pub trait TokenSource: Send + Sync + 'static {
     /// already replaced.
     fn refused(&self, creds: &M3terCreds, token: &BearerToken);
 }
+
+/// Production m3ter credentials for unit tests.
+#[cfg(test)]
+pub(crate) fn test_creds(access_key_id: &str, secret: &str) -> M3terCreds {
+    let (api_host, ingest_host) = crate::tenants::effective::m3ter_hosts("");
+    M3terCreds {
+        access_key_id: access_key_id.into(),
+        api_secret: Secret::new(secret),
+        org_id: "0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa".into(),
+        environment: String::new(),
+        api_host,
+        ingest_host,
+    }
+}

@@ -175,17 +175,9 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::Secret;
 
     fn creds() -> M3terCreds {
-        M3terCreds {
-            access_key_id: "k".into(),
-            api_secret: Secret::new("s"),
-            org_id: "0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa".into(),
-            environment: String::new(),
-            api_host: "api.m3ter.com".into(),
-            ingest_host: "ingest.m3ter.com".into(),
-        }
+        crate::vendors::m3ter::test_creds("k", "s")
     }
 
     #[test]
