@@ -90,8 +90,9 @@ pub struct MailkitDoc {
     pub client_md5: Option<SecretDoc>,
 }
 
-/// A secret: `value` inline, or `valueFrom` a file or an environment variable. A document
-/// with only a `fingerprint` (as `get -o json` prints) sets nothing.
+/// A secret: `value` inline, or `valueFrom` a file or an environment variable. With only a
+/// `fingerprint` (as `get -o json` prints), `tenants apply` keeps the stored value if its
+/// fingerprint matches; a tenants file refuses it (a file has nothing to keep).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SecretDoc {
@@ -243,12 +244,51 @@ fn resolve_secret(
                 .to_owned(),
             _ => return Err(err("valueFrom needs exactly one of file or env".into())),
         },
-        (None, None) => return Ok(None),
+        (None, None) => {
+            // Only a fingerprint: carried through as "keep the value with this fingerprint".
+            return Ok(doc
+                .fingerprint
+                .filter(|f| !f.is_empty())
+                .map(|fingerprint| proto::Secret {
+                    value: String::new(),
+                    fingerprint,
+                }));
+        }
     };
     Ok(Some(proto::Secret {
         value,
         fingerprint: String::new(),
     }))
+}
+
+/// The secrets given by fingerprint only, as `(update-mask path, fingerprint)`.
+pub fn kept_secrets<'a>(
+    miradore: &'a Option<proto::MiradoreConnection>,
+    m3ter: &'a Option<proto::M3terConnection>,
+    mailkit: &'a Option<proto::MailkitConnection>,
+) -> Vec<(&'static str, &'a str)> {
+    let kept = |s: &'a Option<proto::Secret>| {
+        s.as_ref()
+            .filter(|s| s.value.is_empty() && !s.fingerprint.is_empty())
+            .map(|s| s.fingerprint.as_str())
+    };
+    [
+        (
+            "miradore.api_key",
+            miradore.as_ref().and_then(|c| kept(&c.api_key)),
+        ),
+        (
+            "m3ter.api_secret",
+            m3ter.as_ref().and_then(|c| kept(&c.api_secret)),
+        ),
+        (
+            "mailkit.client_md5",
+            mailkit.as_ref().and_then(|c| kept(&c.client_md5)),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(path, fp)| fp.map(|fp| (path, fp)))
+    .collect()
 }
 
 #[cfg(test)]
@@ -289,12 +329,16 @@ mod tests {
     }
 
     #[test]
-    fn fingerprint_only_sets_nothing() {
+    fn fingerprint_only_is_kept_as_such() {
         let doc = TenantDoc::parse(
             r#"{"id":"a","mailkit":{"clientId":"1","clientMd5":{"fingerprint":"sha256:0123"}}}"#,
         )
         .unwrap();
         let t = doc.into_proto(&|_| None).unwrap();
-        assert!(t.mailkit.unwrap().client_md5.is_none());
+        assert_eq!(
+            kept_secrets(&t.miradore, &t.m3ter, &t.mailkit),
+            [("mailkit.client_md5", "sha256:0123")]
+        );
+        assert!(t.mailkit.unwrap().client_md5.unwrap().value.is_empty());
     }
 }

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::control::convert::connections_in;
-use crate::document::{PartnerDefaultsDoc, TenantDoc};
+use crate::document::{PartnerDefaultsDoc, TenantDoc, kept_secrets};
 use crate::tenants::{ApplyReport, Catalog, CatalogError, Declared, DeclaredTenant};
 
 /// How often the file is re-read when no interval is configured.
@@ -58,18 +58,35 @@ fn read_declared(path: &Path) -> Result<Declared, String> {
     let doc: FileDoc = serde_yaml_ng::from_str(&text)
         .map_err(|e| format!("{} is not a valid tenants file: {e}", path.display()))?;
     let env = |name: &str| std::env::var(name).ok();
+    // A fingerprint names a value without carrying it; a file has no stored value to keep.
+    let refuse_kept = |prefix: &str, kept: Vec<(&str, &str)>| match kept.first() {
+        Some((path, _)) => Err(format!(
+            "{prefix}.{path}: only a fingerprint is given; give value or valueFrom"
+        )),
+        None => Ok(()),
+    };
     let partner = doc
         .partner_defaults
         .map(|p| p.into_proto(&env))
         .transpose()
-        .map_err(|e| e.to_string())?
-        .map(|p| connections_in(&p.miradore, &p.m3ter, &p.mailkit));
+        .map_err(|e| e.to_string())?;
+    if let Some(p) = &partner {
+        refuse_kept(
+            "partnerDefaults",
+            kept_secrets(&p.miradore, &p.m3ter, &p.mailkit),
+        )?;
+    }
+    let partner = partner.map(|p| connections_in(&p.miradore, &p.m3ter, &p.mailkit));
     let mut tenants = Vec::with_capacity(doc.tenants.len());
     for t in doc.tenants {
         let id = t.id.clone();
         let t = t
             .into_proto(&env)
             .map_err(|e| format!("tenants[{id}].{e}"))?;
+        refuse_kept(
+            &format!("tenants[{id}]"),
+            kept_secrets(&t.miradore, &t.m3ter, &t.mailkit),
+        )?;
         tenants.push(DeclaredTenant {
             connections: connections_in(&t.miradore, &t.m3ter, &t.mailkit),
             id: t.id,

@@ -361,3 +361,60 @@ fn percent(s: &str) -> String {
         })
         .collect()
 }
+
+#[test]
+fn get_json_edited_and_applied_keeps_secrets_it_shows_by_fingerprint() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), KEY).unwrap();
+    stdout(&server.cli_with_stdin(
+        &[
+            "tenants",
+            "create",
+            "acme",
+            "--m3ter-access-key-id",
+            "AK",
+            "--m3ter-org-id",
+            ORG,
+            "--m3ter-api-secret-file",
+            "-",
+        ],
+        Some("kept-secret"),
+    ));
+    let mut doc: serde_json::Value = serde_json::from_str(&stdout(
+        &server.cli(&["tenants", "get", "acme", "-o", "json"]),
+    ))
+    .unwrap();
+    let fingerprint = doc["m3ter"]["apiSecret"]["fingerprint"].clone();
+    doc["displayName"] = "Edited".into();
+    let file = dir.path().join("acme.json");
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let applied: serde_json::Value = serde_json::from_str(&stdout(&server.cli(&[
+        "tenants",
+        "apply",
+        "-f",
+        file.to_str().unwrap(),
+        "-o",
+        "json",
+    ])))
+    .unwrap();
+    assert_eq!(applied["displayName"], "Edited");
+    assert_eq!(
+        applied["m3ter"]["apiSecret"]["fingerprint"], fingerprint,
+        "secret kept"
+    );
+
+    // A fingerprint that is not the stored secret's is refused, not silently applied.
+    doc["m3ter"]["apiSecret"]["fingerprint"] = "sha256:000000000000".into();
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let err = stderr(&server.cli(&["tenants", "apply", "-f", file.to_str().unwrap()]));
+    assert!(
+        err.contains("m3ter.api_secret") && err.contains("not that of the stored secret"),
+        "{err}"
+    );
+
+    // Leaving the secret out entirely means "inherit", and there is nothing to inherit.
+    doc["m3ter"].as_object_mut().unwrap().remove("apiSecret");
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let err = stderr(&server.cli(&["tenants", "apply", "-f", file.to_str().unwrap()]));
+    assert!(err.contains("tenant.m3ter.api_secret"), "{err}");
+}

@@ -247,3 +247,21 @@ async fn an_invalid_file_at_start_up_stops_sidekey_with_the_reason() {
     let msg = err.to_string();
     assert!(msg.contains("tenants[acme].m3ter.org_id"), "{msg}");
 }
+
+#[tokio::test]
+async fn a_fingerprint_without_a_value_is_refused_in_a_tenants_file() {
+    let root = tempfile::tempdir().unwrap();
+    let mount_dir = root.path().join("mount");
+    std::fs::create_dir(&mount_dir).unwrap();
+    let text = "tenants:\n  - id: acme\n    miradore: { site: acme, apiKey: { fingerprint: \"sha256:0123456789ab\" } }\n";
+    let mount = SecretMount::new(&mount_dir, &[("tenants.yaml", text)]);
+    let msg = start(root.path(), &mount)
+        .await
+        .err()
+        .expect("must not start")
+        .to_string();
+    assert!(
+        msg.contains("tenants[acme].miradore.api_key") && msg.contains("fingerprint"),
+        "{msg}"
+    );
+}

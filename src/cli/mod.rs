@@ -12,7 +12,7 @@ use prost_types::FieldMask;
 use tonic::Code;
 
 use crate::config::ServeArgs;
-use crate::document::TenantDoc;
+use crate::document::{TenantDoc, kept_secrets};
 use crate::proto;
 use client::{ClientArgs, explain};
 use flags::ConnectionFlags;
@@ -334,7 +334,7 @@ pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<()
                     TenantDoc::from_file(&file).map_err(|e| e.to_string())?
                 };
                 let tenant = doc.into_proto(&env_var).map_err(|e| e.to_string())?;
-                let t = apply(&mut api, tenant).await.map_err(call)?;
+                let t = apply(&mut api, tenant).await?;
                 print_tenant(&t, output);
             }
         },
@@ -391,31 +391,90 @@ pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<()
 }
 
 /// Creates the tenant, or replaces it when it exists: the document is the whole desired
-/// state, so connections it leaves out are removed and blank fields inherit.
-async fn apply(
-    api: &mut client::Client,
-    tenant: proto::Tenant,
-) -> Result<proto::Tenant, tonic::Status> {
-    let created = api
-        .create_tenant(proto::CreateTenantRequest {
-            tenant: Some(tenant.clone()),
+/// state, so connections it leaves out are removed and blank fields inherit. A secret given
+/// by fingerprint only (as `get -o json` prints it) keeps the stored value, provided the
+/// fingerprint still matches it; the update is conditional on the etag read, so a concurrent
+/// change makes it fail rather than be overwritten.
+async fn apply(api: &mut client::Client, tenant: proto::Tenant) -> Result<proto::Tenant, String> {
+    let kept = kept_secrets(&tenant.miradore, &tenant.m3ter, &tenant.mailkit);
+    let current = match api
+        .get_tenant(proto::GetTenantRequest {
+            id: tenant.id.clone(),
         })
-        .await;
-    match created {
-        Err(s) if s.code() == Code::AlreadyExists => {
-            let paths = ["display_name", "miradore", "m3ter", "mailkit"]
-                .map(String::from)
-                .to_vec();
-            Ok(api
-                .update_tenant(proto::UpdateTenantRequest {
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == Code::NotFound => {
+            if let Some((path, _)) = kept.first() {
+                return Err(format!(
+                    "{path}: only a fingerprint is given, and tenant {:?} does not exist to keep a secret from; give value or valueFrom",
+                    tenant.id
+                ));
+            }
+            return api
+                .create_tenant(proto::CreateTenantRequest {
                     tenant: Some(tenant),
-                    update_mask: Some(FieldMask { paths }),
                 })
-                .await?
-                .into_inner())
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| explain(&s));
         }
-        other => Ok(other?.into_inner()),
+        Err(s) => return Err(explain(&s)),
+    };
+    fn fp(s: &Option<proto::Secret>) -> Option<&str> {
+        s.as_ref().map(|s| s.fingerprint.as_str())
     }
+    let stored = |path: &str| -> Option<&str> {
+        match path {
+            "miradore.api_key" => current.miradore.as_ref().and_then(|c| fp(&c.api_key)),
+            "m3ter.api_secret" => current.m3ter.as_ref().and_then(|c| fp(&c.api_secret)),
+            _ => current.mailkit.as_ref().and_then(|c| fp(&c.client_md5)),
+        }
+    };
+    for (path, fingerprint) in &kept {
+        if stored(path) != Some(*fingerprint) {
+            return Err(format!(
+                "{path}: the fingerprint {fingerprint} is not that of the stored secret ({}); give value or valueFrom to change it",
+                stored(path).unwrap_or("none stored")
+            ));
+        }
+    }
+
+    let mut paths = vec!["display_name".to_owned()];
+    let mut fields = |present: bool, vendor: &str, plain: &[&str], secret: &str| {
+        if !present {
+            paths.push(vendor.to_owned());
+            return;
+        }
+        paths.extend(plain.iter().map(|f| format!("{vendor}.{f}")));
+        let secret_path = format!("{vendor}.{secret}");
+        if !kept.iter().any(|(p, _)| *p == secret_path) {
+            paths.push(secret_path);
+        }
+    };
+    fields(tenant.miradore.is_some(), "miradore", &["site"], "api_key");
+    fields(
+        tenant.m3ter.is_some(),
+        "m3ter",
+        &["access_key_id", "org_id", "environment"],
+        "api_secret",
+    );
+    fields(
+        tenant.mailkit.is_some(),
+        "mailkit",
+        &["client_id"],
+        "client_md5",
+    );
+    api.update_tenant(proto::UpdateTenantRequest {
+        tenant: Some(proto::Tenant {
+            etag: current.etag,
+            ..tenant
+        }),
+        update_mask: Some(FieldMask { paths }),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+    .map_err(|s| explain(&s))
 }
 
 /// The client commands, split from `Command` so `serve` needs no client arguments.
