@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -104,14 +105,27 @@ fn respond(
     }
 }
 
-/// Serves the admin endpoints until `shutdown` resolves.
+/// How often the recorder drains histogram samples into its buckets. Without this upkeep
+/// the exporter keeps every recorded sample until a scrape, so memory would grow with
+/// traffic whenever nobody scrapes `/metrics`.
+pub const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Serves the admin endpoints until `shutdown` resolves, and keeps the recorder's memory
+/// bounded meanwhile.
 pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: impl Future<Output = ()>) {
     let metrics = metrics_handle();
     let graceful = GracefulShutdown::new();
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
+    let mut upkeep = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+    upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = upkeep.tick() => {
+                if let Some(handle) = &metrics {
+                    handle.run_upkeep();
+                }
+            }
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let ready = ready.clone();

@@ -39,6 +39,11 @@ pub const DATA_FILE: &str = "sidekey.redb";
 /// newer sidekey and is refused rather than misread.
 pub const SCHEMA_VERSION: u64 = 1;
 
+/// redb's page cache: 4 MiB (redb's default is 1 GiB). The store is read whole once at
+/// start-up and then only written, so a large cache would only keep the start-up read in
+/// memory for the life of the process.
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
+
 const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 const PARTNER: TableDefinition<&str, &[u8]> = TableDefinition::new("partner");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -92,7 +97,10 @@ impl EmbeddedStore {
                 )));
             }
         }
-        let db = Database::create(&path).map_err(|e| open_error(e, data_dir, &path))?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| open_error(e, data_dir, &path))?;
         let store = Self {
             db: Arc::new(db),
             keys: Arc::new(keys),
