@@ -100,7 +100,16 @@ impl Server {
         self.child.kill().unwrap(); // SIGKILL: no clean shutdown
         self.child.wait().unwrap();
         // The reader thread ends at EOF, closing the channel: every line is collected.
-        self.log.iter().collect::<Vec<_>>().join("\n")
+        let log = std::mem::replace(&mut self.log, mpsc::channel().1);
+        log.iter().collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// A server a test did not crash itself must not outlive the test.
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
