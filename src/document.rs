@@ -25,6 +25,23 @@ use serde::Deserialize;
 
 use crate::proto;
 
+/// Where `valueFrom` references are read: the process environment and files. Any
+/// `Fn(&str) -> Option<String>` is a source whose environment is that function and whose
+/// files are read from disk.
+pub trait Sources {
+    fn env(&self, name: &str) -> Option<String>;
+    fn file(&self, path: &Path) -> std::io::Result<String>;
+}
+
+impl<F: Fn(&str) -> Option<String>> Sources for F {
+    fn env(&self, name: &str) -> Option<String> {
+        self(name)
+    }
+    fn file(&self, path: &Path) -> std::io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DocumentError {
     #[error("cannot read {path}: {source}")]
@@ -132,7 +149,7 @@ pub struct PartnerDefaultsDoc {
 impl PartnerDefaultsDoc {
     pub fn into_proto(
         self,
-        env: &dyn Fn(&str) -> Option<String>,
+        sources: &dyn Sources,
     ) -> Result<proto::PartnerDefaults, DocumentError> {
         // Same conversion as a tenant's connections, with the field paths of the partner.
         let t = TenantDoc {
@@ -141,7 +158,7 @@ impl PartnerDefaultsDoc {
             mailkit: self.mailkit,
             ..Default::default()
         }
-        .into_proto(env)
+        .into_proto(sources)
         .map_err(|e| match e {
             DocumentError::Secret { field, message } => DocumentError::Secret {
                 field: format!("partnerDefaults.{field}"),
@@ -176,13 +193,9 @@ impl TenantDoc {
         serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
     }
 
-    /// The tenant message, with every referenced secret read. `env` looks up environment
-    /// variables (the process environment in the CLI; a fixed map in tests).
-    pub fn into_proto(
-        self,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<proto::Tenant, DocumentError> {
-        let secret = |doc: Option<SecretDoc>, field: &str| resolve_secret(doc, field, env);
+    /// The tenant message, with every referenced secret read from `sources`.
+    pub fn into_proto(self, sources: &dyn Sources) -> Result<proto::Tenant, DocumentError> {
+        let secret = |doc: Option<SecretDoc>, field: &str| resolve_secret(doc, field, sources);
         Ok(proto::Tenant {
             id: self.id,
             display_name: self.display_name,
@@ -223,7 +236,7 @@ impl TenantDoc {
 fn resolve_secret(
     doc: Option<SecretDoc>,
     field: &str,
-    env: &dyn Fn(&str) -> Option<String>,
+    sources: &dyn Sources,
 ) -> Result<Option<proto::Secret>, DocumentError> {
     let Some(doc) = doc else { return Ok(None) };
     let err = |message: String| DocumentError::Secret {
@@ -234,11 +247,13 @@ fn resolve_secret(
         (Some(_), Some(_)) => return Err(err("give value or valueFrom, not both".into())),
         (Some(v), None) => v,
         (None, Some(from)) => match (from.file, from.env) {
-            (Some(path), None) => std::fs::read_to_string(&path)
+            (Some(path), None) => sources
+                .file(&path)
                 .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?
                 .trim()
                 .to_owned(),
-            (None, Some(var)) => env(&var)
+            (None, Some(var)) => sources
+                .env(&var)
                 .ok_or_else(|| err(format!("environment variable {var} is not set")))?
                 .trim()
                 .to_owned(),
@@ -320,7 +335,7 @@ mod tests {
     fn missing_env_and_unknown_fields_are_errors() {
         let doc =
             TenantDoc::parse("id: a\nm3ter: { apiSecret: { valueFrom: { env: NOPE } } }").unwrap();
-        let err = doc.into_proto(&|_| None).unwrap_err().to_string();
+        let err = doc.into_proto(&|_: &str| None).unwrap_err().to_string();
         assert!(
             err.contains("m3ter.apiSecret") && err.contains("NOPE"),
             "{err}"
@@ -334,7 +349,7 @@ mod tests {
             r#"{"id":"a","mailkit":{"clientId":"1","clientMd5":{"fingerprint":"sha256:0123"}}}"#,
         )
         .unwrap();
-        let t = doc.into_proto(&|_| None).unwrap();
+        let t = doc.into_proto(&|_: &str| None).unwrap();
         assert_eq!(
             kept_secrets(&t.miradore, &t.m3ter, &t.mailkit),
             [("mailkit.client_md5", "sha256:0123")]

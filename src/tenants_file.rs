@@ -23,7 +23,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::control::convert::connections_in;
-use crate::document::{PartnerDefaultsDoc, TenantDoc, kept_secrets};
+use crate::document::{PartnerDefaultsDoc, Sources, TenantDoc, kept_secrets};
 use crate::tenants::{ApplyReport, Catalog, CatalogError, Declared, DeclaredTenant};
 
 /// How often the file is re-read when no interval is configured.
@@ -51,13 +51,11 @@ pub struct TenantsFileStatus {
     pub last_error: Option<String>,
 }
 
-/// Reads the file and everything it references into a declaration (without `removed`).
-fn read_declared(path: &Path) -> Result<Declared, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let doc: FileDoc = serde_yaml_ng::from_str(&text)
+/// The declaration `text` states (without `removed`), secrets read through `sources`.
+fn parse_declared(path: &Path, text: &str, sources: &dyn Sources) -> Result<Declared, String> {
+    let doc: FileDoc = serde_yaml_ng::from_str(text)
         .map_err(|e| format!("{} is not a valid tenants file: {e}", path.display()))?;
-    let env = |name: &str| std::env::var(name).ok();
+    let env = sources;
     // A fingerprint names a value without carrying it; a file has no stored value to keep.
     let refuse_kept = |prefix: &str, kept: Vec<(&str, &str)>| match kept.first() {
         Some((path, _)) => Err(format!(
@@ -67,7 +65,7 @@ fn read_declared(path: &Path) -> Result<Declared, String> {
     };
     let partner = doc
         .partner_defaults
-        .map(|p| p.into_proto(&env))
+        .map(|p| p.into_proto(env))
         .transpose()
         .map_err(|e| e.to_string())?;
     if let Some(p) = &partner {
@@ -81,7 +79,7 @@ fn read_declared(path: &Path) -> Result<Declared, String> {
     for t in doc.tenants {
         let id = t.id.clone();
         let t = t
-            .into_proto(&env)
+            .into_proto(env)
             .map_err(|e| format!("tenants[{id}].{e}"))?;
         refuse_kept(
             &format!("tenants[{id}]"),
@@ -118,14 +116,84 @@ fn explain(e: CatalogError) -> String {
     }
 }
 
+/// The process environment, and files read from disk and remembered, so the next poll can
+/// tell whether anything the declaration came from has changed.
+#[derive(Default)]
+struct RecordingSources {
+    files: std::cell::RefCell<Vec<(PathBuf, String)>>,
+}
+
+impl Sources for RecordingSources {
+    fn env(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+    fn file(&self, path: &Path) -> std::io::Result<String> {
+        let content = std::fs::read_to_string(path)?;
+        self.files
+            .borrow_mut()
+            .push((path.to_owned(), content.clone()));
+        Ok(content)
+    }
+}
+
+/// What a declaration was made from: the tenants file's bytes and the secret files it
+/// referenced (the environment does not change under a running process). Kept as a
+/// SHA-256, never as the secrets themselves.
+#[derive(Clone, PartialEq, Eq)]
+struct Inputs {
+    digest: [u8; 32],
+    files: Vec<PathBuf>,
+}
+
+impl Inputs {
+    fn of(text: &str, files: &[(PathBuf, String)]) -> Self {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(&(text.len() as u64).to_be_bytes());
+        ctx.update(text.as_bytes());
+        for (path, content) in files {
+            let path = path.as_os_str().as_encoded_bytes();
+            ctx.update(&(path.len() as u64).to_be_bytes());
+            ctx.update(path);
+            ctx.update(&(content.len() as u64).to_be_bytes());
+            ctx.update(content.as_bytes());
+        }
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(ctx.finish().as_ref());
+        Self {
+            digest,
+            files: files.iter().map(|(p, _)| p.clone()).collect(),
+        }
+    }
+
+    /// Whether `text` and the current content of the same secret files are what this
+    /// digest was made from. A secret file that cannot be read now counts as a change.
+    fn unchanged(&self, text: &str) -> bool {
+        let mut files = Vec::with_capacity(self.files.len());
+        for path in &self.files {
+            match std::fs::read_to_string(path) {
+                Ok(content) => files.push((path.clone(), content)),
+                Err(_) => return false,
+            }
+        }
+        Self::of(text, &files).digest == self.digest
+    }
+}
+
+enum Seen {
+    /// The file could not be read (reported once until it can be).
+    Unreadable,
+    /// The inputs of the declaration last applied or rejected.
+    Read(Inputs),
+}
+
 /// Applies the tenants file and keeps applying it as it changes.
 pub struct TenantsFile {
     path: PathBuf,
     applied_ids: PathBuf,
     catalog: Arc<Catalog>,
-    /// The declaration last applied or rejected, so an unchanged file is not re-applied or
+    /// What the last poll saw, so an unchanged file is neither parsed, re-applied nor
     /// re-reported every poll.
-    last_seen: Option<Result<Declared, String>>,
+    last_seen: Option<Seen>,
     status: watch::Sender<TenantsFileStatus>,
 }
 
@@ -146,11 +214,28 @@ impl TenantsFile {
 
     /// Reads and applies the file once. At start-up an error here stops sidekey.
     pub async fn apply_now(&mut self) -> Result<Option<ApplyReport>, String> {
-        let declared = read_declared(&self.path);
-        if self.last_seen.as_ref() == Some(&declared) {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) => {
+                // Reported once per outage, like any other rejection.
+                let e = format!("cannot read {}: {e}", self.path.display());
+                if matches!(self.last_seen, Some(Seen::Unreadable)) {
+                    return Ok(None);
+                }
+                self.last_seen = Some(Seen::Unreadable);
+                self.report(&Err(e.clone()));
+                return Err(e);
+            }
+        };
+        if let Some(Seen::Read(inputs)) = &self.last_seen
+            && inputs.unchanged(&text)
+        {
             return Ok(None);
         }
-        self.last_seen = Some(declared.clone());
+        let sources = RecordingSources::default();
+        let declared = parse_declared(&self.path, &text, &sources);
+        self.last_seen = Some(Seen::Read(Inputs::of(&text, &sources.files.borrow())));
+        drop(text);
         let result = match declared {
             Ok(declared) => match self.apply(declared).await {
                 Ok(report) => Ok(report),
@@ -164,7 +249,12 @@ impl TenantsFile {
             },
             Err(e) => Err(e),
         };
-        match &result {
+        self.report(&result);
+        result.map(Some)
+    }
+
+    fn report(&self, result: &Result<ApplyReport, String>) {
+        match result {
             Ok(report) => {
                 metrics::counter!("sidekey_tenants_file_applies_total", "outcome" => "applied")
                     .increment(1);
@@ -188,7 +278,6 @@ impl TenantsFile {
                 });
             }
         }
-        result.map(Some)
     }
 
     async fn apply(&self, mut declared: Declared) -> Result<ApplyReport, Rejection> {
