@@ -463,6 +463,43 @@ def measure(case, a, parties):
 # Report
 
 
+def profile(a, cases, parties):
+    """perf record (cpu-clock: this VM has no hardware counters) of the proxy during a case."""
+    if not cases or not cases[0]["proxy"]:
+        raise BenchError("--perf needs a proxied case: " + a.perf)
+    c = cases[0]
+    if a.warmup:
+        run_wrk(a.load_cpu, c["url"], c["headers"], a.warmup, c["connections"], a.wrk_threads,
+                c.get("body_file"))
+    data = os.path.join(a.tmp, "perf.data")
+    pid = parties[c["proxy"]].pid
+    # perf itself runs on the load core so that the proxy's core sees only the proxy.
+    rec = subprocess.Popen(
+        ["taskset", "-c", str(a.load_cpu), "perf", "record", "-e", "cpu-clock", "-F", "999",
+         "--call-graph", "dwarf,32768", "-o", data, "-p", str(pid), "--", "sleep",
+         str(a.duration)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    r = measure(c, a, parties)
+    rec.wait(timeout=a.duration + 120)
+    log(f"{c['key']} under perf: {r['rps']:.0f} req/s")
+    out_dir = os.path.join(REPO, "target", "bench")
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, f"perf-{c['key']}.txt")
+    with open(out, "w") as f:
+        for mode in (["--no-children"], ["--children"]):
+            f.write(f"==== perf report {' '.join(mode)} ====\n")
+            f.flush()
+            subprocess.run(
+                ["perf", "report", "-i", data, "--stdio", "--demangle",
+                 "-g", "none", "--percent-limit", "0.7", "--sort", "dso,symbol"] + mode,
+                stdout=f, stderr=subprocess.DEVNULL, timeout=600,
+            )
+    log(f"wrote {os.path.relpath(out, REPO)}")
+    return 0
+
+
 def med(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -698,7 +735,12 @@ def parse_args():
     p.add_argument("--tenants", type=int, default=int(os.environ.get("BENCH_TENANTS", "10000")))
     p.add_argument("--docs", default=os.path.join(REPO, "docs", "benchmarks.md"))
     p.add_argument("--no-docs", action="store_true")
+    p.add_argument("--perf", metavar="CASE",
+                   help="profile the proxy during one case (e.g. sk_miradore) with perf record; "
+                        "writes target/bench/perf-CASE.txt; no report, no docs")
     a = p.parse_args()
+    if a.perf:
+        a.reps, a.tenants, a.no_docs = 1, 0, True
     if a.smoke:
         a.reps, a.duration, a.warmup, a.tenants, a.no_docs = 1, 1, 0, 200, True
     cores = sorted(os.sched_getaffinity(0))
@@ -797,6 +839,9 @@ def run(a, procs):
         )
         if status != 200:
             raise BenchError(f"pre-flight {c['label']}: {status} {data[:300]!r}")
+
+    if a.perf:
+        return profile(a, [c for c in cases if c["key"] == a.perf], parties)
 
     results = {c["key"]: [] for c in cases}
     for rep in range(a.reps):
