@@ -471,30 +471,59 @@ def profile(a, cases, parties):
     if a.warmup:
         run_wrk(a.load_cpu, c["url"], c["headers"], a.warmup, c["connections"], a.wrk_threads,
                 c.get("body_file"))
-    data = os.path.join(a.tmp, "perf.data")
-    pid = parties[c["proxy"]].pid
+    out_dir = os.path.join(REPO, "target", "bench")
+    os.makedirs(out_dir, exist_ok=True)
+    data = os.path.join(out_dir, f"perf-{c['key']}.data")
+    pids = ",".join(str(p) for p in tree(parties[c["proxy"]].pid))  # nginx: master + worker
     # perf itself runs on the load core so that the proxy's core sees only the proxy.
     rec = subprocess.Popen(
         ["taskset", "-c", str(a.load_cpu), "perf", "record", "-e", "cpu-clock", "-F", "999",
-         "--call-graph", "dwarf,32768", "-o", data, "-p", str(pid), "--", "sleep",
+         "--call-graph", "dwarf,32768", "-o", data, "-p", pids, "--", "sleep",
          str(a.duration)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     time.sleep(0.5)
     r = measure(c, a, parties)
     rec.wait(timeout=a.duration + 120)
-    log(f"{c['key']} under perf: {r['rps']:.0f} req/s")
-    out_dir = os.path.join(REPO, "target", "bench")
-    os.makedirs(out_dir, exist_ok=True)
+    log(f"{c['key']} under perf: {r['rps']:.0f} req/s, {r['cpu_per_10k']:.3f} CPU s / 10k")
+    # Second run, counting instead of sampling: syscalls and context switches per request.
+    events = ["raw_syscalls:sys_enter", "syscalls:sys_enter_read", "syscalls:sys_enter_recvfrom",
+              "syscalls:sys_enter_write", "syscalls:sys_enter_writev",
+              "syscalls:sys_enter_sendto", "syscalls:sys_enter_epoll_wait",
+              "syscalls:sys_enter_futex", "context-switches"]
+    stat_out = os.path.join(out_dir, f"perf-{c['key']}.stat")
+    st = subprocess.Popen(
+        ["taskset", "-c", str(a.load_cpu), "perf", "stat", "-x", ",", "-o", stat_out,
+         "-e", ",".join(events), "-p", pids, "--", "sleep", str(a.duration)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    r2 = measure(c, a, parties)
+    st.wait(timeout=a.duration + 60)
     out = os.path.join(out_dir, f"perf-{c['key']}.txt")
     with open(out, "w") as f:
-        for mode in (["--no-children"], ["--children"]):
-            f.write(f"==== perf report {' '.join(mode)} ====\n")
+        f.write(f"==== per request ({int(r2['requests'])} requests in "
+                f"{r2['duration_us'] / 1e6:.1f} s, {r2['rps']:.0f} req/s) ====\n")
+        try:
+            with open(stat_out) as sf:
+                for line in sf:
+                    parts = line.strip().split(",")
+                    if len(parts) > 2 and parts[0].replace(".", "").isdigit():
+                        f.write(f"{parts[2]:<32} {float(parts[0]) / r2['requests']:8.2f}\n")
+        except OSError:
+            f.write("perf stat failed\n")
+    reports = [
+        ("where the CPU goes, by binary", ["--no-children", "--sort", "dso"]),
+        ("self time by function", ["--no-children", "--sort", "dso,symbol"]),
+        ("inclusive time by function", ["--children", "--sort", "symbol"]),
+    ]
+    with open(out, "a") as f:
+        for title, opts in reports:
+            f.write(f"==== {title} ====\n")
             f.flush()
             subprocess.run(
-                ["perf", "report", "-i", data, "--stdio", "--demangle",
-                 "-g", "none", "--percent-limit", "0.7", "--sort", "dso,symbol"] + mode,
-                stdout=f, stderr=subprocess.DEVNULL, timeout=600,
+                ["perf", "report", "-i", data, "--stdio", "-g", "none", "--percent-limit", "0.3"]
+                + opts,
+                stdout=f, stderr=subprocess.DEVNULL, timeout=900,
             )
     log(f"wrote {os.path.relpath(out, REPO)}")
     return 0
