@@ -627,7 +627,9 @@ def report(a, info, cases, results, extra):
       f"{a.proxy_cpu}; mock vendor (1-thread runtime) and wrk (`-t{a.wrk_threads}`) on core "
       f"{a.load_cpu}. wrk does not verify the mock's certificate in the direct case; nginx and "
       f"sidekey do.")
-    w(f"- sidekey threads seen: {extra.get('sidekey_threads', '?')}")
+    threads = ", ".join(f"{n} ×{k}" for n, k in sorted(extra.get("sidekey_threads", {}).items()))
+    w(f"- sidekey's threads (name ×count): {threads}; one tokio worker plus tokio's blocking "
+      f"pool (file and store work)")
     w("")
     w("Medians over the repetitions, (min–max) after them. Latency is wrk's, from request "
       "written to response read, for completed requests. CPU is the proxy's user+system time "
