@@ -590,6 +590,9 @@ def machine_info(a):
     except OSError:
         pass
     rev = capture(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"])
+    # The commit that last changed what the binary is built from (bench-only commits don't).
+    src_rev = capture(["git", "-C", REPO, "log", "-1", "--format=%h", "--", "src", "proto",
+                       "build.rs", "Cargo.lock"])
     dirty = subprocess.run(
         ["git", "-C", REPO, "diff", "--quiet", "HEAD", "--", "src", "Cargo.toml", "Cargo.lock"]
     ).returncode
@@ -599,7 +602,8 @@ def machine_info(a):
         "cpu": model,
         "kernel": platform.release(),
         "loadavg": open("/proc/loadavg").read().split()[:3],
-        "sidekey": rev + (" (+ uncommitted changes)" if dirty else ""),
+        "sidekey": f"{rev} (sources as of {src_rev})"
+        + (" (+ uncommitted changes)" if dirty else ""),
         "profile": a.profile,
         "nginx": capture([find_nginx() or "nginx", "-v"]),
         "wrk": capture(["wrk", "-v"]),

@@ -71,4 +71,4 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-python3 bench/bench.py --bins "$bins" --profile "$profile" --tmp "$tmp" "$@"
+python3 -B bench/bench.py --bins "$bins" --profile "$profile" --tmp "$tmp" "$@"
