@@ -151,6 +151,8 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         ..UpstreamConfig::default()
     })
     .map_err(|e| StartError::Config(e.to_string()))?;
+    // The recorder must exist before the proxy registers its metric handles.
+    let _ = crate::admin::metrics_handle();
     crate::vendors::m3ter::client::describe_metrics();
     let broker = Arc::new(TokenBroker::new(
         Arc::new(HttpExchange::new(client.clone())),

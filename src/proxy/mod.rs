@@ -123,6 +123,53 @@ struct Inner {
     next_id: AtomicU64,
     /// Tenants with their own label, when per-tenant metrics are on.
     tenant_labels: Option<Mutex<HashSet<Arc<str>>>>,
+    metrics: HotMetrics,
+}
+
+/// The request metrics of the common outcomes, registered once: looking a labelled metric
+/// up in the recorder's registry on every request (hashing its name and labels) costs
+/// measurable CPU at tens of thousands of requests per second. Rare outcomes (sidekey's own
+/// error codes) are still looked up when they happen.
+struct HotMetrics {
+    /// Indexed like [`HotMetrics::VENDORS`].
+    vendors: [VendorMetrics; 4],
+}
+
+struct VendorMetrics {
+    status_class: [metrics::Counter; 3],
+    duration: metrics::Histogram,
+}
+
+impl HotMetrics {
+    const VENDORS: [&'static str; 4] = ["miradore", "m3ter", "mailkit", "none"];
+    const CLASSES: [&'static str; 3] = ["2xx", "4xx", "5xx"];
+
+    fn new() -> Self {
+        Self {
+            vendors: Self::VENDORS.map(|vendor| VendorMetrics {
+                status_class: Self::CLASSES.map(|outcome| {
+                    metrics::counter!("sidekey_proxy_requests_total",
+                        "vendor" => vendor, "outcome" => outcome)
+                }),
+                duration: metrics::histogram!("sidekey_proxy_request_duration_seconds",
+                    "vendor" => vendor),
+            }),
+        }
+    }
+
+    fn record(&self, vendor: &'static str, outcome: &'static str, seconds: f64) {
+        let Some(v) = Self::VENDORS.iter().position(|n| *n == vendor) else {
+            return;
+        };
+        let m = &self.vendors[v];
+        match Self::CLASSES.iter().position(|c| *c == outcome) {
+            Some(c) => m.status_class[c].increment(1),
+            None => metrics::counter!("sidekey_proxy_requests_total",
+                "vendor" => vendor, "outcome" => outcome)
+            .increment(1),
+        }
+        m.duration.record(seconds);
+    }
 }
 
 /// What one request's log line and metrics say, filled in as the request is understood.
@@ -145,6 +192,7 @@ impl Proxy {
                 client,
                 tokens,
                 tenant_labels: config.tenant_metrics.then(Default::default),
+                metrics: HotMetrics::new(),
                 config,
                 next_id: AtomicU64::new(1),
             }),
@@ -166,9 +214,10 @@ impl Proxy {
             vendor: "none",
             host: None,
         };
-        let outcome =
-            tokio::time::timeout(self.inner.config.request_timeout, self.route(req, &mut log))
-                .await;
+        // Boxed: the routing future holds the whole upstream exchange, and wrapping it inline
+        // in the timeout would copy that large state machine on every request.
+        let route = Box::pin(self.route(req, &mut log));
+        let outcome = tokio::time::timeout(self.inner.config.request_timeout, route).await;
         let (resp, code) = match outcome {
             Ok(Ok(resp)) => (resp, None),
             Ok(Err(e)) => (e.to_response().map(Either::Right), Some(e.code())),
@@ -188,10 +237,9 @@ impl Proxy {
             4 => "4xx",
             _ => "5xx",
         });
-        metrics::counter!("sidekey_proxy_requests_total", "vendor" => log.vendor, "outcome" => outcome)
-            .increment(1);
-        metrics::histogram!("sidekey_proxy_request_duration_seconds", "vendor" => log.vendor)
-            .record(elapsed.as_secs_f64());
+        self.inner
+            .metrics
+            .record(log.vendor, outcome, elapsed.as_secs_f64());
         if let (Some(labels), Some(tenant)) = (&self.inner.tenant_labels, &log.tenant)
             && !matches!(code, Some("unknown_tenant" | "tenant_required"))
         {
