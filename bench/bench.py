@@ -778,6 +778,9 @@ def parse_args():
     p.add_argument("--tenants", type=int, default=int(os.environ.get("BENCH_TENANTS", "10000")))
     p.add_argument("--docs", default=os.path.join(REPO, "docs", "benchmarks.md"))
     p.add_argument("--no-docs", action="store_true")
+    p.add_argument("--cases", metavar="KEY,KEY",
+                   help="run only these cases (e.g. nginx,sk_miradore) and print their "
+                        "medians instead of the report: for A/B runs of one change")
     p.add_argument("--perf", metavar="CASE",
                    help="profile the proxy during one case (e.g. sk_miradore) with perf record; "
                         "writes target/bench/perf-CASE.txt; no report, no docs")
@@ -866,6 +869,13 @@ def run(a, procs):
     ]
     for c in cases:
         c.setdefault("connections", C)
+    if a.cases:
+        wanted = a.cases.split(",")
+        unknown = set(wanted) - {c["key"] for c in cases}
+        if unknown:
+            raise BenchError(f"--cases: unknown {sorted(unknown)}; known: "
+                             f"{', '.join(c['key'] for c in cases)}")
+        cases = [c for c in cases if c["key"] in wanted]
 
     # Pre-flight: one request per case with a verifying client, so a misconfiguration fails
     # here with the answer in the message rather than as a table of errors.
@@ -903,6 +913,15 @@ def run(a, procs):
             for name, p in parties.items():
                 if p.poll() is not None:
                     raise BenchError(f"{name} exited during the run:\n{procs.log_tail(name)}")
+
+    if a.cases:
+        for c in cases:
+            rs = results[c["key"]]
+            med = lambda k: statistics.median(r[k] for r in rs)
+            print(f"{c['key']:<13} {med('rps'):>9.0f} req/s  p50 {us(med('p50')):>8}  "
+                  f"p99 {us(med('p99')):>8}  CPU s/10k "
+                  + (f"{med('cpu_per_10k'):.3f}" if c["proxy"] else "-"))
+        return 0
 
     extra = {"idle_rss_mib": idle_rss, "sidekey_threads": sk_threads}
 
