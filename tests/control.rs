@@ -511,3 +511,52 @@ async fn writes_survive_a_restart() {
         "persisted"
     );
 }
+
+#[tokio::test]
+async fn masking_a_secret_without_a_value_makes_it_inherit_or_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let mut c = client(&running).await;
+    create(&mut c, m3ter_tenant("acme", "own-secret"))
+        .await
+        .unwrap();
+    let clear = proto::UpdateTenantRequest {
+        tenant: Some(proto::Tenant {
+            id: "acme".into(),
+            m3ter: Some(proto::M3terConnection::default()),
+            ..Default::default()
+        }),
+        update_mask: Some(FieldMask {
+            paths: vec!["m3ter.api_secret".into()],
+        }),
+    };
+
+    // Nothing to inherit: refused, naming the field; the tenant keeps its secret.
+    let err = c.update_tenant(clear.clone()).await.unwrap_err();
+    assert_eq!(violations(&err), ["tenant.m3ter.api_secret"]);
+    let snap = running.catalog.snapshot().load();
+    let own = snap.tenant("acme").unwrap().m3ter.as_ref().unwrap();
+    assert_eq!(own.api_secret.expose(), "own-secret");
+
+    // With a partner default, clearing makes the tenant inherit it.
+    c.update_partner_defaults(proto::UpdatePartnerDefaultsRequest {
+        partner_defaults: Some(proto::PartnerDefaults {
+            m3ter: Some(proto::M3terConnection {
+                api_secret: secret("partner-secret"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        update_mask: None,
+    })
+    .await
+    .unwrap();
+    let t = c.update_tenant(clear).await.unwrap().into_inner();
+    assert!(
+        t.m3ter.unwrap().api_secret.is_none(),
+        "no own secret any more"
+    );
+    let snap = running.catalog.snapshot().load();
+    let eff = snap.tenant("acme").unwrap().m3ter.as_ref().unwrap();
+    assert_eq!(eff.api_secret.expose(), "partner-secret");
+}
