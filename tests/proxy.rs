@@ -50,6 +50,16 @@ async fn assert_refusal(resp: reqwest::Response, status: u16, code: &str) -> Str
     message
 }
 
+/// The vendor received exactly `want`, with a Content-Length that fits it and no chunking.
+fn assert_rewritten_body(rec: &support::Recorded, want: &str) {
+    assert_eq!(rec.body_str(), want);
+    assert_eq!(
+        rec.header("content-length"),
+        Some(want.len().to_string().as_str())
+    );
+    assert!(rec.header("transfer-encoding").is_none());
+}
+
 fn assert_no_tenant_headers(rec: &support::Recorded) {
     for h in [
         "x-sidekey-tenant",
@@ -67,9 +77,11 @@ fn assert_no_tenant_headers(rec: &support::Recorded) {
 async fn miradore_v1_sets_auth_query_replacing_the_apps() {
     let (_ca, mock, proxy) = setup(|m| m).await;
     let resp = proxy
-        .client()
-        .get(proxy.url("/miradore/Acme1/API/Device?select=Name,ID&%61uth=app-key&auth=x"))
-        .header("x-sidekey-tenant", "acme")
+        .request(
+            reqwest::Method::GET,
+            "/miradore/Acme1/API/Device?select=Name,ID&%61uth=app-key&auth=x",
+            "acme",
+        )
         .header("x-api-key", "app-key")
         .send()
         .await
@@ -89,9 +101,7 @@ async fn miradore_v1_sets_auth_query_replacing_the_apps() {
 async fn miradore_siteless_v1_gets_the_site() {
     let (_ca, mock, proxy) = setup(|m| m).await;
     proxy
-        .client()
-        .get(proxy.url("/miradore/API/Device/7"))
-        .header("x-sidekey-tenant", "acme")
+        .request(reqwest::Method::GET, "/miradore/API/Device/7", "acme")
         .send()
         .await
         .unwrap();
@@ -176,9 +186,7 @@ async fn vendor_errors_pass_through_untouched() {
     })
     .await;
     let resp = proxy
-        .client()
-        .get(proxy.url("/miradore/Acme1/API/Device"))
-        .header("x-sidekey-tenant", "acme")
+        .request(reqwest::Method::GET, "/miradore/Acme1/API/Device", "acme")
         .send()
         .await
         .unwrap();
@@ -196,9 +204,7 @@ async fn mailkit_json_round_trip_keeps_everything_but_credentials() {
     let (_ca, mock, proxy) = setup(|m| m).await;
     let body = "{\n  \"function\": \"mailkit.mailinglist.list\",\n  \"id\": \"placeholder\",\n  \"md5\": \"placeholder\",\n  \"parameters\": {\"name\": \"caf\\u00e9 \\\"q\\\"\", \"nested\": {\"id\": 1, \"list\": [1, 2.50, null]}}\n}";
     let resp = proxy
-        .client()
-        .post(proxy.url("/mailkit/json.fcgi"))
-        .header("x-sidekey-tenant", "acme")
+        .request(reqwest::Method::POST, "/mailkit/json.fcgi", "acme")
         .header("content-type", "application/json")
         .body(body)
         .send()
@@ -217,12 +223,7 @@ async fn mailkit_json_round_trip_keeps_everything_but_credentials() {
             &format!("\"md5\": \"{MAILKIT_MD5}\""),
             1,
         );
-    assert_eq!(rec.body_str(), want);
-    assert_eq!(
-        rec.header("content-length"),
-        Some(want.len().to_string().as_str())
-    );
-    assert!(rec.header("transfer-encoding").is_none());
+    assert_rewritten_body(&rec, &want);
     assert_eq!(rec.path_and_query(), "/json.fcgi");
     assert_eq!(rec.host(), Some("api.mailkit.eu"));
 }
@@ -234,9 +235,7 @@ async fn mailkit_xmlrpc_round_trip_keeps_everything_but_credentials() {
     // Chunked upload (no Content-Length): the rewritten body gets one.
     let stream = futures_like_stream(body.as_bytes().to_vec());
     let resp = proxy
-        .client()
-        .post(proxy.url("/mailkit/rpc.fcgi"))
-        .header("x-sidekey-tenant", "acme")
+        .request(reqwest::Method::POST, "/mailkit/rpc.fcgi", "acme")
         .header("content-type", "text/xml")
         .body(stream)
         .send()
@@ -255,12 +254,7 @@ async fn mailkit_xmlrpc_round_trip_keeps_everything_but_credentials() {
             &format!("<value><string>{MAILKIT_MD5}</string></value>"),
             1,
         );
-    assert_eq!(rec.body_str(), want);
-    assert_eq!(
-        rec.header("content-length"),
-        Some(want.len().to_string().as_str())
-    );
-    assert!(rec.header("transfer-encoding").is_none());
+    assert_rewritten_body(&rec, &want);
 }
 
 /// A body reqwest sends chunked, without Content-Length.
@@ -338,9 +332,11 @@ async fn m3ter_bearer_replaces_the_apps_authorization() {
     let tokens = Arc::new(CountingTokens::default());
     let (_ca, mock, proxy) = m3ter_setup(tokens.clone(), |m| m).await;
     let resp = proxy
-        .client()
-        .get(proxy.url(&format!("/m3ter{M3TER_PATH}?pageSize=10")))
-        .header("x-sidekey-tenant", "acme")
+        .request(
+            reqwest::Method::GET,
+            &format!("/m3ter{M3TER_PATH}?pageSize=10"),
+            "acme",
+        )
         .header("authorization", "Bearer sidekey-placeholder")
         .send()
         .await
@@ -394,9 +390,11 @@ async fn m3ter_replays_once_on_403_then_200() {
     })
     .await;
     let resp = proxy
-        .client()
-        .post(proxy.url(&format!("/m3ter{M3TER_PATH}")))
-        .header("x-sidekey-tenant", "acme")
+        .request(
+            reqwest::Method::POST,
+            &format!("/m3ter{M3TER_PATH}"),
+            "acme",
+        )
         .body("{\"name\":\"m\"}")
         .send()
         .await
@@ -420,9 +418,7 @@ async fn m3ter_second_refusal_goes_to_the_app() {
     })
     .await;
     let resp = proxy
-        .client()
-        .get(proxy.url(&format!("/m3ter{M3TER_PATH}")))
-        .header("x-sidekey-tenant", "acme")
+        .request(reqwest::Method::GET, &format!("/m3ter{M3TER_PATH}"), "acme")
         .send()
         .await
         .unwrap();
@@ -439,9 +435,11 @@ async fn m3ter_large_streaming_body_is_not_replayed() {
     let (_ca, mock, proxy) =
         m3ter_setup(tokens.clone(), |m| m.respond(|_| MockResponse::status(403))).await;
     let resp = proxy
-        .client()
-        .post(proxy.url(&format!("/m3ter{M3TER_PATH}")))
-        .header("x-sidekey-tenant", "acme")
+        .request(
+            reqwest::Method::POST,
+            &format!("/m3ter{M3TER_PATH}"),
+            "acme",
+        )
         .body(futures_like_stream(vec![b'a'; 10]))
         .send()
         .await
@@ -456,9 +454,7 @@ async fn m3ter_oauth_token_is_answered_locally() {
     let tokens = Arc::new(CountingTokens::default());
     let (_ca, mock, proxy) = m3ter_setup(tokens.clone(), |m| m).await;
     let r1 = proxy
-        .client()
-        .post(proxy.url("/m3ter/oauth/token"))
-        .header("x-sidekey-tenant", "acme")
+        .request(reqwest::Method::POST, "/m3ter/oauth/token", "acme")
         .basic_auth("dummy", Some("dummy"))
         .header("content-type", "application/json")
         .body(r#"{"grant_type":"client_credentials"}"#)
@@ -644,9 +640,7 @@ async fn body_too_large() {
         futures_like_stream(big.into_bytes()),
     ] {
         let resp = proxy
-            .client()
-            .post(proxy.url("/mailkit/json.fcgi"))
-            .header("x-sidekey-tenant", "acme")
+            .request(reqwest::Method::POST, "/mailkit/json.fcgi", "acme")
             .body(body)
             .send()
             .await
@@ -664,9 +658,7 @@ async fn token_exchange_failed() {
     });
     let (_ca, mock, proxy) = m3ter_setup(tokens, |m| m).await;
     let resp = proxy
-        .client()
-        .get(proxy.url(&format!("/m3ter{M3TER_PATH}")))
-        .header("x-sidekey-tenant", "acme")
+        .request(reqwest::Method::GET, &format!("/m3ter{M3TER_PATH}"), "acme")
         .send()
         .await
         .unwrap();
@@ -677,9 +669,7 @@ async fn token_exchange_failed() {
 
 async fn get_via(proxy: &TestProxy) -> reqwest::Response {
     proxy
-        .client()
-        .get(proxy.url("/miradore/api/v2/Device"))
-        .header("x-sidekey-tenant", "acme")
+        .request(reqwest::Method::GET, "/miradore/api/v2/Device", "acme")
         .send()
         .await
         .unwrap()
@@ -837,9 +827,7 @@ async fn hop_by_hop_headers_removed_both_ways() {
     })
     .await;
     let resp = proxy
-        .client()
-        .get(proxy.url("/miradore/api/v2/Device"))
-        .header("x-sidekey-tenant", "acme")
+        .request(reqwest::Method::GET, "/miradore/api/v2/Device", "acme")
         .header("connection", "x-drop-me")
         .header("x-drop-me", "1")
         .header("te", "gzip")

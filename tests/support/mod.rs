@@ -527,6 +527,17 @@ impl TestProxy {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
+    /// A request to the proxy (prefix form) naming `tenant` in `x-sidekey-tenant`.
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        tenant: &str,
+    ) -> reqwest::RequestBuilder {
+        self.client()
+            .request(method, self.url(path))
+            .header("x-sidekey-tenant", tenant)
+    }
     /// A reqwest client that talks to the proxy directly (prefix form).
     pub fn client(&self) -> reqwest::Client {
         reqwest::Client::builder()
