@@ -289,19 +289,15 @@ impl Proxy {
         log.vendor = vendor_label(&target.endpoint);
         let host = route::upstream_host(&target.endpoint, &tenant)?;
         log.host = Some(host.into());
-        let plan = plan(&req, &target, &tenant)?;
-        let (path, query) = (target.path, target.query);
-        let path_and_query: std::borrow::Cow<'_, str> = match &plan {
-            Plan::Miradore(rw) => rw.path_and_query.as_str().into(),
-            _ => match query {
-                Some(q) => format!("{path}?{q}").into(),
-                None => path.into(),
+        let mut plan = plan(&req, &target, &tenant)?;
+        let path_and_query = match &mut plan {
+            Plan::Miradore(rw) => Bytes::from(std::mem::take(&mut rw.path_and_query)),
+            _ => match target.query {
+                Some(q) => Bytes::from(format!("{}?{q}", target.path)),
+                None => Bytes::copy_from_slice(target.path.as_bytes()),
             },
         };
-        let uri: Uri = format!("https://{host}{path_and_query}")
-            .parse()
-            .map_err(|_| ProxyError::bad_request("the request path is not a valid URI"))?;
-        drop(path_and_query);
+        let uri = upstream_uri(host, path_and_query)?;
 
         if matches!(plan, Plan::M3ter(m3ter_rule::Action::LocalToken)) {
             return Ok(m3ter_rule::placeholder_response().map(Either::Right));
@@ -353,7 +349,7 @@ impl Proxy {
             }
         };
         let (mut parts, body) = resp.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::strip_hop_by_hop(&mut parts.headers, &[]);
         Ok(Response::from_parts(parts, Either::Left(body)))
     }
 
@@ -420,10 +416,19 @@ fn vendor_label(endpoint: &Endpoint<'_>) -> &'static str {
 /// (the client sets it from the URI: the vendor host), no `Expect` (sidekey already answered
 /// the app's `100-continue` by reading the body).
 fn prepare_headers(headers: &mut http::HeaderMap) {
-    headers::strip_hop_by_hop(headers);
-    headers.remove(HOST);
-    headers.remove(EXPECT);
-    headers.remove(TENANT_HEADER);
+    headers::strip_hop_by_hop(headers, &[HOST, EXPECT, TENANT_HEADER]);
+}
+
+/// `https://{host}{path_and_query}`, assembled from its parts (no formatting and re-parsing).
+fn upstream_uri(host: &str, path_and_query: Bytes) -> Result<Uri, ProxyError> {
+    let invalid = |_| ProxyError::bad_request("the request path is not a valid URI");
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTPS);
+    parts.authority = Some(host.parse().map_err(invalid)?);
+    parts.path_and_query =
+        Some(http::uri::PathAndQuery::from_maybe_shared(path_and_query).map_err(invalid)?);
+    Uri::from_parts(parts)
+        .map_err(|_| ProxyError::bad_request("the request path is not a valid URI"))
 }
 
 /// Reads a body that a rule must rewrite, refusing it past `limit` without reading further.

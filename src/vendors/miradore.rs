@@ -143,16 +143,19 @@ pub(crate) fn apply_headers(
     rw: &Rewritten,
     creds: &MiradoreCreds,
 ) -> Result<(), ProxyError> {
-    headers.remove(API_KEY_HEADER);
-    headers.remove(INSTANCE_HEADER);
+    // `insert` replaces every value the app sent; the header not set is removed.
     if rw.key_header {
         headers.insert(API_KEY_HEADER, key_header(creds)?);
+    } else {
+        headers.remove(API_KEY_HEADER);
     }
     if rw.instance_header {
         let site = HeaderValue::from_str(&creds.site).map_err(|_| {
             ProxyError::bad_request("the tenant's Miradore site is not a valid header value")
         })?;
         headers.insert(INSTANCE_HEADER, site);
+    } else {
+        headers.remove(INSTANCE_HEADER);
     }
     Ok(())
 }
