@@ -1096,3 +1096,155 @@ async fn upstream_errors_are_classified() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+// ---------------------------------------------------------------------------------------
+// Upstream connection reuse
+
+/// `n` sequential GETs through the proxy; returns each (status, body).
+async fn sequential(proxy: &TestProxy, method: reqwest::Method, n: usize) -> Vec<(u16, String)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let resp = proxy
+            .request(method.clone(), "/miradore/api/v2/Device", "acme")
+            .send()
+            .await
+            .unwrap();
+        out.push((resp.status().as_u16(), resp.text().await.unwrap()));
+    }
+    out
+}
+
+#[tokio::test]
+async fn http1_vendor_connection_is_reused_for_every_response_shape() {
+    // Chunked, Content-Length, empty (204) and HEAD answers each hand the connection back:
+    // the empty ones are never read to an end-of-stream frame.
+    let n = AtomicUsize::new(0);
+    let (_ca, mock, proxy) = setup(|m| {
+        m.http1_only().respond(move |rec| {
+            if rec.method == http::Method::HEAD {
+                return MockResponse::ok("").header("content-length", "7");
+            }
+            match n.fetch_add(1, Ordering::SeqCst) % 3 {
+                0 => MockResponse::ok("chunked"),
+                1 => MockResponse::ok("sized").header("content-length", "5"),
+                _ => MockResponse::status(204),
+            }
+        })
+    })
+    .await;
+    let got = sequential(&proxy, reqwest::Method::GET, 6).await;
+    let want = [(200, "chunked"), (200, "sized"), (204, "")];
+    for (i, (status, body)) in got.iter().enumerate() {
+        assert_eq!((*status, body.as_str()), want[i % 3], "request {i}");
+    }
+    let heads = sequential(&proxy, reqwest::Method::HEAD, 2).await;
+    assert!(
+        heads.iter().all(|(s, b)| *s == 200 && b.is_empty()),
+        "{heads:?}"
+    );
+    assert_eq!(mock.requests().len(), 8);
+    assert_eq!(mock.connections(), 1, "every request on one connection");
+}
+
+#[tokio::test]
+async fn http2_vendor_connection_is_shared() {
+    let (_ca, mock, proxy) = setup(|m| m.respond(|_| MockResponse::ok("h2"))).await;
+    assert_eq!(sequential(&proxy, reqwest::Method::GET, 1).await[0].0, 200);
+    let parallel: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(get_via_owned(proxy.url("/miradore/api/v2/Device"))))
+        .collect();
+    for task in parallel {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    assert!(
+        mock.requests()
+            .iter()
+            .all(|r| r.version == http::Version::HTTP_2)
+    );
+    assert_eq!(
+        mock.connections(),
+        1,
+        "all eleven requests as streams of one connection"
+    );
+}
+
+async fn get_via_owned(url: String) -> u16 {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(url)
+        .header("x-sidekey-tenant", "acme")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn half_read_response_never_puts_its_connection_back() {
+    // A response the app stops reading leaves the rest of it on the HTTP/1.1 connection;
+    // reusing that connection would hand the next request those bytes.
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let n = AtomicUsize::new(0);
+    let (_ca, mock, proxy) = setup(move |m| {
+        m.http1_only()
+            .respond(move |_| match n.fetch_add(1, Ordering::SeqCst) {
+                0 => MockResponse::gated("first", 1 << 20, g.clone()),
+                _ => MockResponse::ok("next"),
+            })
+    })
+    .await;
+    let mut resp = get_via(&proxy).await;
+    assert_eq!(&resp.chunk().await.unwrap().unwrap()[..], b"first");
+    drop(resp);
+    let got = sequential(&proxy, reqwest::Method::GET, 2).await;
+    assert_eq!(
+        got,
+        vec![(200, "next".to_owned()), (200, "next".to_owned())]
+    );
+    assert_eq!(mock.connections(), 2, "one new connection, then reused");
+}
+
+#[tokio::test]
+async fn vendor_closing_a_connection_is_not_an_error() {
+    let n = AtomicUsize::new(0);
+    let (_ca, mock, proxy) = setup(move |m| {
+        m.http1_only()
+            .respond(move |_| match n.fetch_add(1, Ordering::SeqCst) {
+                0 => MockResponse::ok("bye").header("connection", "close"),
+                _ => MockResponse::ok("again"),
+            })
+    })
+    .await;
+    let got = sequential(&proxy, reqwest::Method::GET, 3).await;
+    assert_eq!(
+        got,
+        vec![
+            (200, "bye".to_owned()),
+            (200, "again".to_owned()),
+            (200, "again".to_owned())
+        ]
+    );
+    assert_eq!(mock.connections(), 2);
+}
+
+#[tokio::test]
+async fn idle_vendor_connections_are_closed_after_the_idle_timeout() {
+    let ca = TestCa::new("ca");
+    let mock = MockVendor::builder(&ca).http1_only().start().await;
+    let proxy = TestProxy::builder()
+        .tenant(acme())
+        .trust(&ca)
+        .route_to(&mock)
+        .upstream(|u| u.pool_idle_timeout = std::time::Duration::from_secs(1))
+        .start()
+        .await;
+    assert_eq!(sequential(&proxy, reqwest::Method::GET, 1).await[0].0, 200);
+    // sidekey closes the idle connection itself; the mock sees it end.
+    mock.wait_closed(1).await;
+    assert_eq!(sequential(&proxy, reqwest::Method::GET, 1).await[0].0, 200);
+    assert_eq!(mock.connections(), 2);
+}

@@ -47,7 +47,7 @@ pub const TENANT_HEADER: HeaderName = HeaderName::from_static("x-sidekey-tenant"
 pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-sidekey-error");
 
 /// The body of responses to apps: the vendor's, streamed, or one sidekey wrote.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type ResponseBody = Either<upstream::VendorBody, Full<Bytes>>;
 
 /// Data-plane limits and timeouts. Every default is documented on its field.
 #[derive(Clone, Debug)]
@@ -358,7 +358,7 @@ impl Proxy {
         vendor: &'static str,
         host: &str,
         req: Request<upstream::Body>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<upstream::VendorBody>, ProxyError> {
         self.inner
             .client
             .send(req)

@@ -6,6 +6,7 @@
 //! there is deliberately no switch to turn verification off.
 
 mod connect_to;
+mod pool;
 
 use std::error::Error as StdError;
 use std::path::{Path, PathBuf};
@@ -13,18 +14,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::Uri;
+use http::uri::{Authority, Scheme};
 use http::{Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::Connection as _;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use tower::ServiceExt as _;
 
 use connect_to::{ConnectTimeout, RedirectingConnector};
 pub use connect_to::{ConnectTo, ConnectToParseError};
+pub use pool::VendorBody;
+use pool::{Conn, Pool, SendError, Slot};
 
 /// A request body toward a vendor: the app's body streamed as received, or a buffered one
 /// (rewritten by a rule, kept for replay, or built by sidekey itself).
@@ -124,26 +130,36 @@ impl UpstreamError {
         matches!(self, UpstreamError::Timeout)
     }
 
-    fn classify(err: hyper_util::client::legacy::Error) -> Self {
-        let mut tls = false;
-        let mut timeout = false;
-        walk_chain(&err, &mut |e| {
-            if e.is::<rustls::Error>() {
-                tls = true;
-            }
-            if e.is::<ConnectTimeout>() {
-                timeout = true;
-            }
-        });
+    /// Dialing failed: TCP (or its timeout) or the TLS handshake.
+    fn from_connect(err: BoxError) -> Self {
+        let (tls, timeout) = Self::causes(err.as_ref());
         if timeout {
             UpstreamError::Timeout
         } else if tls {
+            UpstreamError::Tls(err)
+        } else {
+            UpstreamError::Connect(err)
+        }
+    }
+
+    /// The HTTP exchange on an established connection failed.
+    fn from_hyper(err: hyper::Error) -> Self {
+        if Self::causes(&err).0 {
             UpstreamError::Tls(Box::new(err))
-        } else if err.is_connect() {
-            UpstreamError::Connect(Box::new(err))
         } else {
             UpstreamError::Protocol(Box::new(err))
         }
+    }
+
+    /// (a TLS error, a connect timeout) anywhere in the chain.
+    fn causes(err: &(dyn StdError + 'static)) -> (bool, bool) {
+        let mut tls = false;
+        let mut timeout = false;
+        walk_chain(err, &mut |e| {
+            tls |= e.is::<rustls::Error>();
+            timeout |= e.is::<ConnectTimeout>();
+        });
+        (tls, timeout)
     }
 }
 
@@ -173,9 +189,18 @@ fn walk_chain(err: &(dyn StdError + 'static), visit: &mut dyn FnMut(&(dyn StdErr
 /// The pooled HTTPS client toward vendors. Cheap to clone.
 #[derive(Clone)]
 pub struct Client {
-    inner: HyperClient<HttpsConnector<RedirectingConnector>, Body>,
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
+    connector: HttpsConnector<RedirectingConnector>,
+    pool: Pool,
     response_header_timeout: Duration,
 }
+
+/// How many times a request that never left goes to another pooled connection (one the
+/// vendor had closed) before a new connection is dialed for it.
+const REUSE_ATTEMPTS: usize = 2;
 
 impl Client {
     pub fn new(config: UpstreamConfig) -> Result<Self, UpstreamConfigError> {
@@ -192,7 +217,7 @@ impl Client {
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
-        let https = HttpsConnectorBuilder::new()
+        let connector = HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_only()
             .enable_http1()
@@ -201,25 +226,101 @@ impl Client {
                 config.connect_to,
                 config.connect_timeout,
             ));
-        let inner = HyperClient::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle_per_host)
-            .build(https);
         Ok(Self {
-            inner,
-            response_header_timeout: config.response_header_timeout,
+            inner: Arc::new(ClientInner {
+                connector,
+                pool: Pool::new(config.pool_max_idle_per_host, config.pool_idle_timeout),
+                response_header_timeout: config.response_header_timeout,
+            }),
         })
     }
 
     /// Sends `req` (absolute `https://` URI) and returns once the response headers arrived;
     /// the body streams afterwards. Redirects are not followed.
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(self.response_header_timeout, self.inner.request(req)).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(UpstreamError::classify(e)),
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<VendorBody>, UpstreamError> {
+        match tokio::time::timeout(self.inner.response_header_timeout, self.send_pooled(req)).await
+        {
+            Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout),
+        }
+    }
+
+    async fn send_pooled(
+        &self,
+        mut req: Request<Body>,
+    ) -> Result<Response<VendorBody>, UpstreamError> {
+        let authority = req
+            .uri()
+            .authority()
+            .cloned()
+            .ok_or_else(|| UpstreamError::Protocol("the request URI names no host".into()))?;
+        let pool = &self.inner.pool;
+        let (slot, mut pooled) = pool.checkout(&authority);
+        let mut attempts = 0;
+        loop {
+            let (conn, reused) = match pooled.take() {
+                Some(conn) => (conn, true),
+                None => (self.connect(&authority, &slot).await?, false),
+            };
+            match slot.send(conn, req).await {
+                Ok(resp) => return Ok(resp),
+                // A pooled connection the vendor closed while it was idle: the request never
+                // left, so it may go on another one.
+                Err(SendError::NotSent(back, error)) if reused => {
+                    tracing::debug!(%error, "pooled vendor connection was closed; retrying");
+                    req = *back;
+                    attempts += 1;
+                    pooled = (attempts < REUSE_ATTEMPTS)
+                        .then(|| pool.checkout(&authority).1)
+                        .flatten();
+                }
+                Err(SendError::NotSent(_, e) | SendError::Failed(e)) => {
+                    return Err(UpstreamError::from_hyper(e));
+                }
+            }
+        }
+    }
+
+    /// Dials `authority` (TCP, then TLS with ALPN) and starts an HTTP/2 or HTTP/1.1
+    /// connection on it, whichever the vendor chose.
+    async fn connect(&self, authority: &Authority, slot: &Slot) -> Result<Conn, UpstreamError> {
+        let uri = Uri::builder()
+            .scheme(Scheme::HTTPS)
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
+        let io = self
+            .inner
+            .connector
+            .clone()
+            .oneshot(uri)
+            .await
+            .map_err(UpstreamError::from_connect)?;
+        if io.connected().is_negotiated_h2() {
+            let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(UpstreamError::from_hyper)?;
+            tokio::spawn(async move {
+                if let Err(error) = conn.await {
+                    tracing::debug!(%error, "vendor HTTP/2 connection ended with an error");
+                }
+            });
+            slot.share_http2(&sender);
+            Ok(Conn::Http2(sender))
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(UpstreamError::from_hyper)?;
+            tokio::spawn(async move {
+                if let Err(error) = conn.await {
+                    tracing::debug!(%error, "vendor HTTP/1.1 connection ended with an error");
+                }
+            });
+            Ok(Conn::Http1(sender))
         }
     }
 }

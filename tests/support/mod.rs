@@ -252,6 +252,7 @@ impl MockVendorBuilder<'_> {
         let state = Arc::new(MockState {
             requests: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
+            closed: tokio::sync::watch::channel(0).0,
             responder: self.responder,
         });
         let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
@@ -267,15 +268,18 @@ impl MockVendorBuilder<'_> {
                 let st = st.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
+                        st.closed.send_modify(|n| *n += 1);
                         return;
                     };
+                    let served = st.clone();
                     let svc = service_fn(move |req| {
-                        let st = st.clone();
+                        let st = served.clone();
                         async move { Ok::<_, Infallible>(st.answer(req).await) }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tls), svc)
                         .await;
+                    st.closed.send_modify(|n| *n += 1);
                 });
             }
         });
@@ -290,6 +294,8 @@ impl MockVendorBuilder<'_> {
 struct MockState {
     requests: Mutex<Vec<Recorded>>,
     connections: AtomicUsize,
+    /// Connections that have ended (closed by either side).
+    closed: tokio::sync::watch::Sender<usize>,
     responder: Responder,
 }
 
@@ -407,6 +413,15 @@ impl MockVendor {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
+    }
+    /// Waits until `n` connections have ended; panics after 10 s.
+    pub async fn wait_closed(&self, n: usize) {
+        let mut rx = self.state.closed.subscribe();
+        let ended = rx.wait_for(|closed| *closed >= n);
+        tokio::time::timeout(Duration::from_secs(10), ended)
+            .await
+            .unwrap_or_else(|_| panic!("{n} mock connections did not end within 10 s"))
+            .expect("mock state alive");
     }
 }
 

@@ -83,7 +83,7 @@ pub(crate) async fn send(
     ctx: Ctx<'_>,
     parts: http::request::Parts,
     body: Incoming,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<upstream::VendorBody>, ProxyError> {
     let token = fetch_token(&ctx).await?;
     let declared = body.size_hint().exact();
     let bytes: Bytes = match declared {
@@ -165,7 +165,7 @@ fn with_token(
 async fn forward(
     ctx: &Ctx<'_>,
     req: Request<upstream::Body>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<upstream::VendorBody>, ProxyError> {
     ctx.client
         .send(req)
         .await

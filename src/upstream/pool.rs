@@ -1,0 +1,353 @@
+//! Connections to vendors, kept per host: idle HTTP/1.1 connections (one request at a time)
+//! and one shared HTTP/2 connection.
+//!
+//! Written for this proxy's traffic rather than taken from hyper-util's general client: a
+//! handful of vendor hosts, every request over TLS, most responses small. A request takes an
+//! idle connection with one short lock, sends on it, and hands it back when the response
+//! body has been read to its end, in the task that read it; no task is spawned and no
+//! connector is cloned per request.
+//!
+//! A connection goes back into the pool only once its response has been read in full and it
+//! is ready for the next request; a response body dropped half-read closes its connection
+//! (HTTP/1.1 cannot skip the rest). Idle connections are kept up to a count per host and for
+//! an idle timeout, after which a background sweep closes them.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::HOST;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri};
+use http_body::{Body as _, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{TrySendError, http1, http2};
+
+use super::Body;
+
+/// Idle HTTP/1.1 connections and the HTTP/2 connection of every vendor host dialed so far.
+pub(crate) struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    hosts: Mutex<HashMap<Arc<str>, Host>>,
+    max_idle_per_host: usize,
+    idle_timeout: Duration,
+    sweeping: AtomicBool,
+}
+
+struct Host {
+    key: Arc<str>,
+    /// The `Host` header of HTTP/1.1 requests, built once.
+    host_header: HeaderValue,
+    /// Most recently returned last: reused first, so spare connections age out.
+    idle: Vec<Idle>,
+    http2: Option<http2::SendRequest<Body>>,
+}
+
+struct Idle {
+    sender: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+/// A connection taken from the pool or just made, ready to carry one request.
+pub(crate) enum Conn {
+    Http1(http1::SendRequest<Body>),
+    Http2(http2::SendRequest<Body>),
+}
+
+/// Where a connection goes back to; also what [`Pool::checkout`] found for the host.
+pub(crate) struct Slot {
+    inner: Arc<Inner>,
+    key: Arc<str>,
+    host_header: HeaderValue,
+}
+
+/// Why sending on a connection failed.
+pub(crate) enum SendError {
+    /// The connection was closed before the request was written: the request is handed back
+    /// and may go on another connection.
+    NotSent(Box<Request<Body>>, hyper::Error),
+    /// The request may have reached the vendor; it must not be sent again.
+    Failed(hyper::Error),
+}
+
+impl Pool {
+    pub(crate) fn new(max_idle_per_host: usize, idle_timeout: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                hosts: Mutex::new(HashMap::new()),
+                max_idle_per_host,
+                idle_timeout,
+                sweeping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The pool's place for `authority`, and a connection to it if one is usable now.
+    pub(crate) fn checkout(&self, authority: &Authority) -> (Slot, Option<Conn>) {
+        let mut hosts = self.inner.lock();
+        let host = match hosts.get_mut(authority.as_str()) {
+            Some(host) => host,
+            None => {
+                let key: Arc<str> = Arc::from(authority.as_str());
+                let host_header = HeaderValue::from_str(authority.as_str())
+                    .expect("an authority is a valid header value");
+                hosts.entry(key.clone()).or_insert(Host {
+                    key,
+                    host_header,
+                    idle: Vec::new(),
+                    http2: None,
+                })
+            }
+        };
+        let slot = Slot {
+            inner: self.inner.clone(),
+            key: host.key.clone(),
+            host_header: host.host_header.clone(),
+        };
+        (slot, host.take())
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Host>> {
+        self.hosts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn sweep(&self) {
+        let now = Instant::now();
+        let mut hosts = self.lock();
+        for host in hosts.values_mut() {
+            host.idle.retain(|i| {
+                !i.sender.is_closed() && now.duration_since(i.since) < self.idle_timeout
+            });
+            if host.http2.as_ref().is_some_and(|s| s.is_closed()) {
+                host.http2 = None;
+            }
+        }
+    }
+}
+
+impl Host {
+    fn take(&mut self) -> Option<Conn> {
+        if let Some(sender) = &self.http2 {
+            if !sender.is_closed() {
+                return Some(Conn::Http2(sender.clone()));
+            }
+            self.http2 = None;
+        }
+        while let Some(idle) = self.idle.pop() {
+            if idle.sender.is_ready() {
+                return Some(Conn::Http1(idle.sender));
+            }
+        }
+        None
+    }
+}
+
+impl Slot {
+    /// Keeps a new HTTP/2 connection for other requests to share (the first one made wins;
+    /// another made at the same time serves its own request and then closes).
+    pub(crate) fn share_http2(&self, sender: &http2::SendRequest<Body>) {
+        self.inner.start_sweeping();
+        let mut hosts = self.inner.lock();
+        if let Some(host) = hosts.get_mut(&self.key)
+            && host.http2.as_ref().is_none_or(|s| s.is_closed())
+        {
+            host.http2 = Some(sender.clone());
+        }
+    }
+
+    /// Sends `req` (absolute `https://` URI) on `conn`.
+    pub(crate) async fn send(
+        &self,
+        conn: Conn,
+        mut req: Request<Body>,
+    ) -> Result<Response<VendorBody>, SendError> {
+        match conn {
+            Conn::Http2(mut sender) => {
+                if let Err(e) = sender.ready().await {
+                    return Err(SendError::NotSent(Box::new(req), e));
+                }
+                let resp = sender.try_send_request(req).await.map_err(not_sent)?;
+                Ok(resp.map(|body| VendorBody {
+                    inner: body,
+                    checkin: None,
+                }))
+            }
+            Conn::Http1(mut sender) => {
+                // HTTP/1.1 to an origin: origin-form request target and a Host header.
+                let path = req
+                    .uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/"));
+                *req.uri_mut() = Uri::from(path);
+                req.headers_mut().insert(HOST, self.host_header.clone());
+                let resp = match sender.try_send_request(req).await {
+                    Ok(resp) => resp,
+                    Err(e) => {
+                        let mut e = not_sent(e);
+                        if let SendError::NotSent(req, _) = &mut e {
+                            // Back to absolute form, so any connection can take it.
+                            restore_absolute(req, &self.key);
+                        }
+                        return Err(e);
+                    }
+                };
+                let checkin = Checkin {
+                    inner: self.inner.clone(),
+                    key: self.key.clone(),
+                    sender: Some(sender),
+                };
+                Ok(resp.map(|body| VendorBody {
+                    inner: body,
+                    checkin: Some(checkin),
+                }))
+            }
+        }
+    }
+}
+
+fn not_sent(mut e: TrySendError<Request<Body>>) -> SendError {
+    match e.take_message() {
+        Some(req) => SendError::NotSent(Box::new(req), e.into_error()),
+        None => SendError::Failed(e.into_error()),
+    }
+}
+
+fn restore_absolute(req: &mut Request<Body>, authority: &str) {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTPS);
+    parts.authority = authority.parse().ok();
+    parts.path_and_query = req.uri().path_and_query().cloned();
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    req.headers_mut().remove(HOST);
+}
+
+impl Inner {
+    fn start_sweeping(self: &Arc<Self>) {
+        if self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let weak: Weak<Inner> = Arc::downgrade(self);
+        let every = (self.idle_timeout / 2).max(Duration::from_secs(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(inner) => inner.sweep(),
+                    None => return,
+                }
+            }
+        });
+    }
+
+    fn checkin(self: &Arc<Self>, key: &str, sender: http1::SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        if !sender.is_ready() {
+            // Not idle yet (the vendor answered before the request body was sent in full):
+            // wait for it off the request path.
+            let inner = self.clone();
+            let key: Arc<str> = Arc::from(key);
+            let mut sender = sender;
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    inner.put(&key, sender);
+                }
+            });
+            return;
+        }
+        self.put(key, sender);
+    }
+
+    fn put(self: &Arc<Self>, key: &str, sender: http1::SendRequest<Body>) {
+        self.start_sweeping();
+        let mut hosts = self.lock();
+        if let Some(host) = hosts.get_mut(key)
+            && host.idle.len() < self.max_idle_per_host
+        {
+            host.idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// A vendor's response body, streamed. Reading it to the end returns its HTTP/1.1
+/// connection to the pool; dropping it earlier closes that connection.
+pub struct VendorBody {
+    inner: Incoming,
+    checkin: Option<Checkin>,
+}
+
+struct Checkin {
+    inner: Arc<Inner>,
+    key: Arc<str>,
+    sender: Option<http1::SendRequest<Body>>,
+}
+
+impl Checkin {
+    fn done(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.inner.checkin(&self.key, sender);
+        }
+    }
+}
+
+impl http_body::Body for VendorBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled
+            && let Some(checkin) = &mut self.checkin
+        {
+            checkin.done();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for VendorBody {
+    fn drop(&mut self) {
+        // A body that was empty, or known complete, is never polled to its end by a server
+        // that checks `is_end_stream` first: its connection is still reusable.
+        if self.inner.is_end_stream()
+            && let Some(checkin) = &mut self.checkin
+        {
+            checkin.done();
+        }
+    }
+}
+
+impl std::fmt::Debug for VendorBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VendorBody").finish_non_exhaustive()
+    }
+}
