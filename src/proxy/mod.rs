@@ -309,12 +309,11 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         prepare_headers(&mut parts.headers);
 
-        let resp = match plan {
+        let req = match plan {
             Plan::Miradore(rw) => {
                 let creds = tenant.miradore.as_ref().ok_or_else(not_configured)?;
                 miradore::apply_headers(&mut parts.headers, &rw, creds)?;
-                let req = Request::from_parts(parts, Either::Left(body));
-                self.forward("miradore", host, req).await?
+                Request::from_parts(parts, Either::Left(body))
             }
             Plan::Mailkit(endpoint) => {
                 let creds = tenant.mailkit.as_ref().ok_or_else(not_configured)?;
@@ -327,14 +326,15 @@ impl Proxy {
                         "a compressed Mailkit body cannot be rewritten; send it uncompressed",
                     ));
                 }
-                let raw = read_limited(body, self.inner.config.rewrite_body_limit).await?;
+                // Boxed: a body read is a state machine the header-only rules need not carry.
+                let limit = self.inner.config.rewrite_body_limit;
+                let raw = Box::pin(read_limited(body, limit)).await?;
                 let rewritten = mailkit::rewrite(endpoint, &raw, creds)?;
                 drop(raw);
                 parts
                     .headers
                     .insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
-                let req = Request::from_parts(parts, upstream::full_body(rewritten));
-                self.forward("mailkit", host, req).await?
+                Request::from_parts(parts, upstream::full_body(rewritten))
             }
             Plan::M3ter(_) => {
                 let creds = tenant.m3ter.as_ref().ok_or_else(not_configured)?;
@@ -345,26 +345,26 @@ impl Proxy {
                     host,
                     replay_limit: self.inner.config.replay_body_limit,
                 };
-                m3ter_rule::send(ctx, parts, body).await?
+                // Boxed for the same reason: token exchange and replay.
+                let resp = Box::pin(m3ter_rule::send(ctx, parts, body)).await?;
+                return Ok(to_app(resp));
             }
         };
-        let (mut parts, body) = resp.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers, &[]);
-        Ok(Response::from_parts(parts, Either::Left(body)))
-    }
-
-    async fn forward(
-        &self,
-        vendor: &'static str,
-        host: &str,
-        req: Request<upstream::Body>,
-    ) -> Result<Response<upstream::VendorBody>, ProxyError> {
-        self.inner
+        let resp = self
+            .inner
             .client
             .send(req)
             .await
-            .map_err(|e| ProxyError::upstream(vendor, host, e))
+            .map_err(|e| ProxyError::upstream(log.vendor, host, e))?;
+        Ok(to_app(resp))
     }
+}
+
+/// The vendor's response as the app receives it: hop-by-hop headers removed, body streamed.
+fn to_app(resp: Response<upstream::VendorBody>) -> Response<ResponseBody> {
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, &[]);
+    Response::from_parts(parts, Either::Left(body))
 }
 
 /// The rule's decision, made before the request is taken apart.

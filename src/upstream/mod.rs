@@ -9,11 +9,13 @@ mod connect_to;
 mod pool;
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http::Uri;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response};
@@ -237,12 +239,14 @@ impl Client {
 
     /// Sends `req` (absolute `https://` URI) and returns once the response headers arrived;
     /// the body streams afterwards. Redirects are not followed.
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<VendorBody>, UpstreamError> {
-        match tokio::time::timeout(self.inner.response_header_timeout, self.send_pooled(req)).await
-        {
-            Ok(result) => result,
-            Err(_) => Err(UpstreamError::Timeout),
-        }
+    pub fn send(
+        &self,
+        req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<VendorBody>, UpstreamError>> + Send + '_ {
+        // Not an `async fn` nor an `async` block: either would hold the timed future twice
+        // (once captured, once awaited), and every proxied request moves this future.
+        let timed = tokio::time::timeout(self.inner.response_header_timeout, self.send_pooled(req));
+        timed.map(|outcome| outcome.unwrap_or(Err(UpstreamError::Timeout)))
     }
 
     async fn send_pooled(
@@ -260,7 +264,9 @@ impl Client {
         loop {
             let (conn, reused) = match pooled.take() {
                 Some(conn) => (conn, true),
-                None => (self.connect(&authority, &slot).await?, false),
+                // Boxed: dialing (TCP, TLS, HTTP/2 handshake) is a large state machine that
+                // would otherwise be moved around inline with every pooled request.
+                None => (Box::pin(self.connect(&authority, &slot)).await?, false),
             };
             match slot.send(conn, req).await {
                 Ok(resp) => return Ok(resp),

@@ -13,6 +13,7 @@
 //! an idle timeout, after which a background sweep closes them.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -20,6 +21,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
+use futures_util::future::Either;
 use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
@@ -165,22 +168,23 @@ impl Slot {
     }
 
     /// Sends `req` (absolute `https://` URI) on `conn`.
-    pub(crate) async fn send(
+    ///
+    /// Returns a combinator rather than being an `async fn`: this future is part of every
+    /// proxied request's state, and an `async fn` would also keep a copy of `req` beside
+    /// hyper's own future that already holds it.
+    pub(crate) fn send(
         &self,
         conn: Conn,
         mut req: Request<Body>,
-    ) -> Result<Response<VendorBody>, SendError> {
+    ) -> impl Future<Output = Result<Response<VendorBody>, SendError>> + Send + 'static {
         match conn {
-            Conn::Http2(mut sender) => {
-                if let Err(e) = sender.ready().await {
-                    return Err(SendError::NotSent(Box::new(req), e));
-                }
-                let resp = sender.try_send_request(req).await.map_err(not_sent)?;
+            Conn::Http2(mut sender) => Either::Left(sender.try_send_request(req).map(|sent| {
+                let resp = sent.map_err(not_sent)?;
                 Ok(resp.map(|body| VendorBody {
                     inner: body,
                     checkin: None,
                 }))
-            }
+            })),
             Conn::Http1(mut sender) => {
                 // HTTP/1.1 to an origin: origin-form request target and a Host header.
                 let path = req
@@ -190,25 +194,25 @@ impl Slot {
                     .unwrap_or_else(|| PathAndQuery::from_static("/"));
                 *req.uri_mut() = Uri::from(path);
                 req.headers_mut().insert(HOST, self.host_header.clone());
-                let resp = match sender.try_send_request(req).await {
-                    Ok(resp) => resp,
-                    Err(e) => {
-                        let mut e = not_sent(e);
-                        if let SendError::NotSent(req, _) = &mut e {
-                            // Back to absolute form, so any connection can take it.
-                            restore_absolute(req, &self.key);
-                        }
-                        return Err(e);
-                    }
-                };
+                let sent = sender.try_send_request(req);
                 let checkin = Checkin {
                     inner: self.inner.clone(),
                     key: self.key.clone(),
                     sender: Some(sender),
                 };
-                Ok(resp.map(|body| VendorBody {
-                    inner: body,
-                    checkin: Some(checkin),
+                Either::Right(sent.map(move |sent| match sent {
+                    Ok(resp) => Ok(resp.map(|body| VendorBody {
+                        inner: body,
+                        checkin: Some(checkin),
+                    })),
+                    Err(e) => {
+                        let mut e = not_sent(e);
+                        if let SendError::NotSent(req, _) = &mut e {
+                            // Back to absolute form, so any connection can take it.
+                            restore_absolute(req, &checkin.key);
+                        }
+                        Err(e)
+                    }
                 }))
             }
         }
