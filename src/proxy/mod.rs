@@ -39,7 +39,6 @@ use crate::upstream;
 use crate::vendors::m3ter::TokenSource;
 use crate::vendors::m3ter::rule as m3ter_rule;
 use crate::vendors::{mailkit, miradore};
-use route::Endpoint;
 
 /// The header that names the tenant; removed before forwarding.
 pub const TENANT_HEADER: HeaderName = HeaderName::from_static("x-sidekey-tenant");
@@ -141,6 +140,7 @@ struct VendorMetrics {
 }
 
 impl HotMetrics {
+    /// Label values, indexed like [`HotMetrics::vendor_index`] and the status classes.
     const VENDORS: [&'static str; 4] = ["miradore", "m3ter", "mailkit", "none"];
     const CLASSES: [&'static str; 3] = ["2xx", "4xx", "5xx"];
 
@@ -157,25 +157,62 @@ impl HotMetrics {
         }
     }
 
-    fn record(&self, vendor: &'static str, outcome: &'static str, seconds: f64) {
-        let Some(v) = Self::VENDORS.iter().position(|n| *n == vendor) else {
-            return;
-        };
+    fn vendor_index(vendor: Option<VendorKind>) -> usize {
+        match vendor {
+            Some(VendorKind::Miradore) => 0,
+            Some(VendorKind::M3ter) => 1,
+            Some(VendorKind::Mailkit) => 2,
+            None => 3,
+        }
+    }
+
+    /// Counts a request under `outcome`: a class for the vendor's answers, sidekey's error
+    /// code for its own.
+    fn record(&self, vendor: Option<VendorKind>, outcome: Outcome, seconds: f64) {
+        let v = Self::vendor_index(vendor);
         let m = &self.vendors[v];
-        match Self::CLASSES.iter().position(|c| *c == outcome) {
+        let hot = match outcome {
+            Outcome::Class(2) => Some(0),
+            Outcome::Class(4) => Some(1),
+            Outcome::Class(5) => Some(2),
+            _ => None,
+        };
+        match hot {
             Some(c) => m.status_class[c].increment(1),
             None => metrics::counter!("sidekey_proxy_requests_total",
-                "vendor" => vendor, "outcome" => outcome)
+                "vendor" => Self::VENDORS[v], "outcome" => outcome.label())
             .increment(1),
         }
         m.duration.record(seconds);
     }
 }
 
+/// The `outcome` label of a request.
+#[derive(Clone, Copy)]
+enum Outcome {
+    /// The first digit of the status the vendor answered.
+    Class(u8),
+    /// The error code of a refusal sidekey answered itself.
+    Refused(&'static str),
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Class(1) => "1xx",
+            Outcome::Class(2) => "2xx",
+            Outcome::Class(3) => "3xx",
+            Outcome::Class(4) => "4xx",
+            Outcome::Class(_) => "5xx",
+            Outcome::Refused(code) => code,
+        }
+    }
+}
+
 /// What one request's log line and metrics say, filled in as the request is understood.
 struct RequestLog {
     tenant: Option<Arc<str>>,
-    vendor: &'static str,
+    vendor: Option<VendorKind>,
     host: Option<Box<str>>,
 }
 
@@ -211,7 +248,7 @@ impl Proxy {
         let path: Box<str> = req.uri().path().into();
         let mut log = RequestLog {
             tenant: None,
-            vendor: "none",
+            vendor: None,
             host: None,
         };
         // Boxed: the routing future holds the whole upstream exchange, and wrapping it inline
@@ -230,13 +267,10 @@ impl Proxy {
         };
         let elapsed = start.elapsed();
         let status = resp.status();
-        let outcome = code.unwrap_or(match status.as_u16() / 100 {
-            1 => "1xx",
-            2 => "2xx",
-            3 => "3xx",
-            4 => "4xx",
-            _ => "5xx",
-        });
+        let outcome = match code {
+            Some(code) => Outcome::Refused(code),
+            None => Outcome::Class(u8::try_from(status.as_u16() / 100).unwrap_or(5)),
+        };
         self.inner
             .metrics
             .record(log.vendor, outcome, elapsed.as_secs_f64());
@@ -254,14 +288,14 @@ impl Proxy {
                 }
             };
             metrics::counter!("sidekey_proxy_requests_by_tenant_total",
-                "tenant" => label, "vendor" => log.vendor)
+                "tenant" => label, "vendor" => vendor_label(log.vendor))
             .increment(1);
         }
         // Path without query: Miradore v1 keys travel in the query.
         tracing::info!(
             request_id,
             tenant = log.tenant.as_deref().unwrap_or("-"),
-            vendor = log.vendor,
+            vendor = vendor_label(log.vendor),
             method = %method,
             path = %path,
             status = status.as_u16(),
@@ -286,7 +320,7 @@ impl Proxy {
         };
         drop(snapshot);
         log.tenant = Some(tenant.id.clone());
-        log.vendor = vendor_label(&target.endpoint);
+        log.vendor = target.endpoint.vendor();
         let host = route::upstream_host(&target.endpoint, &tenant)?;
         log.host = Some(host.into());
         let mut plan = plan(&req, &target, &tenant)?;
@@ -355,7 +389,7 @@ impl Proxy {
             .client
             .send(req)
             .await
-            .map_err(|e| ProxyError::upstream(log.vendor, host, e))?;
+            .map_err(|e| ProxyError::upstream(vendor_label(log.vendor), host, e))?;
         Ok(to_app(resp))
     }
 }
@@ -408,8 +442,9 @@ fn not_configured() -> ProxyError {
     ProxyError::bad_request("the tenant has no connection for this vendor")
 }
 
-fn vendor_label(endpoint: &Endpoint<'_>) -> &'static str {
-    endpoint.vendor().map_or("none", VendorKind::as_str)
+/// The `vendor` label and log field: the vendor's name, or `none` before one is known.
+fn vendor_label(vendor: Option<VendorKind>) -> &'static str {
+    vendor.map_or("none", VendorKind::as_str)
 }
 
 /// Request headers toward any vendor: no hop-by-hop headers, no tenant naming, no `Host`
