@@ -239,7 +239,7 @@ fn restore_absolute(req: &mut Request<Body>, authority: &str) {
 
 impl Inner {
     fn start_sweeping(self: &Arc<Self>) {
-        if self.sweeping.swap(true, Ordering::Relaxed) {
+        if self.sweeping.load(Ordering::Relaxed) || self.sweeping.swap(true, Ordering::Relaxed) {
             return;
         }
         let weak: Weak<Inner> = Arc::downgrade(self);
