@@ -259,7 +259,11 @@ impl Client {
             .cloned()
             .ok_or_else(|| UpstreamError::Protocol("the request URI names no host".into()))?;
         let pool = &self.inner.pool;
-        let (slot, mut pooled) = pool.checkout(&authority);
+        let checkout = |authority| {
+            pool.checkout(authority)
+                .map_err(|e| UpstreamError::Protocol(Box::new(e)))
+        };
+        let (slot, mut pooled) = checkout(&authority)?;
         let mut attempts = 0;
         loop {
             let (conn, reused) = match pooled.take() {
@@ -276,9 +280,11 @@ impl Client {
                     tracing::debug!(%error, "pooled vendor connection was closed; retrying");
                     req = *back;
                     attempts += 1;
-                    pooled = (attempts < REUSE_ATTEMPTS)
-                        .then(|| pool.checkout(&authority).1)
-                        .flatten();
+                    pooled = if attempts < REUSE_ATTEMPTS {
+                        checkout(&authority)?.1
+                    } else {
+                        None
+                    };
                 }
                 Err(SendError::NotSent(_, e) | SendError::Failed(e)) => {
                     return Err(UpstreamError::from_hyper(e));

@@ -93,14 +93,16 @@ impl Pool {
     }
 
     /// The pool's place for `authority`, and a connection to it if one is usable now.
-    pub(crate) fn checkout(&self, authority: &Authority) -> (Slot, Option<Conn>) {
+    pub(crate) fn checkout(
+        &self,
+        authority: &Authority,
+    ) -> Result<(Slot, Option<Conn>), http::header::InvalidHeaderValue> {
         let mut hosts = self.inner.lock();
         let host = match hosts.get_mut(authority.as_str()) {
             Some(host) => host,
             None => {
                 let key: Arc<str> = Arc::from(authority.as_str());
-                let host_header = HeaderValue::from_str(authority.as_str())
-                    .expect("an authority is a valid header value");
+                let host_header = HeaderValue::from_str(authority.as_str())?;
                 hosts.entry(key.clone()).or_insert(Host {
                     key,
                     host_header,
@@ -114,7 +116,8 @@ impl Pool {
             key: host.key.clone(),
             host_header: host.host_header.clone(),
         };
-        (slot, host.take())
+        let conn = host.take();
+        Ok((slot, conn))
     }
 }
 
