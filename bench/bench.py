@@ -265,8 +265,8 @@ def start_sidekey(procs, bins, tmp, name, cpu, ca, mock_port, tenants_file):
         SIDEKEY_MASTER_KEY=base64.b64encode(os.urandom(32)).decode(),
         # warn: one info line per request would measure the logger, not the proxy.
         RUST_LOG="warn",
-        # main.rs builds its runtime with Runtime::new(), which reads this: one worker for
-        # one core (taskset alone would give the same count, the variable makes it explicit).
+        # One worker for one core (taskset alone would give the same count, the variable
+        # makes it explicit); with one, main.rs picks tokio's current-thread runtime.
         TOKIO_WORKER_THREADS="1",
     )
     argv = [
@@ -636,8 +636,9 @@ def report(a, info, cases, results, extra):
       f"{a.load_cpu}. wrk does not verify the mock's certificate in the direct case; nginx and "
       f"sidekey do.")
     threads = ", ".join(f"{n} ×{k}" for n, k in sorted(extra.get("sidekey_threads", {}).items()))
-    w(f"- sidekey's threads (name ×count): {threads}; one tokio worker plus tokio's blocking "
-      f"pool (file and store work)")
+    w(f"- sidekey's threads (name ×count): {threads}; the `sidekey` main thread runs the "
+      f"current-thread runtime (`TOKIO_WORKER_THREADS=1`), the others are tokio's blocking "
+      f"pool (file and store work, idle under load)")
     w("")
     w("Medians over the repetitions, (min–max) after them. Latency is wrk's, from request "
       "written to response read, for completed requests. CPU is the proxy's user+system time "

@@ -73,13 +73,46 @@ async fn wait_for_signal() {
     }
 }
 
+/// The runtime of `serve`: one worker thread per CPU sidekey may use (CPU affinity and
+/// cgroup quota count; `TOKIO_WORKER_THREADS` overrides, as for any tokio program). With a
+/// single worker, the usual budget of a sidecar, it is a current-thread runtime: the same
+/// work without the multi-thread scheduler's cross-thread bookkeeping on every wake-up
+/// (linkerd2-proxy makes the same choice). Blocking store and file work still goes to
+/// tokio's blocking pool either way.
+fn serve_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = match std::env::var("TOKIO_WORKER_THREADS") {
+        Ok(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("TOKIO_WORKER_THREADS must be a whole number above 0, not {v:?}"),
+                )
+            })?,
+        Err(_) => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+    };
+    if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (client, command) = match cli.command {
         Command::Serve(args) => {
             let config = args.into_config(std::env::var("SIDEKEY_MASTER_KEY").ok());
             init_logging(config.log_format);
-            let runtime = match tokio::runtime::Runtime::new() {
+            let runtime = match serve_runtime() {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("sidekey: cannot start the runtime: {e}");

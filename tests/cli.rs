@@ -26,6 +26,16 @@ fn serve(dir: &Path, key: &str) -> Result<Server, String> {
 }
 
 fn serve_with(dir: &Path, key: &str, extra: &[&str], rust_log: &str) -> Result<Server, String> {
+    serve_with_env(dir, key, extra, rust_log, &[])
+}
+
+fn serve_with_env(
+    dir: &Path,
+    key: &str,
+    extra: &[&str],
+    rust_log: &str,
+    env: &[(&str, &str)],
+) -> Result<Server, String> {
     let socket = dir.join("grpc.sock");
     let mut child = bin()
         .args([
@@ -42,6 +52,7 @@ fn serve_with(dir: &Path, key: &str, extra: &[&str], rust_log: &str) -> Result<S
         .arg(dir.join("data"))
         .env("SIDEKEY_MASTER_KEY", key)
         .env("RUST_LOG", rust_log)
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -218,6 +229,49 @@ fn operator_workflow_survives_a_crash() {
     // A restart with another master key fails clearly instead of serving garbage.
     let failed = serve(dir.path(), OTHER_KEY).err().expect("must not start");
     assert!(failed.contains("master key"), "{failed}");
+}
+
+#[test]
+fn one_worker_thread_serves_on_a_current_thread_runtime() {
+    // TOKIO_WORKER_THREADS=1 (or one CPU) selects the current-thread runtime: everything,
+    // store start-up and the control plane included, must still work on it.
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_with_env(
+        dir.path(),
+        KEY,
+        &[],
+        "info",
+        &[("TOKIO_WORKER_THREADS", "1")],
+    )
+    .unwrap();
+    stdout(&server.cli_with_stdin(
+        &[
+            "tenants",
+            "create",
+            "solo",
+            "--miradore-site",
+            "Solo1",
+            "--miradore-api-key-file",
+            "-",
+        ],
+        Some("solo-key\n"),
+    ));
+    let shown = stdout(&server.cli(&["tenants", "get", "solo"]));
+    assert!(shown.contains("Solo1"), "{shown}");
+
+    for bad in ["0", "many"] {
+        let dir = tempfile::tempdir().unwrap();
+        let failed = serve_with_env(
+            dir.path(),
+            KEY,
+            &[],
+            "info",
+            &[("TOKIO_WORKER_THREADS", bad)],
+        )
+        .err()
+        .expect("must not start");
+        assert!(failed.contains("TOKIO_WORKER_THREADS"), "{failed}");
+    }
 }
 
 #[test]
