@@ -244,8 +244,9 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         let start = Instant::now();
         let request_id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let method = req.method().clone();
-        let path: Box<str> = req.uri().path().into();
+        // The log line's request fields, copied only when the line will be written.
+        let logged = tracing::enabled!(tracing::Level::INFO)
+            .then(|| (req.method().clone(), Box::<str>::from(req.uri().path())));
         let mut log = RequestLog {
             tenant: None,
             vendor: None,
@@ -291,18 +292,20 @@ impl Proxy {
                 "tenant" => label, "vendor" => vendor_label(log.vendor))
             .increment(1);
         }
-        // Path without query: Miradore v1 keys travel in the query.
-        tracing::info!(
-            request_id,
-            tenant = log.tenant.as_deref().unwrap_or("-"),
-            vendor = vendor_label(log.vendor),
-            method = %method,
-            path = %path,
-            status = status.as_u16(),
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            error = code.unwrap_or(""),
-            "proxied request"
-        );
+        if let Some((method, path)) = logged {
+            // Path without query: Miradore v1 keys travel in the query.
+            tracing::info!(
+                request_id,
+                tenant = log.tenant.as_deref().unwrap_or("-"),
+                vendor = vendor_label(log.vendor),
+                method = %method,
+                path = %path,
+                status = status.as_u16(),
+                latency_ms = elapsed.as_secs_f64() * 1000.0,
+                error = code.unwrap_or(""),
+                "proxied request"
+            );
+        }
         resp
     }
 
