@@ -4,6 +4,9 @@
 //! timeouts toward vendors, nothing about tenants or the app's connection. Certificates are
 //! always verified against the public web roots plus the operator's `--upstream-ca` files;
 //! there is deliberately no switch to turn verification off.
+//!
+//! - `connect_to`: the TCP dialer under TLS (`--connect-to`, connect timeout).
+//! - `pool`: idle HTTP/1.1 and shared HTTP/2 connections per vendor host.
 
 mod connect_to;
 mod pool;
