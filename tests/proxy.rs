@@ -1232,6 +1232,29 @@ async fn vendor_closing_a_connection_is_not_an_error() {
 }
 
 #[tokio::test]
+async fn vendor_closing_an_idle_connection_silently_is_not_an_error() {
+    // No `Connection: close`: the vendor just closes the idle connection. The next request
+    // must not fail on it, whether sidekey has noticed the close yet (and skips the
+    // connection) or not (and the request, never sent, goes on a new one).
+    let ca = TestCa::new("ca");
+    let mock = MockVendor::builder(&ca)
+        .http1_only()
+        .close_idle_after(std::time::Duration::from_millis(50))
+        .start()
+        .await;
+    let proxy = TestProxy::builder()
+        .tenant(acme())
+        .trust(&ca)
+        .route_to(&mock)
+        .start()
+        .await;
+    assert_eq!(sequential(&proxy, reqwest::Method::GET, 1).await[0].0, 200);
+    mock.wait_closed(1).await;
+    assert_eq!(sequential(&proxy, reqwest::Method::GET, 1).await[0].0, 200);
+    assert_eq!(mock.connections(), 2);
+}
+
+#[tokio::test]
 async fn idle_vendor_connections_are_closed_after_the_idle_timeout() {
     let ca = TestCa::new("ca");
     let mock = MockVendor::builder(&ca).http1_only().start().await;

@@ -23,7 +23,7 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -200,12 +200,19 @@ pub struct MockVendorBuilder<'a> {
     names: Vec<String>,
     responder: Responder,
     http1_only: bool,
+    close_idle_after: Option<Duration>,
 }
 
 impl MockVendorBuilder<'_> {
     /// Offer only `http/1.1` in ALPN (default: `h2` and `http/1.1`).
     pub fn http1_only(mut self) -> Self {
         self.http1_only = true;
+        self
+    }
+    /// Close an HTTP/1.1 connection, without a word, once it has been idle for `idle`:
+    /// what a vendor's load balancer does to keep-alive connections.
+    pub fn close_idle_after(mut self, idle: Duration) -> Self {
+        self.close_idle_after = Some(idle);
         self
     }
     /// Certificate names (default: every vendor host in [`VENDOR_NAMES`]).
@@ -255,6 +262,7 @@ impl MockVendorBuilder<'_> {
             closed: tokio::sync::watch::channel(0).0,
             responder: self.responder,
         });
+        let close_idle_after = self.close_idle_after;
         let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
         let st = state.clone();
         tokio::spawn(async move {
@@ -276,9 +284,16 @@ impl MockVendorBuilder<'_> {
                         let st = served.clone();
                         async move { Ok::<_, Infallible>(st.answer(req).await) }
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
+                    let mut server = auto::Builder::new(TokioExecutor::new());
+                    if let Some(idle) = close_idle_after {
+                        // hyper's head timeout runs from the moment the connection waits for
+                        // the next request, so it is the keep-alive idle timeout too.
+                        server
+                            .http1()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(idle);
+                    }
+                    let _ = server.serve_connection(TokioIo::new(tls), svc).await;
                     st.closed.send_modify(|n| *n += 1);
                 });
             }
@@ -389,6 +404,7 @@ impl MockVendor {
             names: VENDOR_NAMES.iter().map(|s| s.to_string()).collect(),
             responder: Arc::new(|_| MockResponse::ok("{}")),
             http1_only: false,
+            close_idle_after: None,
         }
     }
     pub fn addr(&self) -> SocketAddr {
