@@ -1271,3 +1271,25 @@ async fn idle_vendor_connections_are_closed_after_the_idle_timeout() {
     assert_eq!(sequential(&proxy, reqwest::Method::GET, 1).await[0].0, 200);
     assert_eq!(mock.connections(), 2);
 }
+
+#[tokio::test]
+async fn a_vendor_body_dropped_off_the_runtime_does_not_panic() {
+    // The body hands its connection back when dropped; a thread without a runtime (a
+    // caller's own, or a runtime shutting down) must not make that panic.
+    let ca = TestCa::new("ca");
+    let mock = MockVendor::builder(&ca)
+        .http1_only()
+        .respond(|_| MockResponse::status(204))
+        .start()
+        .await;
+    let client = support::upstream_client(&ca, &mock);
+    let req = http::Request::get("https://online.miradore.com/api/v2/Device")
+        .body(sidekey::upstream::empty_body())
+        .unwrap();
+    let resp = client.send(req).await.unwrap();
+    assert_eq!(resp.status(), 204);
+    let body = resp.into_body();
+    std::thread::spawn(move || drop(body))
+        .join()
+        .expect("dropping the body off the runtime panicked");
+}

@@ -222,6 +222,15 @@ impl Slot {
     }
 }
 
+/// Spawns `task` on the current runtime. A response body can be dropped outside one (while
+/// a runtime shuts down, or by a caller off the runtime); the pool's background work is then
+/// skipped, and a connection it would have kept is closed instead.
+fn spawn_if_running(task: impl Future<Output = ()> + Send + 'static) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(task);
+    }
+}
+
 fn not_sent(mut e: TrySendError<Request<Body>>) -> SendError {
     match e.take_message() {
         Some(req) => SendError::NotSent(Box::new(req), e.into_error()),
@@ -242,12 +251,19 @@ fn restore_absolute(req: &mut Request<Body>, authority: &str) {
 
 impl Inner {
     fn start_sweeping(self: &Arc<Self>) {
-        if self.sweeping.load(Ordering::Relaxed) || self.sweeping.swap(true, Ordering::Relaxed) {
+        if self.sweeping.load(Ordering::Relaxed) {
+            return;
+        }
+        // Off a runtime (see `spawn_if_running`) the sweep starts with a later checkin.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.sweeping.swap(true, Ordering::Relaxed) {
             return;
         }
         let weak: Weak<Inner> = Arc::downgrade(self);
         let every = (self.idle_timeout / 2).max(Duration::from_secs(1));
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -270,7 +286,7 @@ impl Inner {
             let inner = self.clone();
             let key: Arc<str> = Arc::from(key);
             let mut sender = sender;
-            tokio::spawn(async move {
+            spawn_if_running(async move {
                 if sender.ready().await.is_ok() {
                     inner.put(&key, sender);
                 }
