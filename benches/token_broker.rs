@@ -1,5 +1,5 @@
 //! Token broker under load, end to end: the full server (`server::start`) in front of a mock
-//! m3ter over real TLS. 1,000 tenants with distinct credentials, 10,000 requests spread over
+//! m3ter over real TLS. 1,000 tenants with distinct credentials, 100,000 requests spread over
 //! them with bounded concurrency. Prints how many exchanges m3ter saw and the latency of
 //! each tenant's first request (which waits for an exchange) against later ones (cache hits).
 //!
@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use support::{MockResponse, MockVendor, TestCa};
 
 const TENANTS: usize = 1_000;
-const REQUESTS: usize = 10_000;
+const REQUESTS: usize = 100_000;
 const CONCURRENCY: usize = 64;
 const ORG: &str = "0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa";
 const MASTER_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
