@@ -459,14 +459,11 @@ fn prepare_headers(headers: &mut http::HeaderMap) {
 
 /// `https://{host}{path_and_query}`, assembled from its parts (no formatting and re-parsing).
 fn upstream_uri(host: &str, path_and_query: Bytes) -> Result<Uri, ProxyError> {
-    let invalid = |_| ProxyError::bad_request("the request path is not a valid URI");
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTPS);
-    parts.authority = Some(host.parse().map_err(invalid)?);
-    parts.path_and_query =
-        Some(http::uri::PathAndQuery::from_maybe_shared(path_and_query).map_err(invalid)?);
-    Uri::from_parts(parts)
-        .map_err(|_| ProxyError::bad_request("the request path is not a valid URI"))
+    let invalid = || ProxyError::bad_request("the request path is not a valid URI");
+    let authority = host.parse().map_err(|_| invalid())?;
+    let path_and_query =
+        http::uri::PathAndQuery::from_maybe_shared(path_and_query).map_err(|_| invalid())?;
+    upstream::https_uri(authority, path_and_query).map_err(|_| invalid())
 }
 
 /// Reads a body that a rule must rewrite, refusing it past `limit` without reading further.

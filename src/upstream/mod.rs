@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::FutureExt as _;
 use http::Uri;
-use http::uri::{Authority, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -282,6 +282,12 @@ impl Client {
                 Err(SendError::NotSent(back, error)) if reused => {
                     tracing::debug!(%error, "pooled vendor connection was closed; retrying");
                     req = *back;
+                    // Back to absolute form without `Host`, so any connection can take it.
+                    if let Some(path) = req.uri().path_and_query().cloned() {
+                        *req.uri_mut() = https_uri(authority.clone(), path)
+                            .map_err(|e| UpstreamError::Protocol(Box::new(e)))?;
+                    }
+                    req.headers_mut().remove(http::header::HOST);
                     attempts += 1;
                     pooled = if attempts < REUSE_ATTEMPTS {
                         checkout(&authority)?.1
@@ -299,11 +305,7 @@ impl Client {
     /// Dials `authority` (TCP, then TLS with ALPN) and starts an HTTP/2 or HTTP/1.1
     /// connection on it, whichever the vendor chose.
     async fn connect(&self, authority: &Authority, slot: &Slot) -> Result<Conn, UpstreamError> {
-        let uri = Uri::builder()
-            .scheme(Scheme::HTTPS)
-            .authority(authority.clone())
-            .path_and_query("/")
-            .build()
+        let uri = https_uri(authority.clone(), PathAndQuery::from_static("/"))
             .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
         let io = self
             .inner
@@ -318,11 +320,7 @@ impl Client {
                 .handshake(io)
                 .await
                 .map_err(UpstreamError::from_hyper)?;
-            tokio::spawn(async move {
-                if let Err(error) = conn.await {
-                    tracing::debug!(%error, "vendor HTTP/2 connection ended with an error");
-                }
-            });
+            drive(conn, "HTTP/2");
             slot.share_http2(&sender);
             Ok(Conn::Http2(sender))
         } else {
@@ -330,14 +328,32 @@ impl Client {
                 .handshake(io)
                 .await
                 .map_err(UpstreamError::from_hyper)?;
-            tokio::spawn(async move {
-                if let Err(error) = conn.await {
-                    tracing::debug!(%error, "vendor HTTP/1.1 connection ended with an error");
-                }
-            });
+            drive(conn, "HTTP/1.1");
             Ok(Conn::Http1(sender))
         }
     }
+}
+
+/// `https://{authority}{path_and_query}`: every URI toward a vendor is put together here,
+/// from parts already parsed (no formatting and parsing back).
+pub(crate) fn https_uri(
+    authority: Authority,
+    path_and_query: PathAndQuery,
+) -> Result<Uri, http::uri::InvalidUriParts> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTPS);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts)
+}
+
+/// Runs a vendor connection in its own task until it closes; hyper's senders talk to it.
+fn drive(conn: impl Future<Output = hyper::Result<()>> + Send + 'static, protocol: &'static str) {
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            tracing::debug!(%error, protocol, "vendor connection ended with an error");
+        }
+    });
 }
 
 fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> Result<(), UpstreamConfigError> {

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use futures_util::FutureExt as _;
 use futures_util::future::Either;
 use http::header::HOST;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -74,7 +74,8 @@ pub(crate) struct Slot {
 /// Why sending on a connection failed.
 pub(crate) enum SendError {
     /// The connection was closed before the request was written: the request is handed back
-    /// and may go on another connection.
+    /// (in the form that connection wanted: origin-form with `Host` for HTTP/1.1) and may go
+    /// on another connection.
     NotSent(Box<Request<Body>>, hyper::Error),
     /// The request may have reached the vendor; it must not be sent again.
     Failed(hyper::Error),
@@ -203,19 +204,12 @@ impl Slot {
                     key: self.key.clone(),
                     sender: Some(sender),
                 };
-                Either::Right(sent.map(move |sent| match sent {
-                    Ok(resp) => Ok(resp.map(|body| VendorBody {
+                Either::Right(sent.map(move |sent| {
+                    let resp = sent.map_err(not_sent)?;
+                    Ok(resp.map(|body| VendorBody {
                         inner: body,
                         checkin: Some(checkin),
-                    })),
-                    Err(e) => {
-                        let mut e = not_sent(e);
-                        if let SendError::NotSent(req, _) = &mut e {
-                            // Back to absolute form, so any connection can take it.
-                            restore_absolute(req, &checkin.key);
-                        }
-                        Err(e)
-                    }
+                    }))
                 }))
             }
         }
@@ -236,17 +230,6 @@ fn not_sent(mut e: TrySendError<Request<Body>>) -> SendError {
         Some(req) => SendError::NotSent(Box::new(req), e.into_error()),
         None => SendError::Failed(e.into_error()),
     }
-}
-
-fn restore_absolute(req: &mut Request<Body>, authority: &str) {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTPS);
-    parts.authority = authority.parse().ok();
-    parts.path_and_query = req.uri().path_and_query().cloned();
-    if let Ok(uri) = Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
-    }
-    req.headers_mut().remove(HOST);
 }
 
 impl Inner {
