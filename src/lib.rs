@@ -17,6 +17,8 @@ pub mod server;
 pub mod store;
 pub mod tenants;
 pub mod tenants_file;
+#[cfg(test)]
+mod testing;
 pub mod upstream;
 pub mod vendors;
 

@@ -745,8 +745,7 @@ fn open_secret(keys: &MasterKeys, place: &str, sealed: &str) -> Result<Secret, S
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-    use std::sync::Mutex;
+    use crate::testing::LogCapture;
 
     use super::*;
 
@@ -933,30 +932,12 @@ mod tests {
         assert!(msg.contains("written by a newer sidekey"), "{msg}");
     }
 
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// Every path that logs (generation, creation, rotation, refusals) at trace level, and
     /// every error message, searched for each secret and each key.
     #[test]
     fn no_secret_or_key_in_logs_or_errors() {
-        let capture = Capture::default();
-        let writer = capture.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
+        let capture = LogCapture::default();
+        let subscriber = capture.subscriber();
         let dir = tempfile::tempdir().unwrap();
         let mut errors = Vec::new();
         tracing::subscriber::with_default(subscriber, || {
@@ -1003,7 +984,7 @@ mod tests {
             errors.push(generated_key);
         });
         let generated_key = errors.pop().unwrap();
-        let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let logs = capture.text();
         assert!(logs.contains("rotation finished"), "{logs}");
         assert!(logs.contains("beside the secrets"), "{logs}");
         let haystack = format!("{logs}\n{}", errors.join("\n"));

@@ -556,6 +556,7 @@ impl TokenSource for TokenBroker {
 
 #[cfg(test)]
 mod tests {
+    use crate::testing::LogCapture;
     use std::collections::{HashMap, VecDeque};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -1083,28 +1084,10 @@ mod tests {
         assert_eq!(cfg.backoff(1, Some(secs(3600))), secs(60));
     }
 
-    /// Collects everything logged at trace level.
-    #[derive(Clone, Default)]
-    struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for LogBuffer {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn no_flow_logs_a_secret_or_a_token() {
-        let logs = LogBuffer::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(move || writer.clone())
-            .finish();
+        let logs = LogCapture::default();
+        let subscriber = logs.subscriber();
         // Thread-local; the paused-clock runtime runs every task on this thread.
         let _guard = tracing::subscriber::set_default(subscriber);
 
@@ -1124,7 +1107,7 @@ mod tests {
         b.retain(&snapshot([], 2)).await;
         settle().await;
 
-        let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let logs = logs.text();
         assert!(logs.contains("m3ter token exchange failed"), "{logs}");
         for shown in [logs, format!("{err:?} {first:?} {second:?} {c:?}")] {
             for secret in ["api-secret-value", "token-value"] {
