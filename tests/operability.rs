@@ -14,6 +14,11 @@ use sidekey::tenants::{Connections, MiradoreConn};
 use support::{MockResponse, MockVendor, TestCa, connect_to_rules};
 use tokio::sync::Notify;
 
+/// The metrics recorder is process-wide. Under `cargo test` every test of this file runs on a
+/// thread of one process, so one test's traffic would move the counters another test reads;
+/// each test holds this lock for its whole run (nextest runs a process per test anyway).
+static ONE_TEST_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn start(dir: &std::path::Path, ca: &TestCa, mock: &MockVendor) -> Running {
     start_with(dir, ca, mock, false).await
 }
@@ -62,6 +67,7 @@ fn metric(text: &str, series: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_finishes_in_flight_requests_and_refuses_new_connections() {
+    let _serial = ONE_TEST_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("drain test CA");
     let gate = Arc::new(Notify::new());
@@ -130,6 +136,7 @@ async fn drain_finishes_in_flight_requests_and_refuses_new_connections() {
 
 #[tokio::test]
 async fn metrics_move_with_traffic() {
+    let _serial = ONE_TEST_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("metrics test CA");
     let mock = MockVendor::builder(&ca)
@@ -186,6 +193,7 @@ async fn metrics_move_with_traffic() {
 
 #[tokio::test]
 async fn the_opt_in_tenant_label_is_capped() {
+    let _serial = ONE_TEST_AT_A_TIME.lock().await;
     use sidekey::proxy::MAX_TENANT_LABELS;
     use sidekey::tenants::{Declared, DeclaredTenant};
     let dir = tempfile::tempdir().unwrap();

@@ -937,10 +937,10 @@ mod tests {
     #[test]
     fn no_secret_or_key_in_logs_or_errors() {
         let capture = LogCapture::default();
-        let subscriber = capture.subscriber();
         let dir = tempfile::tempdir().unwrap();
         let mut errors = Vec::new();
-        tracing::subscriber::with_default(subscriber, || {
+        {
+            let _guard = capture.capture();
             let generated = MasterKeys::load(
                 &super::super::master_key::MasterKeySource::Generate,
                 dir.path(),
@@ -982,7 +982,7 @@ mod tests {
                     .to_string(),
             );
             errors.push(generated_key);
-        });
+        }
         let generated_key = errors.pop().unwrap();
         let logs = capture.text();
         assert!(logs.contains("rotation finished"), "{logs}");

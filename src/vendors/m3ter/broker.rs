@@ -1087,9 +1087,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn no_flow_logs_a_secret_or_a_token() {
         let logs = LogCapture::default();
-        let subscriber = logs.subscriber();
         // Thread-local; the paused-clock runtime runs every task on this thread.
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let _guard = logs.capture();
 
         let fake = Fake::new([
             Step::Fail(refused(401)),
