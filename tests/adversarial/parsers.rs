@@ -560,9 +560,46 @@ fn lenient_segments(path: &str) -> Vec<String> {
 
 const OTHER_ORG: &str = "11111111-2222-3333-4444-555555555555";
 
-fn path_segments(pool: Vec<&'static str>) -> impl Strategy<Value = Vec<&'static str>> {
-    prop::collection::vec(prop::sample::select(pool), 0..7)
+/// Two head segments (what the rule checks) and up to five more, some of which climb two
+/// levels at once, so a climb out of the checked head and back in is generated often.
+fn path_segments(
+    heads: (Vec<&'static str>, Vec<&'static str>),
+    pool: Vec<&'static str>,
+) -> impl Strategy<Value = Vec<&'static str>> {
+    (
+        prop::sample::select(heads.0),
+        prop::sample::select(heads.1),
+        prop::collection::vec(prop::sample::select(pool), 0..6),
+    )
+        .prop_map(|(a, b, rest)| [vec![a, b], rest].concat())
 }
+
+/// Segments and climbs common to both vendors' pools.
+const CLIMBS: &[&str] = &[
+    "",
+    ".",
+    "..",
+    "..;",
+    "..;/..;",
+    "../..",
+    "%2e%2e",
+    "%2e%2e/%2e%2e",
+    "%2E",
+    "..%2f",
+    "..%2f..%2f",
+    "..%2F..%2F",
+    ";",
+    "x;y",
+    "%2f",
+    "%5c",
+    "\\..",
+    "%252e%252e",
+    "%252e%252e/%252e%252e",
+    "%41",
+    "%20",
+    "a.b",
+    "~x",
+];
 
 /// Segments that are canonical on their own: liveness is checked on paths made of these.
 const GOOD_SEGMENTS: &[&str] = &["organizations", M3TER_ORG, "meters", "a.b", "~x", "%20"];
@@ -570,123 +607,111 @@ const GOOD_SEGMENTS: &[&str] = &["organizations", M3TER_ORG, "meters", "a.b", "~
 #[test]
 fn m3ter_token_goes_only_to_the_tenants_organisation_or_the_path_is_refused() {
     let h = Harness::start();
-    let pool = vec![
-        "organizations",
-        "Organizations",
-        "%6Frganizations",
-        M3TER_ORG,
-        OTHER_ORG,
-        "meters",
-        "measurements",
-        "",
-        ".",
-        "..",
-        "..;",
-        "%2e%2e",
-        "%2E",
-        "..%2f",
-        "..%2F..%2F",
-        "x;y",
-        ";",
-        "%2f",
-        "%5c",
-        "\\..",
-        "%252e%252e",
-        "%41",
-        "%20",
-        "a.b",
-        "~x",
-    ];
+    let heads = (
+        vec![
+            "organizations",
+            "organizations",
+            "Organizations",
+            "%6Frganizations",
+            "",
+            "organizations;x",
+        ],
+        vec![M3TER_ORG, M3TER_ORG, OTHER_ORG, "", "..", "..;"],
+    );
+    let pool = [
+        CLIMBS,
+        &[
+            "organizations",
+            "Organizations",
+            M3TER_ORG,
+            OTHER_ORG,
+            "meters",
+            "measurements",
+        ],
+    ]
+    .concat();
     let forms = prop::sample::select(vec![
         ("/m3ter", "127.0.0.1"),
         ("/m3ter-ingest", "127.0.0.1"),
         ("http://api.m3ter.com", "api.m3ter.com"),
         ("http://ingest.m3ter.com", "ingest.m3ter.com"),
     ]);
-    h.check((forms, path_segments(pool)), |((prefix, host), segs)| {
-        let path = format!("/{}", segs.join("/"));
-        let (status, code, forwarded) = h.get_raw(&format!("{prefix}{path}"), host);
-        let read = lenient_segments(&path);
-        let names_org = read
-            .first()
-            .is_some_and(|s| s.eq_ignore_ascii_case("organizations"));
-        match (code, forwarded) {
-            (Some(code), None) => {
-                prop_assert!(status == 400 || status == 403, "{status} {code}");
-                let good = segs.iter().all(|s| GOOD_SEGMENTS.contains(s));
-                let own_org =
-                    segs.first() != Some(&"organizations") || segs.get(1) == Some(&M3TER_ORG);
-                prop_assert!(!(good && own_org), "refused canonical {path}: {code}");
-            }
-            (None, Some(sent)) => {
-                prop_assert_eq!(&sent, &path, "the path is forwarded byte for byte");
-                if names_org {
-                    prop_assert!(
-                        read.get(1)
-                            .is_some_and(|o| o.eq_ignore_ascii_case(M3TER_ORG)),
-                        "{path} reaches organisation {:?}",
-                        read.get(1)
-                    );
+    h.check(
+        (forms, path_segments(heads, pool)),
+        |((prefix, host), segs)| {
+            let path = format!("/{}", segs.join("/"));
+            let (status, code, forwarded) = h.get_raw(&format!("{prefix}{path}"), host);
+            let read = lenient_segments(&path);
+            let names_org = read
+                .first()
+                .is_some_and(|s| s.eq_ignore_ascii_case("organizations"));
+            match (code, forwarded) {
+                (Some(code), None) => {
+                    prop_assert!(status == 400 || status == 403, "{status} {code}");
+                    let good = segs.iter().all(|s| GOOD_SEGMENTS.contains(s));
+                    let own_org =
+                        segs.first() != Some(&"organizations") || segs.get(1) == Some(&M3TER_ORG);
+                    prop_assert!(!(good && own_org), "refused canonical {path}: {code}");
                 }
+                (None, Some(sent)) => {
+                    prop_assert_eq!(&sent, &path, "the path is forwarded byte for byte");
+                    if names_org {
+                        prop_assert!(
+                            read.get(1)
+                                .is_some_and(|o| o.eq_ignore_ascii_case(M3TER_ORG)),
+                            "{path} reaches organisation {:?}",
+                            read.get(1)
+                        );
+                    }
+                }
+                other => prop_assert!(false, "unexpected outcome {other:?} for {path}"),
             }
-            other => prop_assert!(false, "unexpected outcome {other:?} for {path}"),
-        }
-        Ok(())
-    });
+            Ok(())
+        },
+    );
 }
 
 #[test]
 fn miradore_key_goes_only_to_the_tenants_site_or_the_path_is_refused() {
     let h = Harness::start();
-    let pool = vec![
-        "Acme1",
-        "acme1",
-        "Other",
-        "%41cme1",
-        "Acme1;x",
-        "API",
-        "api",
-        "v2",
-        "Device",
-        "",
-        ".",
-        "..",
-        "..;",
-        "%2e%2e",
-        "..%2f",
-        "%2f",
-        "\\..",
-        "%252e%252e",
-        "%20",
-    ];
+    let heads = (
+        vec![
+            "Acme1", "Acme1", "acme1", "Other", "%41cme1", "Acme1;x", "api", "API", "",
+        ],
+        vec!["API", "api", "v2", "Device", "..", "..;"],
+    );
+    let pool = [CLIMBS, &["Acme1", "Other", "API", "api/v2", "Device"]].concat();
     let forms = prop::sample::select(vec![
         ("/miradore", "127.0.0.1"),
         ("http://online.miradore.com", "online.miradore.com"),
     ]);
-    h.check((forms, path_segments(pool)), |((prefix, host), segs)| {
-        let path = format!("/{}", segs.join("/"));
-        let (status, code, forwarded) = h.get_raw(&format!("{prefix}{path}"), host);
-        match (code, forwarded) {
-            (Some(code), None) => {
-                prop_assert!(matches!(status, 400 | 403 | 404), "{status} {code}");
-            }
-            (None, Some(sent)) => {
-                let (sent_path, query) = sent.split_once('?').unwrap_or((&sent, ""));
-                let read = lenient_segments(sent_path);
-                // Whatever site the vendor reads in front of an API segment is the tenant's.
-                if read.get(1).is_some_and(|s| s.eq_ignore_ascii_case("api")) {
-                    prop_assert_eq!(read[0].as_str(), "Acme1", "{} read as {:?}", path, read);
+    h.check(
+        (forms, path_segments(heads, pool)),
+        |((prefix, host), segs)| {
+            let path = format!("/{}", segs.join("/"));
+            let (status, code, forwarded) = h.get_raw(&format!("{prefix}{path}"), host);
+            match (code, forwarded) {
+                (Some(code), None) => {
+                    prop_assert!(matches!(status, 400 | 403 | 404), "{status} {code}");
                 }
-                prop_assert!(
-                    read.first()
-                        .is_some_and(|s| s == "Acme1" || s.eq_ignore_ascii_case("api")),
-                    "{path} forwarded as {sent}"
-                );
-                prop_assert!(count(query.as_bytes(), "auth=") <= 1);
-                prop_assert!(!sent.contains(MIRADORE_KEY), "raw key in the path");
+                (None, Some(sent)) => {
+                    let (sent_path, query) = sent.split_once('?').unwrap_or((&sent, ""));
+                    let read = lenient_segments(sent_path);
+                    // Whatever site the vendor reads in front of an API segment is the tenant's.
+                    if read.get(1).is_some_and(|s| s.eq_ignore_ascii_case("api")) {
+                        prop_assert_eq!(read[0].as_str(), "Acme1", "{} read as {:?}", path, read);
+                    }
+                    prop_assert!(
+                        read.first()
+                            .is_some_and(|s| s == "Acme1" || s.eq_ignore_ascii_case("api")),
+                        "{path} forwarded as {sent}"
+                    );
+                    prop_assert!(count(query.as_bytes(), "auth=") <= 1);
+                    prop_assert!(!sent.contains(MIRADORE_KEY), "raw key in the path");
+                }
+                other => prop_assert!(false, "unexpected outcome {other:?} for {path}"),
             }
-            other => prop_assert!(false, "unexpected outcome {other:?} for {path}"),
-        }
-        Ok(())
-    });
+            Ok(())
+        },
+    );
 }
