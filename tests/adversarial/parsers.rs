@@ -470,66 +470,80 @@ const HOSTILE_JSON: &[&str] = &[
     "\"",
 ];
 
-fn json_case() -> impl Strategy<
-    Value = (
-        Vec<(&'static str, String)>,
-        String,
-        Option<(Index, &'static str)>,
-    ),
-> {
+/// A JSON object's members (raw key, raw value), the whitespace between tokens, and at most
+/// one hostile piece spliced at a byte offset.
+#[derive(Debug, Clone)]
+struct JsonCase {
+    members: Vec<(&'static str, String)>,
+    ws: &'static str,
+    splice: Option<(Index, &'static str)>,
+}
+
+fn json_case() -> impl Strategy<Value = JsonCase> {
     (
         prop::collection::vec((prop::sample::select(JSON_KEYS), json_value()), 0..6),
         prop::sample::select(vec!["", " ", "\n  "]),
         prop::option::weighted(0.3, (any::<Index>(), prop::sample::select(HOSTILE_JSON))),
     )
-        .prop_map(|(members, ws, splice)| (members, ws.to_owned(), splice))
+        .prop_map(|(members, ws, splice)| JsonCase {
+            members,
+            ws,
+            splice,
+        })
 }
 
 #[test]
 fn json_credentials_are_the_only_top_level_id_and_md5_or_the_call_is_refused() {
     let h = Harness::start();
-    h.check(json_case(), |(input, ws, splice)| {
-        let spliced = splice.is_some();
-        let parts: Vec<String> = input.iter().map(|(k, v)| format!("{k}:{ws}{v}")).collect();
-        let mut body = format!("{{{ws}{}{ws}}}", parts.join(&format!(",{ws}")));
-        if let Some((at, piece)) = splice {
-            // Splice only at a character boundary.
-            let mut i = at.index(body.len() + 1);
-            while !body.is_char_boundary(i) {
-                i -= 1;
+    h.check(
+        json_case(),
+        |JsonCase {
+             members: input,
+             ws,
+             splice,
+         }| {
+            let spliced = splice.is_some();
+            let parts: Vec<String> = input.iter().map(|(k, v)| format!("{k}:{ws}{v}")).collect();
+            let mut body = format!("{{{ws}{}{ws}}}", parts.join(&format!(",{ws}")));
+            if let Some((at, piece)) = splice {
+                // Splice only at a character boundary.
+                let mut i = at.index(body.len() + 1);
+                while !body.is_char_boundary(i) {
+                    i -= 1;
+                }
+                body.insert_str(i, piece);
             }
-            body.insert_str(i, piece);
-        }
-        let (refused, forwarded) = h.mailkit("/json.fcgi", body.clone().into_bytes());
-        match (refused, forwarded) {
-            (Some(code), None) => {
-                prop_assert_eq!(code.as_str(), "bad_request");
-                prop_assert!(spliced, "refused a valid object {body}");
+            let (refused, forwarded) = h.mailkit("/json.fcgi", body.clone().into_bytes());
+            match (refused, forwarded) {
+                (Some(code), None) => {
+                    prop_assert_eq!(code.as_str(), "bad_request");
+                    prop_assert!(spliced, "refused a valid object {body}");
+                }
+                (None, Some(sent)) => {
+                    let out = members(&sent).map_err(TestCaseError::fail)?;
+                    let sent_in = members(body.as_bytes()).map_err(TestCaseError::fail)?;
+                    let ids: Vec<_> = out.iter().filter(|(k, _)| k == "id").collect();
+                    let md5s: Vec<_> = out.iter().filter(|(k, _)| k == "md5").collect();
+                    prop_assert_eq!(ids.len(), 1, "{}", body);
+                    prop_assert_eq!(md5s.len(), 1, "{}", body);
+                    prop_assert_eq!(&ids[0].1, &serde_json::json!(MAILKIT_ID));
+                    prop_assert_eq!(&md5s[0].1, &serde_json::json!(MAILKIT_MD5));
+                    prop_assert_eq!(count(&sent, MAILKIT_MD5), 1);
+                    // Every other member the app sent arrives unchanged and in order.
+                    let others =
+                        |m: &[(String, serde_json::Value)]| -> Vec<(String, serde_json::Value)> {
+                            m.iter()
+                                .filter(|(k, _)| k != "id" && k != "md5")
+                                .cloned()
+                                .collect()
+                        };
+                    prop_assert_eq!(others(&out), others(&sent_in), "{}", body);
+                }
+                other => prop_assert!(false, "unexpected outcome {other:?} for {body}"),
             }
-            (None, Some(sent)) => {
-                let out = members(&sent).map_err(TestCaseError::fail)?;
-                let sent_in = members(body.as_bytes()).map_err(TestCaseError::fail)?;
-                let ids: Vec<_> = out.iter().filter(|(k, _)| k == "id").collect();
-                let md5s: Vec<_> = out.iter().filter(|(k, _)| k == "md5").collect();
-                prop_assert_eq!(ids.len(), 1, "{}", body);
-                prop_assert_eq!(md5s.len(), 1, "{}", body);
-                prop_assert_eq!(&ids[0].1, &serde_json::json!(MAILKIT_ID));
-                prop_assert_eq!(&md5s[0].1, &serde_json::json!(MAILKIT_MD5));
-                prop_assert_eq!(count(&sent, MAILKIT_MD5), 1);
-                // Every other member the app sent arrives unchanged and in order.
-                let others =
-                    |m: &[(String, serde_json::Value)]| -> Vec<(String, serde_json::Value)> {
-                        m.iter()
-                            .filter(|(k, _)| k != "id" && k != "md5")
-                            .cloned()
-                            .collect()
-                    };
-                prop_assert_eq!(others(&out), others(&sent_in), "{}", body);
-            }
-            other => prop_assert!(false, "unexpected outcome {other:?} for {body}"),
-        }
-        Ok(())
-    });
+            Ok(())
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -263,7 +263,7 @@ mod tests {
             format!("/%6Frganizations/{other}/meters"),
             format!("/Organizations/{other}/meters"),
             format!("/ORGANIZATIONS/{own}/meters"),
-            format!("/organizations/%30c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa/meters"),
+            "/organizations/%30c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa/meters".to_owned(),
         ] {
             assert_eq!(
                 check(&Method::GET, &p, &creds()).unwrap_err().code(),
