@@ -30,7 +30,6 @@ use std::borrow::Cow;
 
 use base64::Engine as _;
 use http::header::{HOST, PROXY_AUTHORIZATION};
-use http::uri::Authority;
 use http::{HeaderMap, Method, Request, Uri, Version};
 use percent_encoding::percent_decode_str;
 
@@ -91,7 +90,7 @@ pub(crate) fn classify<B>(req: &Request<B>) -> Result<Target<'_>, ProxyError> {
     }
     let uri = req.uri();
     if let Some(authority) = uri.authority() {
-        check_authority(authority)?;
+        check_authority(authority.as_str())?;
     }
     check_host_header(req.headers())?;
     let (endpoint, path) = if is_forward_form(uri, req.version()) {
@@ -138,8 +137,7 @@ pub(crate) fn classify<B>(req: &Request<B>) -> Result<Target<'_>, ProxyError> {
 
 /// `host[:port]` and nothing else: no userinfo (RFC 9110 §4.2.4), and a port that is a port,
 /// since one that does not parse would otherwise read as no port at all.
-fn check_authority(authority: &Authority) -> Result<(), ProxyError> {
-    let text = authority.as_str();
+fn check_authority(text: &str) -> Result<(), ProxyError> {
     if text.contains('@') {
         return Err(ProxyError::bad_request(
             "a URL with userinfo (user@host) is refused; name the tenant in a header",
@@ -176,9 +174,17 @@ fn check_host_header(headers: &HeaderMap) -> Result<(), ProxyError> {
     if host.is_empty() {
         return Ok(());
     }
-    let authority = Authority::try_from(host.as_bytes())
-        .map_err(|_| ProxyError::bad_request("the Host header is not a valid host[:port]"))?;
-    check_authority(&authority)
+    // Checked in place (no parse into an `Authority`, which would copy it): routing never
+    // reads `Host`, so its shape is all that matters.
+    let invalid = || ProxyError::bad_request("the Host header is not a valid host[:port]");
+    let host = host.to_str().map_err(|_| invalid())?;
+    if host
+        .bytes()
+        .any(|b| !b.is_ascii_graphic() || b"/?#\\".contains(&b))
+    {
+        return Err(invalid());
+    }
+    check_authority(host)
 }
 
 fn is_forward_form(uri: &Uri, version: Version) -> bool {
