@@ -804,6 +804,16 @@ mod tests {
     }
 
     #[test]
+    fn xmlrpc_accepts_what_real_clients_send() {
+        // CPython's xmlrpc.client.dumps((0, 'x', {...}, datetime), allow_none=True), verbatim.
+        let python = "<?xml version='1.0'?>\n<methodCall>\n<methodName>mailkit.campaigns.list</methodName>\n<params>\n<param>\n<value><int>0</int></value>\n</param>\n<param>\n<value><string>x</string></value>\n</param>\n<param>\n<value><struct>\n<member>\n<name>a</name>\n<value><array><data>\n<value><int>1</int></value>\n<value><double>2.5</double></value>\n<value><boolean>1</boolean></value>\n<value><nil/></value><value><string>\u{e9}&lt;&amp;</string></value>\n</data></array></value>\n</member>\n<member>\n<name>b</name>\n<value><base64>\naGk=\n</base64></value>\n</member>\n</struct></value>\n</param>\n<param>\n<value><dateTime.iso8601>20260101T00:00:00</dateTime.iso8601></value>\n</param>\n</params>\n</methodCall>\n";
+        let want = python
+            .replacen("<int>0</int>", "<int>12345</int>", 1)
+            .replacen("<string>x</string>", &format!("<string>{MD5}</string>"), 1);
+        assert_eq!(xml(python).unwrap(), want);
+    }
+
+    #[test]
     fn xmlrpc_byte_order_mark_is_kept_and_counted() {
         // Issue 10, finding 3: the splice used to land three bytes early.
         let input = "\u{feff}<?xml version=\"1.0\"?><methodCall><methodName>m</methodName><params><param><value><int>0</int></value></param><param><value>1</value></param></params></methodCall>";
