@@ -1293,3 +1293,122 @@ async fn a_vendor_body_dropped_off_the_runtime_does_not_panic() {
         .join()
         .expect("dropping the body off the runtime panicked");
 }
+
+// ---------------------------------------------------------------------------------------
+// Issue 10: strict parsers (findings 2, 3, 4 and 6)
+
+/// Sends `head` (a complete HTTP/1.1 request, `Connection: close`) over a raw socket, so no
+/// client library normalises it first; returns the status and the whole answer, lower-cased.
+async fn raw_request(proxy: &TestProxy, request: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let out = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    let status = out
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {out:?}"));
+    (status, out)
+}
+
+#[tokio::test]
+async fn miradore_site_check_refuses_non_canonical_paths() {
+    let (_ca, mock, proxy) = setup(|m| m).await;
+    for target in [
+        "/miradore/Acme1/API/..;/..;/Other/API/Device",
+        "/miradore/Acme1/API/..%2f..%2fOther/API/Device",
+        "/miradore/Acme1/api/v2/..%2F..%2F..%2FOther/api/v2/Device",
+        "/miradore//Other/api/v2/Device",
+        "/miradore/%41cme1/API/Device",
+        "http://online.miradore.com/Acme1/API/..;/..;/Other/API/Device",
+        "http://acme1.online.miradore.com/Acme1/API/..%2f..%2fOther/API/Device",
+    ] {
+        let (status, out) = raw_request(
+            &proxy,
+            &format!(
+                "GET {target} HTTP/1.1\r\nHost: online.miradore.com\r\nx-sidekey-tenant: acme\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(status, 400, "{target}: {out}");
+        assert!(out.contains("x-sidekey-error: bad_request"), "{out}");
+    }
+    assert_eq!(mock.connections(), 0);
+}
+
+#[tokio::test]
+async fn repeated_tenant_headers_and_invalid_ports_are_refused() {
+    let (_ca, mock, proxy) = setup(|m| m).await;
+    let path = "/miradore/api/v2/Device";
+    for request in [
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nx-sidekey-tenant: acme\r\nx-sidekey-tenant: bare\r\nConnection: close\r\n\r\n"),
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nx-sidekey-tenant: acme\r\nx-sidekey-tenant: acme\r\nConnection: close\r\n\r\n"),
+        // acme:x, then bare:x
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic YWNtZTp4\r\nProxy-Authorization: Basic YmFyZTp4\r\nConnection: close\r\n\r\n"),
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nHost: y\r\nx-sidekey-tenant: acme\r\nConnection: close\r\n\r\n"),
+        format!("GET {path} HTTP/1.1\r\nHost: localhost:99999\r\nx-sidekey-tenant: acme\r\nConnection: close\r\n\r\n"),
+    ]
+    .into_iter()
+    .chain(
+        [":65536", ":99999", ":-1", ":"]
+            .iter()
+            .map(|port| format!("GET http://online.miradore.com{port}/api/v2/Device HTTP/1.1\r\nHost: online.miradore.com{port}\r\nProxy-Authorization: Basic YWNtZTp4\r\nConnection: close\r\n\r\n")),
+    ) {
+        let (status, out) = raw_request(&proxy, &request).await;
+        assert_eq!(status, 400, "{request}: {out}");
+        assert!(out.contains("x-sidekey-error: bad_request"), "{out}");
+    }
+    assert_eq!(mock.connections(), 0);
+}
+
+#[tokio::test]
+async fn mailkit_xmlrpc_outside_the_grammar_is_refused_before_forwarding() {
+    let (_ca, mock, proxy) = setup(|m| m).await;
+    let creds = "<param><value><int>0</int></value></param><param><value><string>x</string></value></param>";
+    for body in [
+        format!(
+            "<methodCall><methodName>m</methodName><params><string>X</string><string>Y</string>{creds}</params></methodCall>"
+        ),
+        format!(
+            "<methodCall><methodName>m</methodName><params><a:param><value><string>X</string></value></a:param>{creds}</params></methodCall>"
+        ),
+        format!(
+            "<methodCall><methodName>m</methodName><params><PARAM><value><string>X</string></value></PARAM>{creds}</params></methodCall>"
+        ),
+        format!(
+            "<methodCall><methodName>m<value><string>X</string></value></methodName><params>{creds}</params></methodCall>"
+        ),
+        format!(
+            "<methodCall><methodName>m</methodName><params><params>{creds}</params>{creds}</params></methodCall>"
+        ),
+    ] {
+        let resp = proxy
+            .request(reqwest::Method::POST, "/mailkit/rpc.fcgi", "acme")
+            .header("content-type", "text/xml")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_refusal(resp, 400, "bad_request").await;
+    }
+    assert_eq!(mock.connections(), 0);
+}
+
+#[tokio::test]
+async fn mailkit_xmlrpc_byte_order_mark_is_kept_and_the_splice_is_exact() {
+    let (_ca, mock, proxy) = setup(|m| m).await;
+    let body = "\u{feff}<?xml version=\"1.0\"?><methodCall><methodName>m</methodName><params><param><value><int>0</int></value></param><param><value>1</value></param></params></methodCall>";
+    let resp = proxy
+        .request(reqwest::Method::POST, "/mailkit/rpc.fcgi", "acme")
+        .header("content-type", "text/xml")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let want = format!(
+        "\u{feff}<?xml version=\"1.0\"?><methodCall><methodName>m</methodName><params><param><value><int>{MAILKIT_ID}</int></value></param><param><value><string>{MAILKIT_MD5}</string></value></param></params></methodCall>"
+    );
+    assert_rewritten_body(&mock.single(), &want);
+}

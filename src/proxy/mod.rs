@@ -3,6 +3,7 @@
 //!
 //! - [`listener`]: the accept loop, connection limits and graceful shutdown.
 //! - [`route`]: request form, tenant, vendor and host, in the documented order of checks.
+//! - [`canonical`]: the one path form forwarded, so rules check what vendors read.
 //! - [`error`]: the refusals sidekey answers itself.
 //! - the rules themselves live in [`crate::vendors`].
 //!
@@ -14,6 +15,7 @@
 //! sidekey::proxy::serve(listener, proxy, shutdown_signal).await;
 //! ```
 
+pub(crate) mod canonical;
 pub mod error;
 mod headers;
 pub mod listener;
@@ -330,8 +332,8 @@ impl Proxy {
         let path_and_query = match &mut plan {
             Plan::Miradore(rw) => Bytes::from(std::mem::take(&mut rw.path_and_query)),
             _ => match target.query {
-                Some(q) => Bytes::from(format!("{}?{q}", target.path)),
-                None => Bytes::copy_from_slice(target.path.as_bytes()),
+                Some(q) => Bytes::from(format!("{}?{q}", target.path.as_str())),
+                None => Bytes::copy_from_slice(target.path.as_str().as_bytes()),
             },
         };
         let uri = upstream_uri(host, path_and_query)?;
@@ -432,9 +434,10 @@ fn plan<B>(
             target.path,
             c,
         )?)),
-        (Some(VendorKind::Mailkit), _, _, Some(_)) => {
-            Ok(Plan::Mailkit(mailkit::endpoint(req.method(), target.path)?))
-        }
+        (Some(VendorKind::Mailkit), _, _, Some(_)) => Ok(Plan::Mailkit(mailkit::endpoint(
+            req.method(),
+            target.path.as_str(),
+        )?)),
         _ => Err(not_configured()),
     }
 }
