@@ -18,17 +18,45 @@ use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use crate::proxy::ConnectionSlots;
+use crate::proxy::listener::AcceptBackoff;
+
 /// Readiness as `/readyz` reports it: set once every listener is bound and the initial
-/// tenants are loaded, cleared the moment a drain starts.
+/// tenants are loaded, cleared the moment a drain starts; and, once the proxy's connection
+/// slots are attached, not ready while every slot is taken (new app connections would wait
+/// in the accept backlog).
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<ReadinessInner>);
+
+#[derive(Default)]
+struct ReadinessInner {
+    ready: AtomicBool,
+    proxy_slots: OnceLock<ConnectionSlots>,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+        self.0.ready.store(ready, Ordering::SeqCst);
     }
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.not_ready_because().is_none()
+    }
+    /// Makes `/readyz` answer 503 while every one of `slots` is taken.
+    pub fn watch_proxy_slots(&self, slots: ConnectionSlots) {
+        let _ = self.0.proxy_slots.set(slots);
+    }
+    /// Why `/readyz` answers 503, or `None` when it answers 200.
+    pub fn not_ready_because(&self) -> Option<String> {
+        if !self.0.ready.load(Ordering::SeqCst) {
+            return Some("not ready: starting or draining".to_owned());
+        }
+        let slots = self.0.proxy_slots.get()?;
+        slots.is_full().then(|| {
+            format!(
+                "not ready: all {} proxy connections are in use (the connection cap)",
+                slots.limit()
+            )
+        })
     }
 }
 
@@ -87,8 +115,10 @@ fn respond(
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if ready.is_ready() => text(StatusCode::OK, "ready\n"),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/readyz" => match ready.not_ready_because() {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+        },
         "/metrics" => {
             let body = metrics.map(|h| h.render()).unwrap_or_default();
             let mut res = text(StatusCode::OK, body);
@@ -117,6 +147,7 @@ pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: impl Futur
     let graceful = GracefulShutdown::new();
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
+    let mut backoff = AcceptBackoff::default();
     let mut upkeep = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
     upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -127,7 +158,16 @@ pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: impl Futur
                 }
             }
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => {
+                        backoff.reset();
+                        stream
+                    }
+                    Err(e) => {
+                        backoff.after(&e, "admin").await;
+                        continue;
+                    }
+                };
                 let ready = ready.clone();
                 let metrics = metrics.clone();
                 let svc = service_fn(move |req| {
