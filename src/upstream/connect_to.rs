@@ -165,7 +165,8 @@ pub(crate) struct ConnectTimeout;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The inner (TCP) connector under the TLS layer: applies the first matching `--connect-to`
-/// rule to the address dialed and bounds the TCP connect with a timeout.
+/// rule to the address dialed, bounds the TCP connect with a timeout, and turns TCP
+/// keep-alive on.
 #[derive(Clone)]
 pub(crate) struct RedirectingConnector {
     http: HttpConnector,
@@ -174,8 +175,13 @@ pub(crate) struct RedirectingConnector {
 }
 
 impl RedirectingConnector {
-    pub(crate) fn new(rules: Vec<ConnectTo>, connect_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        rules: Vec<ConnectTo>,
+        connect_timeout: Duration,
+        tcp_keep_alive: Duration,
+    ) -> Self {
         let mut http = HttpConnector::new();
+        http.set_keepalive(Some(tcp_keep_alive));
         // The TLS layer above hands us `https://` URIs; we only dial TCP.
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -306,6 +312,7 @@ mod tests {
         let c = RedirectingConnector::new(
             vec![rule("*.m3ter.com:443:127.0.0.1:9999")],
             Duration::from_secs(1),
+            Duration::from_secs(30),
         );
         let t = c.target("https://api.m3ter.com/x".parse().unwrap());
         assert_eq!(t.host(), Some("127.0.0.1"));
