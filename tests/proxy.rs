@@ -1348,6 +1348,51 @@ async fn connections_that_never_finish_their_first_bytes_are_closed() {
 }
 
 #[tokio::test]
+async fn an_http2_connection_without_requests_is_closed_after_the_idle_timeout() {
+    // hyper closes idle HTTP/1 connections itself; an h2c client that answers PINGs but
+    // sends no request kept its connection slot for ever.
+    let ca = TestCa::new("ca");
+    let mock = MockVendor::builder(&ca).start().await;
+    let proxy = TestProxy::builder()
+        .tenant(acme())
+        .trust(&ca)
+        .route_to(&mock)
+        .config(|c| c.header_read_timeout = std::time::Duration::from_millis(300))
+        .start()
+        .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(H2_PREFACE).await.unwrap();
+    // An empty SETTINGS frame: a well-formed HTTP/2 client that then asks nothing.
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let (got, closed) = read_until_closed(&mut s, std::time::Duration::from_secs(5)).await;
+    assert!(closed, "an idle HTTP/2 connection was kept");
+    // The server's frames: SETTINGS first, and a GOAWAY (type 7) before the close.
+    let mut frame_types = Vec::new();
+    let mut rest = &got[..];
+    while rest.len() >= 9 {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        frame_types.push(rest[3]);
+        rest = &rest[(9 + len).min(rest.len())..];
+    }
+    assert_eq!(frame_types.first(), Some(&4), "{frame_types:?}");
+    assert!(frame_types.contains(&7), "no GOAWAY: {frame_types:?}");
+
+    // A request on h2c keeps its connection open while it is in flight.
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let resp = client
+        .get(proxy.url("/miradore/api/v2/Device"))
+        .header("x-sidekey-tenant", "acme")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
 async fn an_app_that_stops_reading_loses_its_connection() {
     // The vendor sends far more than the socket buffers hold; the app reads nothing.
     const REST: usize = 48 * 1024 * 1024;

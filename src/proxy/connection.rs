@@ -6,16 +6,20 @@
 //! nothing, or part of the HTTP/2 preface, would hold a connection slot forever. So the first
 //! bytes are read here, under a deadline, and handed back to hyper in front of the stream.
 //! Writes are bounded the same way: a write that makes no progress for the write timeout
-//! fails the connection, so an app that stops reading a large response loses it.
+//! fails the connection, so an app that stops reading a large response loses it. And a
+//! connection with no request in flight for the idle timeout is closed, HTTP/2 included.
 
 use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 /// What an HTTP/2 client sends first; any other first bytes mean HTTP/1.
@@ -165,5 +169,81 @@ impl AsyncWrite for AppIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Requests in flight on one connection, so that a connection carrying none for the idle
+/// timeout can be closed: hyper closes an idle HTTP/1 connection itself (its head timeout),
+/// but keeps an HTTP/2 connection whose client answers PINGs open for ever.
+#[derive(Clone)]
+pub(crate) struct InFlight(Arc<watch::Sender<usize>>);
+
+/// One request counted in flight until its response body is done with.
+pub(crate) struct InFlightGuard(Arc<watch::Sender<usize>>);
+
+impl InFlight {
+    pub(crate) fn new() -> Self {
+        Self(Arc::new(watch::Sender::new(0)))
+    }
+
+    pub(crate) fn start(&self) -> InFlightGuard {
+        self.0.send_modify(|n| *n += 1);
+        InFlightGuard(self.0.clone())
+    }
+
+    /// Resolves once no request has been in flight for `idle` in a row.
+    pub(crate) async fn idle_for(&self, idle: Duration) {
+        let mut rx = self.0.subscribe();
+        loop {
+            // The sender lives in `self`: these waits cannot fail.
+            let _ = rx.wait_for(|n| *n == 0).await;
+            if tokio::time::timeout(idle, rx.wait_for(|n| *n > 0))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// A response body that keeps its request counted in flight until it is dropped.
+pub(crate) struct Tracked<B> {
+    inner: B,
+    _guard: InFlightGuard,
+}
+
+impl<B> Tracked<B> {
+    pub(crate) fn new(inner: B, guard: InFlightGuard) -> Self {
+        Self {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

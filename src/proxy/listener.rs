@@ -10,11 +10,11 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
-use super::{Proxy, connection};
+use super::Proxy;
+use super::connection::{self, InFlight, Tracked};
 
 /// hyper refuses an HTTP/1 read buffer smaller than this.
 const MIN_H1_BUF: usize = 8192;
@@ -29,7 +29,8 @@ pub struct ConnectionSlots {
 
 impl ConnectionSlots {
     pub(crate) fn new(limit: usize) -> Self {
-        let limit = limit.max(1);
+        // At least one; at most what a shutdown can wait for in one acquire.
+        let limit = limit.clamp(1, u32::MAX as usize);
         Self {
             free: Arc::new(Semaphore::new(limit)),
             limit,
@@ -91,8 +92,9 @@ impl AcceptBackoff {
 /// grace deadline (e.g. `tokio::time::timeout(grace, serve(...))`).
 ///
 /// Each connection must send its first bytes within `header_read_timeout` (HTTP/1 then has
-/// that long again for the rest of its head), and a write that the app does not read for
-/// `write_timeout` closes it.
+/// that long again for the rest of its head); one with no request in flight for that long is
+/// closed (HTTP/2 included); and a write that the app does not read for `write_timeout`
+/// closes it.
 pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Output = ()>) {
     let cfg = proxy.config().clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -111,8 +113,8 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Ou
         .keep_alive_timeout(cfg.h2_keep_alive_timeout);
     let builder = Arc::new(builder);
 
-    let graceful = GracefulShutdown::new();
-    // Connections still in protocol detection are not hyper's yet: they are dropped at once.
+    // Set when the listener stops: connections still in protocol detection are dropped at
+    // once, the others are asked to finish their requests and close.
     let (stopping, _) = watch::channel(false);
     let slots = proxy.connection_slots();
     let mut backoff = AcceptBackoff::default();
@@ -143,12 +145,11 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Ou
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
         let mut stopping = stopping.subscribe();
-        let (first_bytes_deadline, write_timeout) = (cfg.header_read_timeout, cfg.write_timeout);
+        let (idle_timeout, write_timeout) = (cfg.header_read_timeout, cfg.write_timeout);
         tokio::spawn(async move {
             let detected = tokio::select! {
-                d = connection::first_bytes(stream, first_bytes_deadline, write_timeout) => d,
+                d = connection::first_bytes(stream, idle_timeout, write_timeout) => d,
                 _ = stopping.wait_for(|s| *s) => return,
             };
             let io = match detected {
@@ -158,12 +159,47 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Ou
                     return;
                 }
             };
+            let in_flight = InFlight::new();
+            let counted = in_flight.clone();
             let service = service_fn(move |req| {
                 let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+                let guard = counted.start();
+                async move {
+                    let resp = proxy.handle(req).await;
+                    Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, guard)))
+                }
             });
             let conn = builder.serve_connection(TokioIo::new(io), service);
-            if let Err(e) = watcher.watch(conn).await {
+            let mut conn = std::pin::pin!(conn);
+            enum Close {
+                Ended(Result<(), Box<dyn std::error::Error + Send + Sync>>),
+                Stopping,
+                Idle,
+            }
+            let close = tokio::select! {
+                ended = conn.as_mut() => Close::Ended(ended),
+                _ = stopping.wait_for(|s| *s) => Close::Stopping,
+                () = in_flight.idle_for(idle_timeout) => Close::Idle,
+            };
+            let ended = match close {
+                Close::Ended(ended) => ended,
+                Close::Stopping => {
+                    // HTTP/1 closes after the response in progress, HTTP/2 sends GOAWAY and
+                    // lets its streams finish; the caller bounds this with its grace period.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                Close::Idle => {
+                    // Nothing in flight: HTTP/2's GOAWAY handshake waits for a PING answer,
+                    // which an unresponsive client never sends, so it gets one more idle
+                    // timeout before the connection is simply dropped.
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(idle_timeout, conn)
+                        .await
+                        .unwrap_or(Ok(()))
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "app connection ended with an error");
             }
             drop(permit);
@@ -171,7 +207,9 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Ou
     }
     drop(listener);
     stopping.send_replace(true);
-    graceful.shutdown().await;
+    // Every connection holds a slot until it has closed.
+    let all = u32::try_from(slots.limit).unwrap_or(u32::MAX);
+    let _ = slots.free.acquire_many(all).await;
 }
 
 #[cfg(test)]

@@ -109,8 +109,16 @@ async fn idle_connections_beyond_the_cap_do_not_starve_real_requests() {
     })
     .await;
     // Half again the cap, in every shape of "not finished": nothing, one byte of the h2
-    // preface, all but its last byte, a request head cut off.
-    let shapes: [&[u8]; 4] = [b"", b"P", &H2_PREFACE[..23], b"GET /miradore/api/v2/Dev"];
+    // preface, all but its last byte, a request head cut off, an HTTP/2 connection that
+    // settles its SETTINGS and asks nothing.
+    let h2_idle = [H2_PREFACE, &[0, 0, 0, 4, 0, 0, 0, 0, 0]].concat();
+    let shapes: [&[u8]; 5] = [
+        b"",
+        b"P",
+        &H2_PREFACE[..23],
+        b"GET /miradore/api/v2/Dev",
+        &h2_idle,
+    ];
     let mut idle = Vec::new();
     for i in 0..CAP + CAP / 2 {
         let mut s = TcpStream::connect(proxy.addr).await.unwrap();
