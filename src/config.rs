@@ -79,7 +79,7 @@ pub struct ServeArgs {
     /// being rewritten, m3ter bodies kept for replay): a number of bytes, or with a KiB, MiB
     /// or GiB suffix. A Mailkit body that does not fit is refused with 503
     /// body_budget_exhausted; an m3ter body that does not fit streams without replay.
-    #[arg(long, env = "SIDEKEY_BODY_MEMORY_BUDGET", default_value = "256MiB", value_parser = parse_byte_size)]
+    #[arg(long, env = "SIDEKEY_BODY_MEMORY_BUDGET", default_value = "64MiB", value_parser = parse_byte_size)]
     pub body_memory_budget: usize,
 
     /// Log line format. Filter with RUST_LOG (default: info).

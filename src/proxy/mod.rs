@@ -93,7 +93,7 @@ pub struct ProxyConfig {
     /// being rewritten and m3ter bodies kept for replay (`--body-memory-budget`). A Mailkit
     /// body that does not fit is refused with 503 `body_budget_exhausted` and
     /// `Retry-After: 1`; an m3ter body that does not fit is streamed without replay.
-    /// Default: 256 MiB.
+    /// Default: 64 MiB ([`DEFAULT_BODY_MEMORY_BUDGET`]).
     pub body_memory_budget: usize,
     /// Count requests per tenant too, in `sidekey_proxy_requests_by_tenant_total{tenant,
     /// vendor}` (`--metrics-tenant-label`). Off by default: one series per tenant can swamp
@@ -102,9 +102,10 @@ pub struct ProxyConfig {
     pub tenant_metrics: bool,
 }
 
-/// Default of [`ProxyConfig::body_memory_budget`]: 256 MiB, sixteen Mailkit bodies at the
-/// default rewrite limit.
-pub const DEFAULT_BODY_MEMORY_BUDGET: usize = 256 * 1024 * 1024;
+/// Default of [`ProxyConfig::body_memory_budget`]: 64 MiB, four Mailkit bodies at the
+/// default rewrite limit or sixty-four m3ter bodies at the replay limit; it keeps a sidecar
+/// with a few hundred MiB of memory limit clear of the OOM killer.
+pub const DEFAULT_BODY_MEMORY_BUDGET: usize = 64 * 1024 * 1024;
 
 /// The hard cap on distinct `tenant` label values of the per-tenant request counter.
 pub const MAX_TENANT_LABELS: usize = 100;
