@@ -297,10 +297,11 @@ async fn hostile_requests_never_reach_a_foreign_listener_nor_move_a_credential()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    // Memory bounded: the corpus cost far less than one default rewrite limit.
+    // Memory bounded: the corpus costs a few MiB; the bound leaves room for tests that
+    // share this process under `cargo test`.
     if let (Some(before), Some(after)) = (rss_before, rss_kib()) {
         assert!(
-            after.saturating_sub(before) < 64 * 1024,
+            after.saturating_sub(before) < 128 * 1024,
             "RSS grew from {before} KiB to {after} KiB"
         );
     }
