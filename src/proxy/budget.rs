@@ -129,3 +129,46 @@ impl Drop for Reserved {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gauge's value in Prometheus text.
+    fn held_gauge(text: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(METRIC_HELD_BYTES)?.trim().parse().ok())
+    }
+
+    #[test]
+    fn reservations_share_one_budget_and_show_in_the_gauge() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let budget = BodyBudget::new(100);
+            let a = budget.reserve(60).unwrap();
+            assert_eq!(held_gauge(&handle.render()), Some(60.0));
+            assert!(matches!(
+                budget.reserve(41),
+                Err(ProxyError::BodyBudgetExhausted)
+            ));
+            let mut b = budget.reserve(40).unwrap();
+            assert!(budget.grow(&mut b, 1).is_err(), "full");
+            assert_eq!(budget.held(), 100);
+            drop(a);
+            assert_eq!(budget.held(), 40);
+            assert_eq!(held_gauge(&handle.render()), Some(40.0));
+            // A body of unknown length grows frame by frame.
+            budget.grow(&mut b, 59).unwrap();
+            budget.grow(&mut b, 1).unwrap();
+            assert!(budget.grow(&mut b, 1).is_err());
+            drop(b);
+            assert_eq!(budget.held(), 0);
+            assert_eq!(held_gauge(&handle.render()), Some(0.0));
+            // Larger than the whole budget, or than a semaphore can count: refused, not a panic.
+            assert!(budget.reserve(101).is_err());
+            assert!(budget.reserve(u64::MAX).is_err());
+            assert!(budget.empty().permit.is_none());
+        });
+    }
+}
