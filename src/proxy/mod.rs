@@ -17,7 +17,7 @@
 //! ```
 
 pub mod budget;
-mod connection;
+pub(crate) mod connection;
 pub mod error;
 mod headers;
 pub mod listener;
