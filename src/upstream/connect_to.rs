@@ -307,6 +307,27 @@ mod tests {
         assert!(e.contains("a:x:b:1") && e.contains("port"), "{e}");
     }
 
+    #[tokio::test]
+    async fn vendor_sockets_have_tcp_keep_alive() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut c = RedirectingConnector::new(
+            vec![rule(&format!("api.m3ter.com:443:127.0.0.1:{port}"))],
+            Duration::from_secs(5),
+            Duration::from_secs(42),
+        );
+        let io = c
+            .call("https://api.m3ter.com/".parse().unwrap())
+            .await
+            .unwrap();
+        let socket = socket2::SockRef::from(io.inner());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(42)
+        );
+    }
+
     #[test]
     fn connector_rewrites_only_the_dialed_address() {
         let c = RedirectingConnector::new(
