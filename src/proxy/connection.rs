@@ -1,5 +1,6 @@
-//! One app connection at the byte level: the deadline on its first bytes (protocol
-//! detection) and the deadline on writes the app does not read.
+//! One client connection at the byte level: the deadline on its first bytes (protocol
+//! detection), the deadline on writes the client does not read, and the count of requests in
+//! flight that decides when it is idle. Used by the proxy listener and the admin listener.
 //!
 //! hyper bounds a request head (`header_read_timeout`) only once it knows the connection is
 //! HTTP/1, and its HTTP/1-or-h2c detection waits for bytes without a timer; a peer that sends

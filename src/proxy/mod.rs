@@ -56,7 +56,7 @@ pub type ResponseBody = Either<upstream::VendorBody, Full<Bytes>>;
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     /// Connections served at once; further connections wait in the kernel's accept backlog
-    /// until one closes. Default: 1024.
+    /// until one closes, and `/readyz` answers 503 while all are taken. Default: 1024.
     pub max_connections: usize,
     /// Bound on a request head: HTTP/1 read buffer (hence request line plus headers; hyper
     /// answers 431 past it, and never goes below 8 KiB) and HTTP/2 header list size.
