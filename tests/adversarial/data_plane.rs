@@ -306,3 +306,78 @@ async fn hostile_requests_never_reach_a_foreign_listener_nor_move_a_credential()
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_uploads_never_hold_more_than_the_body_budget() {
+    // The adversarial run's 32 concurrent 15 MiB Mailkit uploads took RSS to 917 MiB. Scaled
+    // down: 16 uploads of 200 KiB against a 1 MiB budget, all held at the vendor at once.
+    const UPLOADS: usize = 16;
+    const BODY: usize = 200 * 1024;
+    const BUDGET: usize = 1024 * 1024;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let g = gate.clone();
+    let ca = TestCa::new("ca");
+    let mock = MockVendor::builder(&ca)
+        .respond(move |_| MockResponse::held_until(g.clone(), "{}"))
+        .start()
+        .await;
+    let counting = CountingListener::start().await;
+    let proxy = target(&ca, &mock, &counting, |c| c.body_memory_budget = BUDGET).await;
+    let body = format!(
+        "{{\"function\":\"f\",\"pad\":\"{}\"}}",
+        "x".repeat(BODY - 30)
+    );
+    let refused = Arc::new(AtomicUsize::new(0));
+    let mut uploads = JoinSet::new();
+    for _ in 0..UPLOADS {
+        let req = proxy
+            .request(reqwest::Method::POST, "/mailkit/json.fcgi", "acme")
+            .body(body.clone());
+        let refused = refused.clone();
+        uploads.spawn(async move {
+            let resp = req.send().await.unwrap();
+            if resp.status() == 503 {
+                assert_eq!(resp.headers()["x-sidekey-error"], "body_budget_exhausted");
+                refused.fetch_add(1, Ordering::SeqCst);
+            }
+            resp.status().as_u16()
+        });
+    }
+    // Every upload is either refused or held at the vendor.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mock.requests().len() + refused.load(Ordering::SeqCst) < UPLOADS {
+        assert!(
+            Instant::now() < deadline,
+            "uploads neither held nor refused"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let held = mock.requests().len();
+    assert!(held >= 1, "the budget admits at least one body");
+    assert!(
+        held * BODY <= BUDGET,
+        "{held} bodies of {BODY} bytes held at once past a {BUDGET}-byte budget"
+    );
+    // Released, the held ones complete; nothing else happened meanwhile.
+    let mut statuses = Vec::new();
+    let finished = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            gate.notify_one();
+            tokio::select! {
+                done = uploads.join_next() => match done {
+                    Some(status) => statuses.push(status.unwrap()),
+                    None => return,
+                },
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(finished.is_ok(), "held uploads did not complete");
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), held);
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 503).count(),
+        UPLOADS - held
+    );
+    assert_eq!(counting.accepted.load(Ordering::SeqCst), 0);
+}
