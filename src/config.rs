@@ -75,6 +75,13 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDEKEY_METRICS_TENANT_LABEL")]
     pub metrics_tenant_label: bool,
 
+    /// Bytes of request bodies held in memory at once, over all requests (Mailkit bodies
+    /// being rewritten, m3ter bodies kept for replay): a number of bytes, or with a KiB, MiB
+    /// or GiB suffix. A Mailkit body that does not fit is refused with 503
+    /// body_budget_exhausted; an m3ter body that does not fit streams without replay.
+    #[arg(long, env = "SIDEKEY_BODY_MEMORY_BUDGET", default_value = "64MiB", value_parser = parse_byte_size)]
+    pub body_memory_budget: usize,
+
     /// Log line format. Filter with RUST_LOG (default: info).
     #[arg(long, env = "SIDEKEY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -100,6 +107,7 @@ pub struct ServeConfig {
     pub tenants_file: Option<PathBuf>,
     pub tenants_file_interval: Duration,
     pub metrics_tenant_label: bool,
+    pub body_memory_budget: usize,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
 }
@@ -121,6 +129,7 @@ impl ServeArgs {
             tenants_file: self.tenants_file,
             tenants_file_interval: self.tenants_file_interval,
             metrics_tenant_label: self.metrics_tenant_label,
+            body_memory_budget: self.body_memory_budget,
             log_format: self.log_format,
             shutdown_grace: self.shutdown_grace,
         }
@@ -145,8 +154,63 @@ impl ServeConfig {
             tenants_file: None,
             tenants_file_interval: crate::tenants_file::DEFAULT_POLL,
             metrics_tenant_label: false,
+            body_memory_budget: crate::proxy::DEFAULT_BODY_MEMORY_BUDGET,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// A byte count as `--body-memory-budget` takes it: digits, optionally followed by `KiB`,
+/// `MiB` or `GiB` (powers of 1024), nothing else; at least 1.
+pub fn parse_byte_size(value: &str) -> Result<usize, String> {
+    let invalid = || format!("{value:?} is not a byte size (e.g. 268435456, 512KiB, 256MiB, 1GiB)");
+    let digits_end = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (digits, unit) = value.split_at(digits_end);
+    let scale: usize = match unit {
+        "" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(invalid()),
+    };
+    let n: usize = digits.parse().map_err(|_| invalid())?;
+    match n.checked_mul(scale) {
+        Some(bytes) if bytes > 0 => Ok(bytes),
+        _ => Err(invalid()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_byte_size;
+
+    #[test]
+    fn byte_sizes_have_one_grammar() {
+        assert_eq!(parse_byte_size("1024"), Ok(1024));
+        assert_eq!(parse_byte_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_byte_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_byte_size("1GiB"), Ok(1 << 30));
+        for bad in [
+            "",
+            "0",
+            "0MiB",
+            "MiB",
+            "-1",
+            "+1",
+            "1.5MiB",
+            "1 MiB",
+            "1mib",
+            "1MB",
+            "1M",
+            "1KiBx",
+            " 1",
+            "99999999999999999999",
+            "18446744073709551615GiB",
+        ] {
+            assert!(parse_byte_size(bad).is_err(), "{bad:?} should be refused");
         }
     }
 }

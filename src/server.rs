@@ -165,9 +165,11 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         broker.clone(),
         ProxyConfig {
             tenant_metrics: config.metrics_tenant_label,
+            body_memory_budget: config.body_memory_budget,
             ..ProxyConfig::default()
         },
     );
+    readiness.watch_proxy_slots(proxy.connection_slots());
     tasks.spawn(proxy::serve(proxy_listener, proxy, on_stop()));
 
     let tester = Tester {

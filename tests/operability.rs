@@ -257,3 +257,65 @@ async fn the_opt_in_tenant_label_is_capped() {
         "callers must not mint labels"
     );
 }
+
+#[tokio::test]
+async fn readyz_reports_a_proxy_whose_connection_slots_are_all_taken() {
+    use sidekey::admin::{self, Readiness};
+    use sidekey::proxy::{Proxy, ProxyConfig};
+    use sidekey::tenants::SnapshotReader;
+
+    let client = sidekey::upstream::Client::new(Default::default()).unwrap();
+    let proxy = Proxy::new(
+        SnapshotReader::fixed(Vec::new()),
+        client,
+        Arc::new(support::tokens::Fixed("t")),
+        ProxyConfig {
+            max_connections: 2,
+            ..ProxyConfig::default()
+        },
+    );
+    let readiness = Readiness::default();
+    readiness.set(true);
+    readiness.watch_proxy_slots(proxy.connection_slots());
+    let proxy_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = proxy_listener.local_addr().unwrap();
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin_listener.local_addr().unwrap();
+    tokio::spawn(sidekey::proxy::serve(
+        proxy_listener,
+        proxy,
+        std::future::pending(),
+    ));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        readiness,
+        std::future::pending(),
+    ));
+
+    let until = |want: u16| async move {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (status, body) = get(admin_addr, "/readyz").await;
+            if status == want {
+                return body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/readyz stayed {status}: {body}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    assert_eq!(until(200).await, "ready\n");
+    // Two connections that send nothing take both slots.
+    let idle = [
+        tokio::net::TcpStream::connect(proxy_addr).await.unwrap(),
+        tokio::net::TcpStream::connect(proxy_addr).await.unwrap(),
+    ];
+    let why = until(503).await;
+    assert!(why.contains("all 2 proxy connections are in use"), "{why}");
+    // `/healthz` is about the process, which is fine.
+    assert_eq!(get(admin_addr, "/healthz").await.0, 200);
+    drop(idle);
+    until(200).await;
+}

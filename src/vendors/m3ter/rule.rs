@@ -96,6 +96,8 @@ pub(crate) struct Ctx<'a> {
     pub creds: &'a M3terCreds,
     pub host: &'a str,
     pub replay_limit: usize,
+    /// Bodies kept for replay are held within the proxy's byte budget.
+    pub budget: &'a crate::proxy::BodyBudget,
 }
 
 /// Sends `parts` + `body` (URI and headers already prepared) with a bearer token, replaying
@@ -106,9 +108,16 @@ pub(crate) async fn send(
     body: Incoming,
 ) -> Result<Response<upstream::VendorBody>, ProxyError> {
     let token = fetch_token(&ctx).await?;
-    let declared = body.size_hint().exact();
-    let bytes: Bytes = match declared {
-        Some(n) if n <= ctx.replay_limit as u64 => Limited::new(body, ctx.replay_limit)
+    // A body is kept only when its length is known, within the replay limit, and within the
+    // proxy's body budget; otherwise it streams.
+    let held = body
+        .size_hint()
+        .exact()
+        .filter(|n| *n <= ctx.replay_limit as u64)
+        .and_then(|n| ctx.budget.reserve(n).ok());
+    // `held` lives to the end of this function: the body may be replayed until then.
+    let bytes: Bytes = match held {
+        Some(_) => Limited::new(body, ctx.replay_limit)
             .collect()
             .await
             .map_err(|_| ProxyError::bad_request("reading the request body failed"))?
