@@ -19,9 +19,9 @@ use crate::store::{Expect, Mutation, Store, StoreError, StoredState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("tenant {0:?} not found")]
+    #[error("tenant {} not found", validate::echo(.0))]
     NotFound(String),
-    #[error("tenant {0:?} already exists")]
+    #[error("tenant {} already exists", validate::echo(.0))]
     AlreadyExists(String),
     #[error("the etag does not match: the record changed since it was read")]
     Aborted,
