@@ -70,6 +70,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDEKEY_TENANTS_FILE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub tenants_file_interval: Duration,
 
+    /// Largest share, in percent, of the tenants the tenants file declared that one new
+    /// version of it may delete (deleting one tenant is always allowed). A version deleting
+    /// more is refused and the state before it kept: raise this (100 = no limit) to delete
+    /// that many on purpose, e.g. for `tenants: []`.
+    #[arg(long, env = "SIDEKEY_TENANTS_FILE_MAX_DELETE", default_value_t = crate::tenants_file::DEFAULT_MAX_DELETE_PERCENT,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub tenants_file_max_delete: u8,
+
     /// Also count proxied requests per tenant (sidekey_proxy_requests_by_tenant_total), for
     /// at most 100 tenants; the rest are counted as "other".
     #[arg(long, env = "SIDEKEY_METRICS_TENANT_LABEL")]
@@ -99,6 +107,7 @@ pub struct ServeConfig {
     pub connect_to: Vec<ConnectTo>,
     pub tenants_file: Option<PathBuf>,
     pub tenants_file_interval: Duration,
+    pub tenants_file_max_delete: u8,
     pub metrics_tenant_label: bool,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
@@ -120,6 +129,7 @@ impl ServeArgs {
             connect_to: self.connect_to,
             tenants_file: self.tenants_file,
             tenants_file_interval: self.tenants_file_interval,
+            tenants_file_max_delete: self.tenants_file_max_delete,
             metrics_tenant_label: self.metrics_tenant_label,
             log_format: self.log_format,
             shutdown_grace: self.shutdown_grace,
@@ -144,6 +154,7 @@ impl ServeConfig {
             connect_to: Vec::new(),
             tenants_file: None,
             tenants_file_interval: crate::tenants_file::DEFAULT_POLL,
+            tenants_file_max_delete: crate::tenants_file::DEFAULT_MAX_DELETE_PERCENT,
             metrics_tenant_label: false,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(20),

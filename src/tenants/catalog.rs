@@ -262,8 +262,8 @@ impl Catalog {
             validate::validate_connections(p, "partner_defaults", &mut violations);
         }
         let mut declared_ids: std::collections::HashSet<String> = std::collections::HashSet::new();
-        for t in &declared.tenants {
-            let prefix = format!("tenants[{}]", t.id);
+        for (index, t) in declared.tenants.iter().enumerate() {
+            let prefix = validate::declared_tenant_path(index, &t.id);
             if !declared_ids.insert(t.id.clone()) {
                 violations.push(FieldViolation::new(
                     format!("{prefix}.id"),

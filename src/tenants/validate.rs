@@ -60,6 +60,16 @@ pub fn echo(text: &str) -> String {
     out
 }
 
+/// The path of a declared tenant in errors: `tenants[acme]` for a valid id, `tenants[3]`
+/// (its index) for anything else, so that an error never repeats arbitrary text.
+pub fn declared_tenant_path(index: usize, id: &str) -> String {
+    if is_tenant_id(id) {
+        format!("tenants[{id}]")
+    } else {
+        format!("tenants[{index}]")
+    }
+}
+
 /// Longest accepted display name, in characters.
 pub const MAX_DISPLAY_NAME: usize = 200;
 /// Longest accepted secret value, in bytes.
