@@ -274,7 +274,10 @@ async fn mask_update_rotates_one_secret_and_keeps_the_rest_and_stale_etag_aborts
         })
         .await
         .unwrap_err();
-    assert_eq!(violations(&bad_mask), ["update_mask"]);
+    assert_eq!(
+        violations(&bad_mask),
+        ["update_mask", "update_mask.paths[0]"]
+    );
 }
 
 #[tokio::test]
@@ -589,7 +592,7 @@ async fn many_bad_mask_paths_give_one_bounded_status() {
     // Every path bad and long, within the mask limit: the first few are named, the valid
     // paths are stated once, the total is counted, and the status stays small.
     let paths: Vec<String> = (0..32)
-        .map(|i| format!("{i}{}", "\u{202E}x".repeat(2000)))
+        .map(|i| format!("{i}{}", "\u{202E}x".repeat(300)))
         .collect();
     let err = c.update_tenant(update(paths)).await.unwrap_err();
     let fields = violations(&err);
@@ -617,12 +620,20 @@ async fn many_bad_mask_paths_give_one_bounded_status() {
 
     // Far more paths than there are: refused by count alone.
     let err = c
-        .update_tenant(update(vec!["nope".to_owned(); 200_000]))
+        .update_tenant(update(vec!["nope".to_owned(); 5_000]))
         .await
         .unwrap_err();
     assert_eq!(violations(&err), ["update_mask"]);
     assert!(err.message().contains("at most 32"), "{}", err.message());
     assert!(status_metadata_len(&err) <= 4096);
+
+    // A request over the size limit is refused before it is decoded, with the code gRPC
+    // specifies for it (tonic's own is OUT_OF_RANGE).
+    let err = c
+        .update_tenant(update(vec!["nope".to_owned(); 200_000]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
 }
 
 #[tokio::test]
@@ -810,4 +821,213 @@ async fn test_tenant_never_echoes_a_vendor_quoting_the_credentials() {
     // The mock did quote them: the test would catch an echo.
     let quoted = mock.requests().len();
     assert!(quoted >= 3, "{quoted}");
+}
+
+/// Field 1 as raw bytes, whatever the method's message says it is.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawField1 {
+    #[prost(bytes = "vec", tag = "1")]
+    value: Vec<u8>,
+}
+
+#[tokio::test]
+async fn an_undecodable_request_is_invalid_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let channel = tonic::transport::Endpoint::from_shared(running.grpc_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Field 1 of GetTenantRequest is a string; as bytes it can be invalid UTF-8, which
+    // protobuf refuses to decode.
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let err = grpc
+        .unary(
+            tonic::Request::new(RawField1 {
+                value: vec![0xff, 0xfe, 0xfd],
+            }),
+            http::uri::PathAndQuery::from_static("/sidekey.v1.TenantService/GetTenant"),
+            tonic_prost::ProstCodec::<RawField1, proto::Tenant>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The Unix socket path (issue 18)
+
+async fn start_on_socket(dir: &Path, socket: &Path) -> Result<Running, server::StartError> {
+    let mut config = ServeConfig::ephemeral(dir.join("data"));
+    config.master_key = Some(sidekey::secret::Secret::new(
+        "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+    ));
+    config.grpc_listen = sidekey::control::GrpcListen::Unix(socket.to_owned());
+    server::start(config).await
+}
+
+#[tokio::test]
+async fn only_a_stale_socket_is_replaced_at_the_socket_path() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+
+    // A regular file (here: where the store lives) is refused and left intact.
+    let store_like = dir.path().join("sidekey.redb");
+    std::fs::write(&store_like, "precious").unwrap();
+    let msg = start_on_socket(dir.path(), &store_like)
+        .await
+        .err()
+        .expect("must not start")
+        .to_string();
+    assert!(msg.contains("not a socket"), "{msg}");
+    assert_eq!(std::fs::read_to_string(&store_like).unwrap(), "precious");
+    // So is a directory.
+    let msg = start_on_socket(dir.path(), dir.path())
+        .await
+        .err()
+        .expect("must not start")
+        .to_string();
+    assert!(msg.contains("not a socket"), "{msg}");
+
+    // A live socket is refused.
+    let live_path = dir.path().join("live.sock");
+    let _live = std::os::unix::net::UnixListener::bind(&live_path).unwrap();
+    let msg = start_on_socket(dir.path(), &live_path)
+        .await
+        .err()
+        .expect("must not start")
+        .to_string();
+    assert!(msg.contains("in use"), "{msg}");
+
+    // A stale one (bound, then its listener gone) is replaced; the new socket is owner-only
+    // and no private bind directory is left behind.
+    let stale = dir.path().join("grpc.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let running = start_on_socket(dir.path(), &stale).await.unwrap();
+    let meta = std::fs::symlink_metadata(&stale).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".sidekey-bind"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let mut c = TenantServiceClient::connect(running.grpc_url.clone())
+        .await
+        .unwrap();
+    c.list_tenants(proto::ListTenantsRequest::default())
+        .await
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Listener bounds: handshake deadline and connection cap (issue 18)
+
+struct NoTester;
+
+#[async_trait::async_trait]
+impl sidekey::vendors::VendorTester for NoTester {
+    async fn test(
+        &self,
+        _: &sidekey::tenants::EffectiveTenant,
+        _: sidekey::tenants::VendorKind,
+    ) -> sidekey::vendors::TestOutcome {
+        sidekey::vendors::TestOutcome {
+            ok: false,
+            http_status: 0,
+            message: String::new(),
+        }
+    }
+}
+
+/// A second control plane over `running`'s catalog, with the given bounds.
+async fn bounded_control_plane(running: &Running, limits: sidekey::control::Limits) -> String {
+    use std::sync::Arc;
+    let listener = sidekey::control::GrpcListener::bind(&sidekey::control::GrpcListen::Tcp(
+        "127.0.0.1:0".parse().unwrap(),
+    ))
+    .await
+    .unwrap();
+    let url = listener.client_url();
+    let api = sidekey::control::TenantApi::new(running.catalog.clone(), Arc::new(NoTester));
+    tokio::spawn(sidekey::control::serve_with(
+        listener,
+        api,
+        None,
+        limits,
+        std::future::pending(),
+    ));
+    url
+}
+
+#[tokio::test]
+async fn a_connection_without_a_handshake_is_closed_at_the_deadline() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let url = bounded_control_plane(
+        &running,
+        sidekey::control::Limits {
+            max_connections: 8,
+            handshake_timeout: std::time::Duration::from_millis(100),
+        },
+    )
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    // The server closes it: the read ends (EOF or reset) well within the bound.
+    let mut buf = [0u8; 64];
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "a silent connection was kept open");
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_for_a_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let url = bounded_control_plane(
+        &running,
+        sidekey::control::Limits {
+            max_connections: 1,
+            handshake_timeout: std::time::Duration::from_secs(60),
+        },
+    )
+    .await;
+    let hog = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    // The one slot is taken: a call does not get through while the hog is connected.
+    let call = tokio::spawn(async move {
+        let mut c = TenantServiceClient::connect(url).await?;
+        c.list_tenants(proto::ListTenantsRequest::default())
+            .await
+            .map_err(|e| e.into())
+            .map(|_| ())
+    });
+    let call: tokio::task::JoinHandle<Result<(), Box<dyn std::error::Error + Send + Sync>>> = call;
+    tokio::pin!(call);
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), &mut call)
+            .await
+            .is_err(),
+        "a connection beyond the cap was served"
+    );
+    drop(hog);
+    tokio::time::timeout(std::time::Duration::from_secs(10), call)
+        .await
+        .expect("served once the slot is free")
+        .unwrap()
+        .unwrap();
 }
