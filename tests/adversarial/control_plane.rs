@@ -170,7 +170,6 @@ async fn hostile_requests_get_small_statuses() {
             c.update_tenant(proto::UpdateTenantRequest {
                 tenant: Some(proto::Tenant {
                     id,
-                    etag: long.clone(),
                     ..Default::default()
                 }),
                 update_mask: Some(FieldMask {
