@@ -28,7 +28,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDEKEY_PROXY_LISTEN", default_value = "127.0.0.1:8080")]
     pub proxy_listen: SocketAddr,
 
-    /// Control plane (gRPC): HOST:PORT, or unix:/path for a socket (made mode 0600).
+    /// Control plane (gRPC): HOST:PORT, or unix:/path for a socket (mode 0600 from the
+    /// start; only a stale socket at the path is replaced, any other file is refused).
     #[arg(long, env = "SIDEKEY_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: GrpcListen,
 
@@ -70,6 +71,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDEKEY_TENANTS_FILE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub tenants_file_interval: Duration,
 
+    /// Largest share, in percent, of the tenants the tenants file declared that one new
+    /// version of it may delete (deleting one tenant is always allowed). A version deleting
+    /// more is refused and the state before it kept: raise this (100 = no limit) to delete
+    /// that many on purpose, e.g. for `tenants: []`.
+    #[arg(long, env = "SIDEKEY_TENANTS_FILE_MAX_DELETE", default_value_t = crate::tenants_file::DEFAULT_MAX_DELETE_PERCENT,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub tenants_file_max_delete: u8,
+
     /// Also count proxied requests per tenant (sidekey_proxy_requests_by_tenant_total), for
     /// at most 100 tenants; the rest are counted as "other".
     #[arg(long, env = "SIDEKEY_METRICS_TENANT_LABEL")]
@@ -106,6 +115,7 @@ pub struct ServeConfig {
     pub connect_to: Vec<ConnectTo>,
     pub tenants_file: Option<PathBuf>,
     pub tenants_file_interval: Duration,
+    pub tenants_file_max_delete: u8,
     pub metrics_tenant_label: bool,
     pub body_memory_budget: usize,
     pub log_format: LogFormat,
@@ -128,6 +138,7 @@ impl ServeArgs {
             connect_to: self.connect_to,
             tenants_file: self.tenants_file,
             tenants_file_interval: self.tenants_file_interval,
+            tenants_file_max_delete: self.tenants_file_max_delete,
             metrics_tenant_label: self.metrics_tenant_label,
             body_memory_budget: self.body_memory_budget,
             log_format: self.log_format,
@@ -153,6 +164,7 @@ impl ServeConfig {
             connect_to: Vec::new(),
             tenants_file: None,
             tenants_file_interval: crate::tenants_file::DEFAULT_POLL,
+            tenants_file_max_delete: crate::tenants_file::DEFAULT_MAX_DELETE_PERCENT,
             metrics_tenant_label: false,
             body_memory_budget: crate::proxy::DEFAULT_BODY_MEMORY_BUDGET,
             log_format: LogFormat::Text,

@@ -107,8 +107,11 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     // Declared tenants are in force before any listener accepts a request.
     let mut tenants_file = match &config.tenants_file {
         Some(path) => {
-            let mut file = TenantsFile::new(path.clone(), &config.data_dir, catalog.clone());
-            file.apply_now().await.map_err(StartError::TenantsFile)?;
+            let mut file = TenantsFile::new(path.clone(), &config.data_dir, catalog.clone())
+                .max_delete_percent(config.tenants_file_max_delete);
+            file.apply_at_start(config.tenants_file_interval)
+                .await
+                .map_err(StartError::TenantsFile)?;
             Some(file)
         }
         None => None,

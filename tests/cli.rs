@@ -481,3 +481,76 @@ fn get_json_edited_and_applied_keeps_secrets_it_shows_by_fingerprint() {
     let err = stderr(&server.cli(&["tenants", "apply", "-f", file.to_str().unwrap()]));
     assert!(err.contains("tenant.m3ter.api_secret"), "{err}");
 }
+
+#[test]
+fn apply_errors_name_the_field_and_line_never_a_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), KEY).unwrap();
+    let file = dir.path().join("bad.yaml");
+    let fifo = dir.path().join("fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let cases = [
+        (
+            "id: acme\nmiradore:\n  site: acme\n  apiKey: \"s3cret-key-1\"\n".to_owned(),
+            "miradore.apiKey: has the wrong type",
+            "line 4",
+        ),
+        (
+            "id: acme\nmailkit: { clientId: \"1\", clientMd5: { value: [s3cret-key-2] } }\n"
+                .to_owned(),
+            "mailkit.clientMd5.value",
+            "line 2",
+        ),
+        (
+            "id: acme\nmiradore: { site: acme, apiKey: { value: 's3cret-key-3\n".to_owned(),
+            "not valid YAML",
+            "line",
+        ),
+        (
+            "id: acme\nmiradore: { s3cret-key-4: x }\n".to_owned(),
+            "miradore: has a field that is not allowed here",
+            "line 2",
+        ),
+        (
+            format!(
+                "id: acme\nmiradore: {{ site: acme, apiKey: {{ valueFrom: {{ file: {} }} }} }}\n",
+                fifo.display()
+            ),
+            "not a regular file",
+            "miradore.apiKey",
+        ),
+        (
+            "id: acme\nmiradore: { site: acme, apiKey: { valueFrom: { file: /dev/zero } } }\n"
+                .to_owned(),
+            "not a regular file",
+            "miradore.apiKey",
+        ),
+    ];
+    for (text, what, where_) in cases {
+        std::fs::write(&file, &text).unwrap();
+        let out = server.cli(&["tenants", "apply", "-f", file.to_str().unwrap()]);
+        let err = stderr(&out);
+        let all = format!("{}{err}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            err.contains(what) && err.contains(where_),
+            "{text:?}: {err}"
+        );
+        assert!(!all.contains("s3cret"), "{text:?}: {all}");
+    }
+    // Through standard input too.
+    let out = server.cli_with_stdin(
+        &["tenants", "apply", "-f", "-"],
+        Some("id: acme\nmiradore: { site: acme, apiKey: \"s3cret-key-5\" }\n"),
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("miradore.apiKey") && !err.contains("s3cret"),
+        "{err}"
+    );
+}

@@ -19,9 +19,9 @@ use crate::store::{Expect, Mutation, Store, StoreError, StoredState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("tenant {0:?} not found")]
+    #[error("tenant {} not found", validate::echo(.0))]
     NotFound(String),
-    #[error("tenant {0:?} already exists")]
+    #[error("tenant {} already exists", validate::echo(.0))]
     AlreadyExists(String),
     #[error("the etag does not match: the record changed since it was read")]
     Aborted,
@@ -262,8 +262,8 @@ impl Catalog {
             validate::validate_connections(p, "partner_defaults", &mut violations);
         }
         let mut declared_ids: std::collections::HashSet<String> = std::collections::HashSet::new();
-        for t in &declared.tenants {
-            let prefix = format!("tenants[{}]", t.id);
+        for (index, t) in declared.tenants.iter().enumerate() {
+            let prefix = validate::declared_tenant_path(index, &t.id);
             if !declared_ids.insert(t.id.clone()) {
                 violations.push(FieldViolation::new(
                     format!("{prefix}.id"),
