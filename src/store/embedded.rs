@@ -1,30 +1,50 @@
-//! The embedded store: one redb database in `--data-dir`, every secret sealed under the
-//! master keyring.
+//! The embedded store: one redb database in `--data-dir`, every record sealed as a whole
+//! under the master keyring ([`record`]) and every secret inside it sealed again
+//! ([`sealing`]).
 //!
-//! Tables: `tenants` (id → record), `partner` (the singleton), `meta` (the store-wide
-//! revision, the schema version, and a sealed key-check value). Records are serde_json of the
-//! private `*Doc` structs below, which mirror the model with each secret replaced by its
-//! sealed string; the plain value never reaches the encoder.
+//! Tables: `tenants` (id → sealed record), `partner` (the singleton), `meta` (the store-wide
+//! revision, the schema version, and a sealed key-check value). A record is the serde_json of
+//! the private `*Doc` structs below (each secret replaced by its sealed string), sealed with
+//! the record's table and key as associated data: any altered byte, or a record copied onto
+//! another key, fails to open with an error naming the record.
 //!
-//! The key check is what makes a wrong master key fail at start-up, with a message naming the
-//! key ids, rather than later on the first secret. At open, anything still sealed under an
-//! older key of the ring is re-sealed under the active one (rotation).
+//! Opening (see [`EmbeddedStore::open`]):
+//! - no file: a new store is created under a temporary name, synced, renamed into place, and
+//!   the directory synced, so a crash never leaves a half-made `sidekey.redb`;
+//! - an empty or unrecognised file is refused, never taken for a new store;
+//! - an existing file is first opened read-only and checked whole (key check, every record
+//!   authenticates), so a refused start leaves it byte-for-byte unchanged; only then is it
+//!   opened for writing, upgraded from schema 1 (records not yet sealed whole) and re-sealed
+//!   under the active key if an older one sealed anything (rotation), in one transaction.
+//!
+//! Failures at run time: after an I/O error (disk full, EIO) redb refuses every later
+//! operation until the database is reopened. The store reopens it itself, before the next
+//! operation and every [`RECOVERY_INTERVAL`] in the background, and reports its state in
+//! [`StoreHealth`]. A commit that failed may still have reached the disk; the store keeps the
+//! records' previous bytes and puts them back on reopening, so a write the client was told
+//! failed never appears later, and the catalog (which publishes only acknowledged writes)
+//! stays equal to what is on disk.
 
-use std::io;
+use std::fs;
+use std::io::{self, Read};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use redb::{
-    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition, WriteTransaction,
+    Builder, ConcurrencyMode, Database, DatabaseError, Durability, ReadableDatabase, ReadableTable,
+    ReadableTableMetadata, TableDefinition, TableHandle, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
+use super::backend::{self, BackendOpener, Boxed};
 use super::files;
+use super::health::StoreHealth;
 use super::master_key::{KeyId, MASTER_KEY_ENV, MasterKeys};
+use super::record::{self, RecordError, RecordKind};
 use super::sealing::{self, SealError};
 use super::{Expect, Mutation, Store, StoreError, StoredState};
 use crate::secret::Secret;
@@ -35,14 +55,29 @@ use crate::tenants::{
 /// The database file inside the data directory.
 pub const DATA_FILE: &str = "sidekey.redb";
 
-/// The layout this code writes and reads. A database with a higher version was written by a
-/// newer sidekey and is refused rather than misread.
-pub const SCHEMA_VERSION: u64 = 1;
+/// Where a new store is built before it is renamed to [`DATA_FILE`].
+const NEW_DATA_FILE: &str = "sidekey.redb.new";
+
+/// The layout this code writes. 1: secrets sealed, other fields plain (upgraded at open);
+/// 2: every record sealed whole. A database with a higher version was written by a newer
+/// sidekey and is refused rather than misread.
+pub const SCHEMA_VERSION: u64 = 2;
+
+/// The first bytes of every redb file.
+const REDB_MAGIC: &[u8] = b"redb";
 
 /// redb's page cache: 4 MiB (redb's default is 1 GiB). The store is read whole once at
 /// start-up and then only written, so a large cache would only keep the start-up read in
 /// memory for the life of the process.
 const CACHE_BYTES: usize = 4 * 1024 * 1024;
+
+/// How often a failing store retries reopening its database in the background (it also
+/// retries before every operation).
+pub const RECOVERY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// One process writes; others (`sidekey store backup|verify`) may open the file read-only
+/// meanwhile and read a consistent snapshot.
+const CONCURRENCY: ConcurrencyMode = ConcurrencyMode::SingleWriter;
 
 const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 const PARTNER: TableDefinition<&str, &[u8]> = TableDefinition::new("partner");
@@ -55,29 +90,72 @@ const META_KEY_CHECK: &str = "key_check";
 const KEY_CHECK_PLACE: &str = "meta/key_check";
 const KEY_CHECK_VALUE: &[u8] = b"sidekey master key check";
 
+/// What `sidekey store verify` reports of a store that checked out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub schema_version: u64,
+    pub revision: u64,
+    pub tenants: usize,
+    pub partner_defaults: bool,
+}
+
 /// The embedded [`Store`]. Only this process writes it, so [`Store::watch`] is `None`.
 pub struct EmbeddedStore {
-    db: Arc<Database>,
-    keys: Arc<MasterKeys>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     path: PathBuf,
+    keys: MasterKeys,
+    opener: BackendOpener,
+    health: StoreHealth,
+    state: Mutex<DbState>,
+}
+
+struct DbState {
+    /// `None` after a failure, until the database is reopened.
+    db: Option<Database>,
+    /// A commit that failed but may have reached the disk, to undo on reopening.
+    undo: Option<Undo>,
+    /// A background recovery thread is running.
+    recovering: bool,
+}
+
+/// What a batch overwrote, to put back if its failed commit reached the disk after all.
+struct Undo {
+    attempted: u64,
+    previous_revision: u64,
+    records: Vec<(RecordKind, String, Option<Vec<u8>>)>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmbeddedStore")
-            .field("path", &self.path)
-            .field("active_key_id", &self.keys.active().id())
+            .field("path", &self.inner.path)
+            .field("active_key_id", &self.inner.keys.active().id())
             .finish()
     }
 }
 
 impl EmbeddedStore {
-    /// Opens (creating if absent) the store in `data_dir`: the directory with mode 0700, the
-    /// database file with 0600. Fails with [`StoreError::Key`] when no key of `keys` opens
-    /// the data, and re-seals under the active key whatever an older key of the ring sealed.
+    /// Opens the store in `data_dir`, creating the directory (0700) and a new store (0600)
+    /// when it holds none. Fails with [`StoreError::Key`] when no key of `keys` opens the
+    /// data, with [`StoreError::Corrupted`] when the file or a record is damaged or altered
+    /// (naming what), leaving the file unchanged either way.
     ///
     /// Blocking (file I/O and fsync): call it at start-up or inside `spawn_blocking`.
     pub fn open(data_dir: &Path, keys: MasterKeys) -> Result<Self, StoreError> {
+        Self::open_with_backend(data_dir, keys, Arc::new(backend::file_backend))
+    }
+
+    /// [`EmbeddedStore::open`] over the storage `opener` gives for the database file (tests
+    /// pass one that injects I/O faults). The read-only check before opening reads the file
+    /// directly.
+    pub fn open_with_backend(
+        data_dir: &Path,
+        keys: MasterKeys,
+        opener: BackendOpener,
+    ) -> Result<Self, StoreError> {
         files::ensure_private_dir(data_dir).map_err(|e| {
             StoreError::Backend(format!(
                 "cannot create the data directory {}: {e}",
@@ -85,159 +163,612 @@ impl EmbeddedStore {
             ))
         })?;
         let path = data_dir.join(DATA_FILE);
-        // redb creates a missing file with the process umask; creating it empty first makes
-        // it private, and redb initialises an empty file as a new database.
-        match files::create_private_file(&path) {
+        match fs::metadata(&path) {
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                create_new(data_dir, &path, &keys, &opener)?;
+            }
             Err(e) => {
                 return Err(StoreError::Backend(format!(
-                    "cannot create the database file {}: {e}",
+                    "cannot read {}: {e}",
                     path.display()
                 )));
             }
         }
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| open_error(e, data_dir, &path))?;
+        check_file_kind(&path)?;
+        // Everything that can refuse the start is checked before the file is opened for
+        // writing.
+        match verify(&path, &keys) {
+            Ok(_) => {}
+            // A writer killed mid-way leaves the file for redb to repair, which takes a
+            // write open; the checks are repeated there before anything else is written.
+            Err(VerifyError::NeedsRepair) => tracing::warn!(
+                path = %path.display(),
+                "the store was not closed cleanly: redb repairs it while opening"
+            ),
+            Err(VerifyError::Refused(e)) => return Err(e),
+        }
+        let db = open_db(&opener, &path)?;
         let store = Self {
-            db: Arc::new(db),
-            keys: Arc::new(keys),
-            path,
+            inner: Arc::new(Inner {
+                path,
+                keys,
+                opener,
+                health: StoreHealth::new(),
+                state: Mutex::new(DbState {
+                    db: None,
+                    undo: None,
+                    recovering: false,
+                }),
+            }),
         };
-        store.check_key_and_rotate()?;
+        store.inner.upgrade_and_rotate(&db)?;
+        store.inner.lock().db = Some(db);
         Ok(store)
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
     }
 
-    /// Initialises a new database, or checks that the ring opens an existing one and
-    /// re-seals anything an older key sealed; one write transaction either way.
-    fn check_key_and_rotate(&self) -> Result<(), StoreError> {
-        let keys = &*self.keys;
-        let active = keys.active().id();
-        let mut txn = self.db.begin_write().map_err(backend)?;
-        txn.set_durability(Durability::Immediate).map_err(backend)?;
+    /// The store's health, for `/readyz` and the metric.
+    pub fn health(&self) -> StoreHealth {
+        self.inner.health.clone()
+    }
+}
 
-        let key_check = {
-            let meta = txn.open_table(META).map_err(backend)?;
-            if let Some(version) = read_u64(&meta, META_SCHEMA)?
-                && version > SCHEMA_VERSION
-            {
-                return Err(StoreError::Backend(format!(
-                    "{} was written by a newer sidekey (schema version {version}; this one \
-                     reads up to {SCHEMA_VERSION})",
-                    self.path.display()
+/// Checks, without writing anything, that the store at `path` opens under `keys`: schema,
+/// key check, and that every record authenticates. For `sidekey store verify` and for the
+/// start-up check.
+pub fn verify_file(path: &Path, keys: &MasterKeys) -> Result<VerifyReport, StoreError> {
+    check_file_kind(path)?;
+    verify(path, keys).map_err(|e| match e {
+        VerifyError::NeedsRepair => StoreError::Corrupted(format!(
+            "{} was not closed cleanly and needs the repair redb makes when sidekey serve \
+             opens it; start sidekey on it once, or verify a backup",
+            path.display()
+        )),
+        VerifyError::Refused(e) => e,
+    })
+}
+
+/// Copies the store at `path` to a new file `out` (mode 0600), records still sealed: a
+/// consistent snapshot of the last commit, read while `sidekey serve` may be running. The
+/// copy is written under a temporary name, synced, then renamed to `out`. Needs no key.
+pub fn backup_file(path: &Path, out: &Path) -> Result<VerifyReport, StoreError> {
+    check_file_kind(path)?;
+    if out.exists() {
+        return Err(StoreError::Backend(format!(
+            "{} already exists: give a new file for the backup",
+            out.display()
+        )));
+    }
+    let source = open_read_only(path).map_err(|e| match e {
+        VerifyError::NeedsRepair => StoreError::Corrupted(format!(
+            "{} was not closed cleanly: start sidekey serve on it once before a backup",
+            path.display()
+        )),
+        VerifyError::Refused(e) => e,
+    })?;
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = out
+        .file_name()
+        .ok_or_else(|| StoreError::Backend(format!("{} is not a file name", out.display())))?;
+    let tmp = dir.join(format!(".{}.partial", name.to_string_lossy()));
+    let _ = fs::remove_file(&tmp);
+    files::create_private_file(&tmp)
+        .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", tmp.display())))?;
+    let copied = guard(|| {
+        let db = Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&tmp)
+            .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", tmp.display())))?;
+        let read = source.begin_read().map_err(backend)?;
+        let mut write = db.begin_write().map_err(backend)?;
+        write
+            .set_durability(Durability::Immediate)
+            .map_err(backend)?;
+        let mut report = VerifyReport {
+            schema_version: 0,
+            revision: 0,
+            tenants: 0,
+            partner_defaults: false,
+        };
+        for def in [META, TENANTS, PARTNER] {
+            let from = match read.open_table(def) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => continue,
+                Err(e) => return Err(backend(e)),
+            };
+            let mut to = write.open_table(def).map_err(backend)?;
+            for entry in from.iter().map_err(backend)? {
+                let (k, v) = entry.map_err(backend)?;
+                to.insert(k.value(), v.value()).map_err(backend)?;
+            }
+            if def.name() == TENANTS.name() {
+                report.tenants = usize::try_from(from.len().map_err(backend)?).unwrap_or(0);
+            }
+            if def.name() == PARTNER.name() {
+                report.partner_defaults = !from.is_empty().map_err(backend)?;
+            }
+            if def.name() == META.name() {
+                report.schema_version = read_u64(&from, META_SCHEMA)?.unwrap_or(0);
+                report.revision = read_u64(&from, META_REVISION)?.unwrap_or(0);
+            }
+        }
+        write.commit().map_err(backend)?;
+        Ok(report)
+    });
+    let report = match copied {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let done = fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .and_then(|()| fs::rename(&tmp, out))
+        .and_then(|()| files::sync_dir(&dir));
+    if let Err(e) = done {
+        let _ = fs::remove_file(&tmp);
+        return Err(StoreError::Backend(format!(
+            "cannot write {}: {e}",
+            out.display()
+        )));
+    }
+    Ok(report)
+}
+
+enum VerifyError {
+    /// The file needs the repair only a write open makes.
+    NeedsRepair,
+    Refused(StoreError),
+}
+
+impl From<StoreError> for VerifyError {
+    fn from(e: StoreError) -> Self {
+        VerifyError::Refused(e)
+    }
+}
+
+fn open_read_only(path: &Path) -> Result<redb::ReadOnlyDatabase, VerifyError> {
+    let opened = guard(|| {
+        Ok(Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .set_concurrency_mode(CONCURRENCY)
+            .open_read_only(path))
+    })?;
+    match opened {
+        Ok(db) => Ok(db),
+        Err(DatabaseError::RepairAborted) => Err(VerifyError::NeedsRepair),
+        Err(e) => Err(VerifyError::Refused(open_error(e, path))),
+    }
+}
+
+fn verify(path: &Path, keys: &MasterKeys) -> Result<VerifyReport, VerifyError> {
+    let db = open_read_only(path)?;
+    let report = guard(|| {
+        let txn = db.begin_read().map_err(backend)?;
+        let meta = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => {
+                return Err(StoreError::Corrupted(format!(
+                    "{} is a redb database without sidekey's tables: it is not a sidekey store",
+                    path.display()
                 )));
             }
-            let check = meta.get(META_KEY_CHECK).map_err(backend)?;
-            check.map(|v| String::from_utf8_lossy(v.value()).into_owned())
+            Err(e) => return Err(backend(e)),
         };
+        let schema_version = check_schema(&meta, path)?;
+        check_key(&meta, keys, path)?;
+        drop(meta);
+        let state = load_txn(&txn, keys, schema_version)?;
+        Ok(VerifyReport {
+            schema_version,
+            revision: state.revision,
+            tenants: state.tenants.len(),
+            partner_defaults: state.partner.revision != 0,
+        })
+    })?;
+    Ok(report)
+}
 
-        let Some(key_check) = key_check else {
-            return self.initialise(txn);
+/// Refuses a file that is not a redb database (empty, truncated to nothing, something else),
+/// before redb sees it: redb would initialise an empty file as a new database.
+fn check_file_kind(path: &Path) -> Result<(), StoreError> {
+    let mut head = [0u8; REDB_MAGIC.len()];
+    let mut file = fs::File::open(path)
+        .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+    let len = file
+        .metadata()
+        .map_err(|e| StoreError::Backend(format!("cannot read {}: {e}", path.display())))?
+        .len();
+    if len == 0 {
+        return Err(StoreError::Corrupted(format!(
+            "{} is empty (0 bytes), so it holds no tenants; sidekey will not take it for a new \
+             store. Restore it from a backup, or remove it to start a new, empty store",
+            path.display()
+        )));
+    }
+    let read = file.read_exact(&mut head);
+    if read.is_err() || head != REDB_MAGIC {
+        return Err(StoreError::Corrupted(format!(
+            "{} ({len} bytes) is not a redb database. Restore it from a backup, or move it \
+             away to start a new, empty store",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Builds a new, empty store under a temporary name and renames it into place.
+fn create_new(
+    dir: &Path,
+    path: &Path,
+    keys: &MasterKeys,
+    opener: &BackendOpener,
+) -> Result<(), StoreError> {
+    let tmp = dir.join(NEW_DATA_FILE);
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        StoreError::Backend(format!(
+            "cannot create a new store {}: {what}: {e}",
+            path.display()
+        ))
+    };
+    // A leftover from a creation that crashed before its rename: it was never the store.
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(failed("removing a leftover", &e)),
+    }
+    files::create_private_file(&tmp).map_err(|e| failed("creating the file", &e))?;
+    let created = guard(|| {
+        let storage = opener(&tmp).map_err(|e| failed("opening the file", &e))?;
+        let db = Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .set_concurrency_mode(CONCURRENCY)
+            .create_with_backend(Boxed(storage))
+            .map_err(|e| failed("initialising the database", &e))?;
+        initialise(&db, keys)
+    });
+    let done = created.and_then(|()| {
+        fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| fs::rename(&tmp, path))
+            .and_then(|()| files::sync_dir(dir))
+            .map_err(|e| failed("syncing and renaming", &e))
+    });
+    if let Err(e) = done {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    tracing::info!(path = %path.display(), key_id = %keys.active().id(), "created a new store");
+    Ok(())
+}
+
+fn initialise(db: &Database, keys: &MasterKeys) -> Result<(), StoreError> {
+    let mut txn = db.begin_write().map_err(backend)?;
+    txn.set_durability(Durability::Immediate).map_err(backend)?;
+    txn.open_table(TENANTS).map_err(backend)?;
+    txn.open_table(PARTNER).map_err(backend)?;
+    {
+        let mut meta = txn.open_table(META).map_err(backend)?;
+        meta.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())
+            .map_err(backend)?;
+        meta.insert(META_REVISION, 0u64.to_be_bytes().as_slice())
+            .map_err(backend)?;
+    }
+    write_key_check(&txn, keys)?;
+    txn.commit().map_err(backend)
+}
+
+fn open_db(opener: &BackendOpener, path: &Path) -> Result<Database, StoreError> {
+    // redb initialises an empty file as a new database: never let it see one.
+    check_file_kind(path)?;
+    guard(|| {
+        let storage = opener(path).map_err(|e| {
+            StoreError::Io(format!("cannot open the database {}: {e}", path.display()))
+        })?;
+        Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .set_concurrency_mode(CONCURRENCY)
+            .create_with_backend(Boxed(storage))
+            .map_err(|e| open_error(e, path))
+    })
+}
+
+/// Runs redb work, turning a panic inside redb (which a damaged file can cause) into an error.
+fn guard<T>(f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "redb panicked".into());
+            Err(StoreError::Corrupted(format!(
+                "redb failed reading it: {what}"
+            )))
+        }
+    }
+}
+
+fn check_schema(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    path: &Path,
+) -> Result<u64, StoreError> {
+    match read_u64(meta, META_SCHEMA)? {
+        Some(v) if v > SCHEMA_VERSION => Err(StoreError::Backend(format!(
+            "{} was written by a newer sidekey (schema version {v}; this one reads up to \
+             {SCHEMA_VERSION})",
+            path.display()
+        ))),
+        Some(v) if v >= 1 => Ok(v),
+        _ => Err(StoreError::Corrupted(format!(
+            "{} has no valid schema version: it is not a sidekey store, or it is damaged",
+            path.display()
+        ))),
+    }
+}
+
+/// Checks that the ring opens the key check; returns the id of the key that sealed it.
+fn check_key(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    keys: &MasterKeys,
+    path: &Path,
+) -> Result<KeyId, StoreError> {
+    let key_check = meta
+        .get(META_KEY_CHECK)
+        .map_err(backend)?
+        .map(|v| String::from_utf8_lossy(v.value()).into_owned())
+        .ok_or_else(|| StoreError::Corrupted(format!("{} has no key check", path.display())))?;
+    let sealed_with = sealing::key_id(&key_check).ok_or_else(|| {
+        StoreError::Corrupted(format!("the key check in {} is malformed", path.display()))
+    })?;
+    if keys.get(sealed_with).is_none() {
+        return Err(StoreError::Key(format!(
+            "the master key does not match this data directory (it was sealed with key id \
+             {sealed_with}; the configured key{} {}): supply the right --master-key-file or \
+             {MASTER_KEY_ENV}",
+            if keys.ids().count() == 1 {
+                " has id"
+            } else {
+                "s have ids"
+            },
+            join_ids(keys.ids()),
+        )));
+    }
+    let opened = sealing::open(keys, KEY_CHECK_PLACE, &key_check).map_err(|_| {
+        StoreError::Key(format!(
+            "the key check in {} does not open with master key id {sealed_with}: the \
+             database is corrupted, or a different key happens to share that id",
+            path.display()
+        ))
+    })?;
+    if opened.as_slice() != KEY_CHECK_VALUE {
+        return Err(StoreError::Corrupted(format!(
+            "the key check in {} holds an unexpected value",
+            path.display()
+        )));
+    }
+    Ok(sealed_with)
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, DbState> {
+        // DbState stays consistent whatever a panicking holder did: a panic inside redb is
+        // caught before it unwinds through the guard.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// At open: upgrades a schema-1 store (seals every record whole) and re-seals under the
+    /// active key whatever an older key sealed, in one durable transaction, after checking
+    /// the key again (a repaired file was not checked read-only).
+    fn upgrade_and_rotate(&self, db: &Database) -> Result<(), StoreError> {
+        guard(|| {
+            let keys = &self.keys;
+            let active = keys.active().id();
+            let mut txn = db.begin_write().map_err(backend)?;
+            txn.set_durability(Durability::Immediate).map_err(backend)?;
+            let (schema, sealed_with) = {
+                let meta = txn.open_table(META).map_err(backend)?;
+                (
+                    check_schema(&meta, &self.path)?,
+                    check_key(&meta, keys, &self.path)?,
+                )
+            };
+            let mut old_ids: Vec<KeyId> = Vec::new();
+            let mut counts = Rewrite::default();
+            rewrite_records(&txn, keys, schema, &mut old_ids, &mut counts)?;
+            if sealed_with != active {
+                old_ids.push(sealed_with);
+                write_key_check(&txn, keys)?;
+            }
+            if schema < SCHEMA_VERSION {
+                let mut meta = txn.open_table(META).map_err(backend)?;
+                meta.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())
+                    .map_err(backend)?;
+            }
+            if counts.records == 0 && sealed_with == active && schema == SCHEMA_VERSION {
+                txn.abort().map_err(backend)?;
+                return Ok(());
+            }
+            txn.commit().map_err(backend)?;
+            if schema < SCHEMA_VERSION {
+                tracing::info!(path = %self.path.display(), from = schema, to = SCHEMA_VERSION,
+                    records = counts.records,
+                    "store upgraded: every record is now sealed whole under the master key");
+            }
+            if !old_ids.is_empty() {
+                old_ids.sort_by_key(|id| id.to_string());
+                old_ids.dedup();
+                tracing::info!(
+                    path = %self.path.display(),
+                    from_key_ids = %join_ids(old_ids.iter().copied()),
+                    to_key_id = %active,
+                    secrets = counts.secrets,
+                    "master key rotation finished: everything is now sealed with the active \
+                     key, so the older keys can be removed from the keyring"
+                );
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `f` on the open database, first reopening it if an earlier failure closed it.
+    /// An I/O error or a panic from `f` closes it again and marks the store failing.
+    fn run<T>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Database, &mut Option<Undo>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut state = self.lock();
+        if (state.db.is_none() || state.undo.is_some())
+            && let Err(e) = self.recover(&mut state)
+        {
+            self.failing(&mut state, &e);
+            return Err(e);
+        }
+        let Some(db) = state.db.as_ref() else {
+            return Err(StoreError::Io("the database is closed".into()));
         };
-        let sealed_with = sealing::key_id(&key_check).ok_or_else(|| {
-            StoreError::Key(format!(
-                "the key check in {} is malformed: the database is corrupted",
-                self.path.display()
-            ))
-        })?;
-        if keys.get(sealed_with).is_none() {
-            return Err(StoreError::Key(format!(
-                "the master key does not match this data directory (it was sealed with key id \
-                 {sealed_with}; the configured key{} {}): supply the right --master-key-file or \
-                 {MASTER_KEY_ENV}",
-                if keys.ids().count() == 1 {
-                    " has id"
-                } else {
-                    "s have ids"
-                },
-                join_ids(keys.ids()),
-            )));
+        let mut undo = None;
+        let result = guard(|| f(db, &mut undo));
+        if undo.is_some() {
+            state.undo = undo;
         }
-        let opened = sealing::open(keys, KEY_CHECK_PLACE, &key_check).map_err(|_| {
-            StoreError::Key(format!(
-                "the key check in {} does not open with master key id {sealed_with}: the \
-                 database is corrupted, or a different key happens to share that id",
-                self.path.display()
-            ))
-        })?;
-        if opened.as_slice() != KEY_CHECK_VALUE {
-            return Err(StoreError::Key(format!(
-                "the key check in {} holds an unexpected value: the database is corrupted",
-                self.path.display()
-            )));
+        match result {
+            Err(e @ (StoreError::Io(_) | StoreError::Corrupted(_))) => {
+                self.failing(&mut state, &e);
+                Err(e)
+            }
+            Err(e) if state.undo.is_some() => {
+                self.failing(&mut state, &e);
+                Err(e)
+            }
+            other => other,
         }
+    }
 
-        let mut old_ids: Vec<KeyId> = Vec::new();
-        let resealed = reseal_all(&txn, keys, &mut old_ids)?;
-        if sealed_with != active {
-            old_ids.push(sealed_with);
-            write_key_check(&txn, keys)?;
+    /// Closes the database after a failure, reports it, and starts retrying in the
+    /// background.
+    fn failing(self: &Arc<Self>, state: &mut DbState, e: &StoreError) {
+        state.db = None;
+        self.health.set_failing(&e.to_string());
+        if !state.recovering {
+            state.recovering = true;
+            let inner = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new()
+                .name("sidekey-store-recovery".into())
+                .spawn(move || recovery_loop(&inner));
+            if spawned.is_err() {
+                state.recovering = false;
+            }
         }
-        if resealed == 0 && sealed_with == active {
+    }
+
+    /// Reopens the database and undoes a failed commit that reached the disk.
+    fn recover(&self, state: &mut DbState) -> Result<(), StoreError> {
+        // redb holds the file's lock until the old handle is gone.
+        state.db = None;
+        let db = open_db(&self.opener, &self.path)?;
+        if let Some(undo) = &state.undo {
+            guard(|| apply_undo(&db, undo))?;
+            state.undo = None;
+        }
+        state.db = Some(db);
+        self.health.set_healthy();
+        Ok(())
+    }
+}
+
+fn recovery_loop(inner: &std::sync::Weak<Inner>) {
+    loop {
+        std::thread::sleep(RECOVERY_INTERVAL);
+        let Some(inner) = inner.upgrade() else { return };
+        let mut state = inner.lock();
+        if state.db.is_some() && state.undo.is_none() {
+            state.recovering = false;
+            return;
+        }
+        match inner.recover(&mut state) {
+            Ok(()) => {
+                state.recovering = false;
+                return;
+            }
+            Err(e) => {
+                state.db = None;
+                inner.health.set_failing(&e.to_string());
+            }
+        }
+    }
+}
+
+/// Puts back what a failed commit overwrote, if that commit reached the disk after all.
+fn apply_undo(db: &Database, undo: &Undo) -> Result<(), StoreError> {
+    let mut txn = db.begin_write().map_err(backend)?;
+    txn.set_durability(Durability::Immediate).map_err(backend)?;
+    {
+        let mut meta = txn.open_table(META).map_err(backend)?;
+        let now = read_u64(&meta, META_REVISION)?.unwrap_or(0);
+        if now != undo.attempted {
+            // The commit did not land: nothing to undo.
+            drop(meta);
             txn.abort().map_err(backend)?;
             return Ok(());
         }
-        txn.commit().map_err(backend)?;
-        old_ids.sort_by_key(|id| id.to_string());
-        old_ids.dedup();
-        tracing::info!(
-            path = %self.path.display(),
-            from_key_ids = %join_ids(old_ids.iter().copied()),
-            to_key_id = %active,
-            secrets = resealed,
-            "master key rotation finished: everything is now sealed with the active key, so the \
-             older keys can be removed from the keyring"
-        );
-        Ok(())
+        meta.insert(
+            META_REVISION,
+            undo.previous_revision.to_be_bytes().as_slice(),
+        )
+        .map_err(backend)?;
     }
-
-    fn initialise(&self, txn: WriteTransaction) -> Result<(), StoreError> {
-        {
-            let tenants = txn.open_table(TENANTS).map_err(backend)?;
-            let partner = txn.open_table(PARTNER).map_err(backend)?;
-            // Records without a key check cannot have been written by this code, which
-            // writes the check in the same transaction that creates the tables.
-            if !tenants.is_empty().map_err(backend)? || !partner.is_empty().map_err(backend)? {
-                return Err(StoreError::Backend(format!(
-                    "{} holds records but no key check: the database is corrupted",
-                    self.path.display()
-                )));
-            }
-            let mut meta = txn.open_table(META).map_err(backend)?;
-            meta.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())
-                .map_err(backend)?;
-            if read_u64(&meta, META_REVISION)?.is_none() {
-                meta.insert(META_REVISION, 0u64.to_be_bytes().as_slice())
-                    .map_err(backend)?;
-            }
+    for (kind, key, previous) in &undo.records {
+        let mut table = txn.open_table(table_of(*kind)).map_err(backend)?;
+        match previous {
+            Some(bytes) => table.insert(key.as_str(), bytes.as_slice()).map(drop),
+            None => table.remove(key.as_str()).map(drop),
         }
-        write_key_check(&txn, &self.keys)?;
-        txn.commit().map_err(backend)?;
-        tracing::info!(path = %self.path.display(), key_id = %self.keys.active().id(),
-            "created a new store");
-        Ok(())
+        .map_err(backend)?;
+    }
+    txn.commit().map_err(backend)?;
+    tracing::warn!(
+        revision = undo.attempted,
+        "a write reported as failed had reached the disk; it was undone"
+    );
+    Ok(())
+}
+
+fn table_of(kind: RecordKind) -> TableDefinition<'static, &'static str, &'static [u8]> {
+    match kind {
+        RecordKind::Tenant => TENANTS,
+        RecordKind::Partner => PARTNER,
     }
 }
 
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn load(&self) -> Result<StoredState, StoreError> {
-        let db = Arc::clone(&self.db);
-        let keys = Arc::clone(&self.keys);
-        run_blocking(move || load_blocking(&db, &keys)).await
+        let inner = Arc::clone(&self.inner);
+        run_blocking(move || {
+            let keys = &inner.keys;
+            inner.run(|db, _| load_blocking(db, keys))
+        })
+        .await
     }
 
     async fn commit_batch(&self, batch: Vec<(Mutation, Expect)>) -> Result<u64, StoreError> {
-        let db = Arc::clone(&self.db);
-        let keys = Arc::clone(&self.keys);
-        run_blocking(move || commit_blocking(&db, &keys, batch)).await
+        let inner = Arc::clone(&self.inner);
+        run_blocking(move || {
+            let keys = &inner.keys;
+            inner.run(|db, undo| commit_blocking(db, keys, batch, undo))
+        })
+        .await
     }
 }
 
@@ -249,8 +780,16 @@ async fn run_blocking<T: Send + 'static>(
         .map_err(|e| StoreError::Backend(format!("the store task failed: {e}")))?
 }
 
-fn load_blocking(db: &Database, keys: &MasterKeys) -> Result<StoredState, StoreError> {
+fn load_blocking(db: &impl ReadableDatabase, keys: &MasterKeys) -> Result<StoredState, StoreError> {
     let txn = db.begin_read().map_err(backend)?;
+    load_txn(&txn, keys, SCHEMA_VERSION)
+}
+
+fn load_txn(
+    txn: &redb::ReadTransaction,
+    keys: &MasterKeys,
+    schema: u64,
+) -> Result<StoredState, StoreError> {
     let meta = txn.open_table(META).map_err(backend)?;
     let revision = read_u64(&meta, META_REVISION)?.unwrap_or(0);
 
@@ -258,13 +797,21 @@ fn load_blocking(db: &Database, keys: &MasterKeys) -> Result<StoredState, StoreE
     let mut tenants = Vec::new();
     for entry in table.iter().map_err(backend)? {
         let (id, value) = entry.map_err(backend)?;
-        let doc: TenantDoc = decode(value.value())?;
+        let doc: TenantDoc =
+            read_record(keys, schema, RecordKind::Tenant, id.value(), value.value())?;
         tenants.push(doc.open(keys, id.value())?);
     }
 
     let table = txn.open_table(PARTNER).map_err(backend)?;
     let partner = match table.get(PARTNER_KEY).map_err(backend)? {
-        Some(value) => decode::<PartnerDoc>(value.value())?.open(keys)?,
+        Some(value) => read_record::<PartnerDoc>(
+            keys,
+            schema,
+            RecordKind::Partner,
+            PARTNER_KEY,
+            value.value(),
+        )?
+        .open(keys)?,
         None => PartnerRecord::default(),
     };
     Ok(StoredState {
@@ -277,70 +824,95 @@ fn load_blocking(db: &Database, keys: &MasterKeys) -> Result<StoredState, StoreE
 /// One write transaction: check each `expect` against its record's revision, write, bump the
 /// store revision once, commit with immediate durability (redb's default, set explicitly
 /// because the trait promises it): redb fsyncs before `commit` returns. Any failed check
-/// drops the transaction, so nothing of the batch is written.
+/// drops the transaction, so nothing of the batch is written. If the commit itself fails,
+/// `undo` gets what the batch overwrote.
 fn commit_blocking(
     db: &Database,
     keys: &MasterKeys,
     batch: Vec<(Mutation, Expect)>,
+    undo: &mut Option<Undo>,
 ) -> Result<u64, StoreError> {
     let mut txn = db.begin_write().map_err(backend)?;
     txn.set_durability(Durability::Immediate).map_err(backend)?;
-    let revision = {
+    let mut previous = Vec::new();
+    let (previous_revision, revision) = {
         let mut meta = txn.open_table(META).map_err(backend)?;
-        let revision = read_u64(&meta, META_REVISION)?
-            .unwrap_or(0)
+        let previous_revision = read_u64(&meta, META_REVISION)?.unwrap_or(0);
+        let revision = previous_revision
             .checked_add(1)
             .ok_or_else(|| StoreError::Backend("the store revision overflowed".into()))?;
         for (mutation, expect) in batch {
+            let (kind, key) = match &mutation {
+                Mutation::PutTenant(r) => (RecordKind::Tenant, r.id.clone()),
+                Mutation::DeleteTenant(id) => (RecordKind::Tenant, id.clone()),
+                Mutation::PutPartner(_) => (RecordKind::Partner, PARTNER_KEY.to_owned()),
+            };
+            let mut table = txn.open_table(table_of(kind)).map_err(backend)?;
+            let current_bytes = table
+                .get(key.as_str())
+                .map_err(backend)?
+                .map(|v| v.value().to_vec());
+            let current = current_bytes
+                .as_deref()
+                .map(|bytes| stored_revision(keys, kind, &key, bytes))
+                .transpose()?;
+            check_expect(expect, current)?;
+            if !previous.iter().any(|(k, id, _)| *k == kind && *id == key) {
+                previous.push((kind, key.clone(), current_bytes));
+            }
             match mutation {
                 Mutation::PutTenant(mut record) => {
-                    let mut table = txn.open_table(TENANTS).map_err(backend)?;
-                    let current = table
-                        .get(record.id.as_str())
-                        .map_err(backend)?
-                        .map(|v| decode::<TenantDoc>(v.value()).map(|d| d.revision))
-                        .transpose()?;
-                    check_expect(expect, current)?;
                     record.revision = revision;
                     let doc = TenantDoc::seal(keys, &record)?;
+                    let bytes = write_record(keys, RecordKind::Tenant, &record.id, &doc)?;
                     table
-                        .insert(record.id.as_str(), encode(&doc)?.as_slice())
+                        .insert(record.id.as_str(), bytes.as_slice())
                         .map_err(backend)?;
                 }
                 // Deleting a record that is absent (with `Expect::Absent`) deletes nothing but
                 // still counts as a write, like every commit whose precondition holds.
                 Mutation::DeleteTenant(id) => {
-                    let mut table = txn.open_table(TENANTS).map_err(backend)?;
-                    let current = table
-                        .get(id.as_str())
-                        .map_err(backend)?
-                        .map(|v| decode::<TenantDoc>(v.value()).map(|d| d.revision))
-                        .transpose()?;
-                    check_expect(expect, current)?;
                     table.remove(id.as_str()).map_err(backend)?;
                 }
                 Mutation::PutPartner(mut record) => {
-                    let mut table = txn.open_table(PARTNER).map_err(backend)?;
-                    let current = table
-                        .get(PARTNER_KEY)
-                        .map_err(backend)?
-                        .map(|v| decode::<PartnerDoc>(v.value()).map(|d| d.revision))
-                        .transpose()?;
-                    check_expect(expect, current)?;
                     record.revision = revision;
                     let doc = PartnerDoc::seal(keys, &record)?;
+                    let bytes = write_record(keys, RecordKind::Partner, PARTNER_KEY, &doc)?;
                     table
-                        .insert(PARTNER_KEY, encode(&doc)?.as_slice())
+                        .insert(PARTNER_KEY, bytes.as_slice())
                         .map_err(backend)?;
                 }
             }
         }
         meta.insert(META_REVISION, revision.to_be_bytes().as_slice())
             .map_err(backend)?;
-        revision
+        (previous_revision, revision)
     };
-    txn.commit().map_err(backend)?;
+    if let Err(e) = txn.commit() {
+        *undo = Some(Undo {
+            attempted: revision,
+            previous_revision,
+            records: previous,
+        });
+        return Err(backend(e));
+    }
     Ok(revision)
+}
+
+fn stored_revision(
+    keys: &MasterKeys,
+    kind: RecordKind,
+    key: &str,
+    bytes: &[u8],
+) -> Result<u64, StoreError> {
+    match kind {
+        RecordKind::Tenant => {
+            read_record::<TenantDoc>(keys, SCHEMA_VERSION, kind, key, bytes).map(|d| d.revision)
+        }
+        RecordKind::Partner => {
+            read_record::<PartnerDoc>(keys, SCHEMA_VERSION, kind, key, bytes).map(|d| d.revision)
+        }
+    }
 }
 
 fn check_expect(expect: Expect, current: Option<u64>) -> Result<(), StoreError> {
@@ -351,27 +923,53 @@ fn check_expect(expect: Expect, current: Option<u64>) -> Result<(), StoreError> 
     }
 }
 
-/// Re-seals, in `txn`, every secret sealed under a key other than the active one, adding
-/// those keys' ids to `old_ids`. Returns how many secrets it re-sealed.
-fn reseal_all(
+#[derive(Default)]
+struct Rewrite {
+    records: usize,
+    secrets: usize,
+}
+
+/// Rewrites, in `txn`, every record that is not sealed whole under the active key (a
+/// schema-1 record, or one an older key sealed) or holds a secret an older key sealed, adding
+/// those keys' ids to `old_ids`.
+fn rewrite_records(
     txn: &WriteTransaction,
     keys: &MasterKeys,
+    schema: u64,
     old_ids: &mut Vec<KeyId>,
-) -> Result<usize, StoreError> {
-    let mut count = 0;
+    counts: &mut Rewrite,
+) -> Result<(), StoreError> {
+    let active = keys.active().id();
+    let stale = |bytes: &[u8], old_ids: &mut Vec<KeyId>| -> bool {
+        if schema < SCHEMA_VERSION {
+            return true;
+        }
+        match record::key_id(bytes) {
+            Some(id) if id == active => false,
+            Some(id) => {
+                old_ids.push(id);
+                true
+            }
+            None => true,
+        }
+    };
     let mut table = txn.open_table(TENANTS).map_err(backend)?;
     let mut changed: Vec<(String, Vec<u8>)> = Vec::new();
     for entry in table.iter().map_err(backend)? {
         let (id, value) = entry.map_err(backend)?;
         let id = id.value().to_owned();
-        let mut doc: TenantDoc = decode(value.value())?;
+        let mut doc: TenantDoc = read_record(keys, schema, RecordKind::Tenant, &id, value.value())?;
         let n = doc.connections.reseal(keys, &tenant_place(&id), old_ids)?;
-        if n > 0 {
-            count += n;
-            changed.push((id, encode(&doc)?));
+        if n > 0 || stale(value.value(), old_ids) {
+            counts.secrets += n;
+            changed.push((
+                id.clone(),
+                write_record(keys, RecordKind::Tenant, &id, &doc)?,
+            ));
         }
     }
     for (id, bytes) in changed {
+        counts.records += 1;
         table
             .insert(id.as_str(), bytes.as_slice())
             .map_err(backend)?;
@@ -381,18 +979,24 @@ fn reseal_all(
     let partner = table
         .get(PARTNER_KEY)
         .map_err(backend)?
-        .map(|v| decode::<PartnerDoc>(v.value()))
+        .map(|v| -> Result<_, StoreError> {
+            let doc: PartnerDoc =
+                read_record(keys, schema, RecordKind::Partner, PARTNER_KEY, v.value())?;
+            Ok((doc, stale(v.value(), old_ids)))
+        })
         .transpose()?;
-    if let Some(mut doc) = partner {
+    if let Some((mut doc, stale)) = partner {
         let n = doc.connections.reseal(keys, PARTNER_PLACE, old_ids)?;
-        if n > 0 {
-            count += n;
+        if n > 0 || stale {
+            counts.secrets += n;
+            counts.records += 1;
+            let bytes = write_record(keys, RecordKind::Partner, PARTNER_KEY, &doc)?;
             table
-                .insert(PARTNER_KEY, encode(&doc)?.as_slice())
+                .insert(PARTNER_KEY, bytes.as_slice())
                 .map_err(backend)?;
         }
     }
-    Ok(count)
+    Ok(())
 }
 
 fn write_key_check(txn: &WriteTransaction, keys: &MasterKeys) -> Result<(), StoreError> {
@@ -410,33 +1014,38 @@ fn read_u64(
     let Some(value) = table.get(key).map_err(backend)? else {
         return Ok(None);
     };
-    let bytes: [u8; 8] = value.value().try_into().map_err(|_| {
-        StoreError::Backend(format!(
-            "the stored {key} is not a 64-bit number: corrupted"
-        ))
-    })?;
+    let bytes: [u8; 8] = value
+        .value()
+        .try_into()
+        .map_err(|_| StoreError::Corrupted(format!("the stored {key} is not a 64-bit number")))?;
     Ok(Some(u64::from_be_bytes(bytes)))
 }
 
-fn open_error(e: DatabaseError, data_dir: &Path, path: &Path) -> StoreError {
+fn open_error(e: DatabaseError, path: &Path) -> StoreError {
     match e {
         DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
             StoreError::Backend(format!(
                 "the data directory {} is already in use by another sidekey process (it holds \
                  the lock on {}): stop that process, or give this one another --data-dir",
-                data_dir.display(),
+                path.parent().unwrap_or(path).display(),
                 path.display()
             ))
         }
-        other => StoreError::Backend(format!(
-            "cannot open the database {}: {other}",
-            path.display()
-        )),
+        DatabaseError::Storage(redb::StorageError::Io(e)) => {
+            StoreError::Io(format!("cannot open the database {}: {e}", path.display()))
+        }
+        other => StoreError::Corrupted(format!("{} cannot be opened: {other}", path.display())),
     }
 }
 
+/// Maps a redb error: I/O failures (the store must be reopened) apart from the rest.
 fn backend(e: impl Into<redb::Error>) -> StoreError {
-    StoreError::Backend(format!("redb: {}", e.into()))
+    match e.into() {
+        redb::Error::Io(e) => StoreError::Io(format!("redb: {e}")),
+        redb::Error::PreviousIo => StoreError::Io("redb: an earlier I/O error".into()),
+        redb::Error::Corrupted(what) => StoreError::Corrupted(format!("redb: {what}")),
+        other => StoreError::Backend(format!("redb: {other}")),
+    }
 }
 
 /// Sealing errors name the place and key id, never the value, so they pass through as is.
@@ -447,19 +1056,51 @@ fn seal_error(e: SealError) -> StoreError {
     }
 }
 
+fn record_error(e: RecordError) -> StoreError {
+    match e {
+        RecordError::Random => StoreError::Backend(e.to_string()),
+        other => StoreError::Record(other.to_string()),
+    }
+}
+
 fn join_ids(ids: impl Iterator<Item = KeyId>) -> String {
     ids.map(|id| id.to_string()).collect::<Vec<_>>().join(", ")
 }
 
-fn encode<T: Serialize>(doc: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(doc).map_err(|e| StoreError::Backend(format!("cannot encode a record: {e}")))
+/// Serializes `doc` and seals it whole as `kind` under `key`.
+fn write_record<T: Serialize>(
+    keys: &MasterKeys,
+    kind: RecordKind,
+    key: &str,
+    doc: &T,
+) -> Result<Vec<u8>, StoreError> {
+    let json = serde_json::to_vec(doc)
+        .map_err(|e| StoreError::Backend(format!("cannot encode a record: {e}")))?;
+    record::seal(keys, kind, key, &json).map_err(record_error)
 }
 
-/// serde_json errors quote at most a position and a type, and the documents hold only sealed
-/// values, so the message cannot carry a secret.
-fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| StoreError::Backend(format!("a stored record does not decode: {e}")))
+/// Opens a record read as `kind` under `key` (a schema-1 record is plain JSON) and decodes
+/// it. serde_json errors quote at most a position and a type, and the documents hold only
+/// sealed secrets, so the message cannot carry a secret.
+fn read_record<T: for<'a> Deserialize<'a>>(
+    keys: &MasterKeys,
+    schema: u64,
+    kind: RecordKind,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    let decoded = if schema < 2 {
+        serde_json::from_slice(bytes)
+    } else {
+        let json = record::open(keys, kind, key, bytes).map_err(record_error)?;
+        serde_json::from_slice(&json)
+    };
+    decoded.map_err(|e| {
+        StoreError::Record(format!(
+            "the stored {} record {key:?} does not decode: {e}",
+            kind.name()
+        ))
+    })
 }
 
 // ---- encoded records -------------------------------------------------------------------
@@ -761,6 +1402,10 @@ mod tests {
             id: id.into(),
             display_name: id.into(),
             connections: Connections {
+                miradore: Some(MiradoreConn {
+                    site: format!("{id}-site"),
+                    api_key: Some(Secret::new(format!("{secret}-key"))),
+                }),
                 m3ter: Some(M3terConn {
                     access_key_id: "AK".into(),
                     api_secret: Some(Secret::new(secret)),
@@ -771,7 +1416,6 @@ mod tests {
                     client_id: "1".into(),
                     client_md5: Some(Secret::new(format!("{secret}-md5"))),
                 }),
-                ..Connections::default()
             },
             revision: 0,
             create_time: SystemTime::now(),
@@ -779,92 +1423,163 @@ mod tests {
         }
     }
 
+    fn with_db<T>(store: &EmbeddedStore, f: impl FnOnce(&Database) -> T) -> T {
+        let state = store.inner.lock();
+        f(state.db.as_ref().unwrap())
+    }
+
     fn put(store: &EmbeddedStore, t: TenantRecord) -> u64 {
-        commit_blocking(
-            &store.db,
-            &store.keys,
-            vec![(Mutation::PutTenant(t), Expect::Absent)],
-        )
+        with_db(store, |db| {
+            commit_blocking(
+                db,
+                &store.inner.keys,
+                vec![(Mutation::PutTenant(t), Expect::Absent)],
+                &mut None,
+            )
+        })
         .unwrap()
     }
 
-    /// Rewrites the stored JSON of tenant `id` with `f`, behind the store's back.
-    fn edit_raw(store: &EmbeddedStore, f: impl FnOnce(&mut redb::Table<&str, &[u8]>)) {
-        let txn = store.db.begin_write().unwrap();
-        {
-            let mut table = txn.open_table(TENANTS).unwrap();
-            f(&mut table);
-        }
-        txn.commit().unwrap();
+    fn load(store: &EmbeddedStore) -> Result<StoredState, StoreError> {
+        with_db(store, |db| load_blocking(db, &store.inner.keys))
     }
 
-    fn raw_json(table: &redb::Table<&str, &[u8]>, id: &str) -> serde_json::Value {
-        serde_json::from_slice(table.get(id).unwrap().unwrap().value()).unwrap()
+    /// Rewrites the stored tenants behind the store's back.
+    fn edit_raw(store: &EmbeddedStore, f: impl FnOnce(&mut redb::Table<&str, &[u8]>)) {
+        with_db(store, |db| {
+            let txn = db.begin_write().unwrap();
+            {
+                let mut table = txn.open_table(TENANTS).unwrap();
+                f(&mut table);
+            }
+            txn.commit().unwrap();
+        });
+    }
+
+    fn raw(table: &redb::Table<&str, &[u8]>, id: &str) -> Vec<u8> {
+        table.get(id).unwrap().unwrap().value().to_vec()
     }
 
     #[test]
-    fn swapped_ciphertexts_fail_to_open() {
+    fn swapped_records_fail_to_open_naming_the_record() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap();
         put(&store, tenant("alpha", "alpha-secret-value"));
         put(&store, tenant("beta", "beta-secret-value"));
-
         edit_raw(&store, |table| {
-            let mut a = raw_json(table, "alpha");
-            let mut b = raw_json(table, "beta");
-            let field = "/connections/m3ter/api_secret";
-            std::mem::swap(a.pointer_mut(field).unwrap(), b.pointer_mut(field).unwrap());
-            let (a, b) = (
-                serde_json::to_vec(&a).unwrap(),
-                serde_json::to_vec(&b).unwrap(),
-            );
-            table.insert("alpha", a.as_slice()).unwrap();
-            table.insert("beta", b.as_slice()).unwrap();
+            let (a, b) = (raw(table, "alpha"), raw(table, "beta"));
+            table.insert("alpha", b.as_slice()).unwrap();
+            table.insert("beta", a.as_slice()).unwrap();
         });
-
-        let err = load_blocking(&store.db, &store.keys).unwrap_err();
+        let err = load(&store).unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, StoreError::Key(_)), "{err:?}");
-        assert!(msg.contains("tenant/alpha/m3ter.api_secret"), "{msg}");
-        assert!(msg.contains(&store.keys.active().id().to_string()), "{msg}");
+        assert!(matches!(err, StoreError::Record(_)), "{err:?}");
+        assert!(msg.contains("tenant record \"alpha\""), "{msg}");
+        assert!(msg.contains("failed to authenticate"), "{msg}");
         assert!(!msg.contains("secret-value"), "{msg}");
     }
 
     #[test]
-    fn swapped_fields_within_a_record_fail_to_open() {
+    fn a_record_copied_under_another_id_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap();
         put(&store, tenant("alpha", "alpha-secret-value"));
         edit_raw(&store, |table| {
-            let mut a = raw_json(table, "alpha");
-            let md5 = a
-                .pointer("/connections/mailkit/client_md5")
-                .unwrap()
-                .clone();
-            *a.pointer_mut("/connections/m3ter/api_secret").unwrap() = md5;
-            table
-                .insert("alpha", serde_json::to_vec(&a).unwrap().as_slice())
-                .unwrap();
+            let a = raw(table, "alpha");
+            table.insert("gamma", a.as_slice()).unwrap();
         });
-        let err = load_blocking(&store.db, &store.keys).unwrap_err();
-        assert!(matches!(err, StoreError::Key(_)), "{err:?}");
+        let msg = load(&store).unwrap_err().to_string();
+        assert!(msg.contains("tenant record \"gamma\""), "{msg}");
+    }
+
+    /// Schema 1 stored each record as plain JSON with only its secrets sealed; written here by
+    /// hand as sidekey 0.x wrote it.
+    fn write_v1_store(dir: &Path, keys: &MasterKeys, tenants: &[TenantRecord]) {
+        let db = Database::create(dir.join(DATA_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(TENANTS).unwrap();
+            for t in tenants {
+                let doc = TenantDoc::seal(keys, t).unwrap();
+                let json = serde_json::to_vec(&doc).unwrap();
+                table.insert(t.id.as_str(), json.as_slice()).unwrap();
+            }
+            let mut partner = txn.open_table(PARTNER).unwrap();
+            let doc = PartnerDoc::seal(
+                keys,
+                &PartnerRecord {
+                    connections: tenant("p", "p-secret").connections,
+                    revision: 1,
+                    update_time: None,
+                },
+            )
+            .unwrap();
+            partner
+                .insert(PARTNER_KEY, serde_json::to_vec(&doc).unwrap().as_slice())
+                .unwrap();
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert(META_SCHEMA, 1u64.to_be_bytes().as_slice())
+                .unwrap();
+            meta.insert(META_REVISION, 7u64.to_be_bytes().as_slice())
+                .unwrap();
+        }
+        write_key_check(&txn, keys).unwrap();
+        txn.commit().unwrap();
     }
 
     #[test]
-    fn a_record_moved_under_another_id_is_refused() {
+    fn a_schema_1_store_is_upgraded_once_and_keeps_everything() {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap();
-        put(&store, tenant("alpha", "alpha-secret-value"));
-        edit_raw(&store, |table| {
-            let a = raw_json(table, "alpha");
-            table
-                .insert("gamma", serde_json::to_vec(&a).unwrap().as_slice())
-                .unwrap();
+        let ring = keys(KEY_A);
+        let mut t = tenant("alpha", "alpha-secret-value");
+        t.revision = 7;
+        write_v1_store(dir.path(), &ring, &[t]);
+
+        // A wrong key is refused before the upgrade: the file stays schema 1, unchanged.
+        let before = std::fs::read(dir.path().join(DATA_FILE)).unwrap();
+        assert!(EmbeddedStore::open(dir.path(), keys(KEY_B)).is_err());
+        assert_eq!(std::fs::read(dir.path().join(DATA_FILE)).unwrap(), before);
+
+        let capture = LogCapture::default();
+        let store = tracing::subscriber::with_default(capture.subscriber(), || {
+            EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap()
         });
-        let msg = load_blocking(&store.db, &store.keys)
-            .unwrap_err()
-            .to_string();
-        assert!(msg.contains("\"gamma\" names tenant \"alpha\""), "{msg}");
+        assert!(
+            capture.text().contains("store upgraded"),
+            "{}",
+            capture.text()
+        );
+        let state = load(&store).unwrap();
+        assert_eq!(state.revision, 7);
+        assert_eq!(state.tenants.len(), 1);
+        let alpha = &state.tenants[0];
+        assert_eq!(alpha.revision, 7);
+        let m = alpha.connections.miradore.as_ref().unwrap();
+        assert_eq!(m.site, "alpha-site");
+        assert_eq!(
+            m.api_key.as_ref().unwrap().expose(),
+            "alpha-secret-value-key"
+        );
+        assert!(state.partner.connections.m3ter.is_some());
+        with_db(&store, |db| {
+            let txn = db.begin_read().unwrap();
+            let meta = txn.open_table(META).unwrap();
+            assert_eq!(read_u64(&meta, META_SCHEMA).unwrap(), Some(SCHEMA_VERSION));
+            let table = txn.open_table(TENANTS).unwrap();
+            let bytes = table.get("alpha").unwrap().unwrap().value().to_vec();
+            assert!(!String::from_utf8_lossy(&bytes).contains("alpha-site"));
+        });
+        drop(store);
+        // The second open has nothing left to upgrade.
+        let capture = LogCapture::default();
+        tracing::subscriber::with_default(capture.subscriber(), || {
+            EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap()
+        });
+        assert!(
+            !capture.text().contains("store upgraded"),
+            "{}",
+            capture.text()
+        );
     }
 
     #[test]
@@ -874,43 +1589,55 @@ mod tests {
             let store = EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap();
             put(&store, tenant("alpha", "a-secret"));
             put(&store, tenant("beta", "b-secret"));
-            commit_blocking(
-                &store.db,
-                &store.keys,
-                vec![(
-                    Mutation::PutPartner(PartnerRecord {
-                        connections: tenant("p", "p-secret").connections,
-                        revision: 0,
-                        update_time: None,
-                    }),
-                    Expect::Absent,
-                )],
-            )
+            with_db(&store, |db| {
+                commit_blocking(
+                    db,
+                    &store.inner.keys,
+                    vec![(
+                        Mutation::PutPartner(PartnerRecord {
+                            connections: tenant("p", "p-secret").connections,
+                            revision: 0,
+                            update_time: None,
+                        }),
+                        Expect::Absent,
+                    )],
+                    &mut None,
+                )
+            })
             .unwrap();
         }
-        let store = EmbeddedStore::open(dir.path(), keys(&format!("{KEY_B}\n{KEY_A}"))).unwrap();
-        let active = store.keys.active().id();
+        let ring = keys(&format!("{KEY_B}\n{KEY_A}"));
+        let store = EmbeddedStore::open(dir.path(), ring).unwrap();
+        let keys = &store.inner.keys;
+        let active = keys.active().id();
 
-        let txn = store.db.begin_read().unwrap();
-        let mut seen = 0;
-        let mut check = |doc: &mut ConnectionsDoc| {
-            for (_, sealed) in doc.sealed_mut() {
-                assert_eq!(sealing::key_id(sealed), Some(active));
-                seen += 1;
+        with_db(&store, |db| {
+            let txn = db.begin_read().unwrap();
+            let mut seen = 0;
+            let mut check = |bytes: &[u8], doc: &mut ConnectionsDoc| {
+                assert_eq!(record::key_id(bytes), Some(active));
+                for (_, sealed) in doc.sealed_mut() {
+                    assert_eq!(sealing::key_id(sealed), Some(active));
+                    seen += 1;
+                }
+            };
+            for entry in txn.open_table(TENANTS).unwrap().iter().unwrap() {
+                let (k, v) = entry.unwrap();
+                let mut doc: TenantDoc =
+                    read_record(keys, 2, RecordKind::Tenant, k.value(), v.value()).unwrap();
+                check(v.value(), &mut doc.connections);
             }
-        };
-        for entry in txn.open_table(TENANTS).unwrap().iter().unwrap() {
-            let (_, v) = entry.unwrap();
-            check(&mut decode::<TenantDoc>(v.value()).unwrap().connections);
-        }
-        let table = txn.open_table(PARTNER).unwrap();
-        let v = table.get(PARTNER_KEY).unwrap().unwrap();
-        check(&mut decode::<PartnerDoc>(v.value()).unwrap().connections);
-        assert_eq!(seen, 6);
-        let meta = txn.open_table(META).unwrap();
-        let check_value = meta.get(META_KEY_CHECK).unwrap().unwrap();
-        let check_value = std::str::from_utf8(check_value.value()).unwrap();
-        assert_eq!(sealing::key_id(check_value), Some(active));
+            let table = txn.open_table(PARTNER).unwrap();
+            let v = table.get(PARTNER_KEY).unwrap().unwrap();
+            let mut doc: PartnerDoc =
+                read_record(keys, 2, RecordKind::Partner, PARTNER_KEY, v.value()).unwrap();
+            check(v.value(), &mut doc.connections);
+            assert_eq!(seen, 9);
+            let meta = txn.open_table(META).unwrap();
+            let check_value = meta.get(META_KEY_CHECK).unwrap().unwrap();
+            let check_value = std::str::from_utf8(check_value.value()).unwrap();
+            assert_eq!(sealing::key_id(check_value), Some(active));
+        });
     }
 
     #[test]
@@ -918,13 +1645,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap();
-            let txn = store.db.begin_write().unwrap();
-            {
-                let mut meta = txn.open_table(META).unwrap();
-                let newer = (SCHEMA_VERSION + 1).to_be_bytes();
-                meta.insert(META_SCHEMA, newer.as_slice()).unwrap();
-            }
-            txn.commit().unwrap();
+            with_db(&store, |db| {
+                let txn = db.begin_write().unwrap();
+                {
+                    let mut meta = txn.open_table(META).unwrap();
+                    let newer = (SCHEMA_VERSION + 1).to_be_bytes();
+                    meta.insert(META_SCHEMA, newer.as_slice()).unwrap();
+                }
+                txn.commit().unwrap();
+            });
         }
         let msg = EmbeddedStore::open(dir.path(), keys(KEY_A))
             .unwrap_err()
@@ -949,14 +1678,17 @@ mod tests {
             let store = EmbeddedStore::open(dir.path(), generated).unwrap();
             put(&store, tenant("alpha", "alpha-secret-value"));
             errors.push(
-                commit_blocking(
-                    &store.db,
-                    &store.keys,
-                    vec![(
-                        Mutation::PutTenant(tenant("alpha", "alpha-secret-value")),
-                        Expect::Absent,
-                    )],
-                )
+                with_db(&store, |db| {
+                    commit_blocking(
+                        db,
+                        &store.inner.keys,
+                        vec![(
+                            Mutation::PutTenant(tenant("alpha", "alpha-secret-value")),
+                            Expect::Absent,
+                        )],
+                        &mut None,
+                    )
+                })
                 .unwrap_err()
                 .to_string(),
             );
@@ -974,7 +1706,7 @@ mod tests {
                 .to_owned();
             let ring = keys(&format!("{KEY_A}\n{generated_key}"));
             let store = EmbeddedStore::open(dir.path(), ring).unwrap();
-            load_blocking(&store.db, &store.keys).unwrap();
+            load(&store).unwrap();
             drop(store);
             errors.push(
                 EmbeddedStore::open(dir.path(), keys(&generated_key))

@@ -1,0 +1,63 @@
+//! The store's health as the operator sees it: the `sidekey_store_healthy` gauge (1 healthy,
+//! 0 failing), a line in `/readyz`'s body, and one log line per change of state (not per
+//! failed write).
+
+use std::sync::{Arc, Mutex};
+
+/// The gauge: 1 while the store accepts writes, 0 while it is failing.
+pub const HEALTH_GAUGE: &str = "sidekey_store_healthy";
+
+/// A shared, cheap-to-clone view of the store's health.
+#[derive(Clone, Debug, Default)]
+pub struct StoreHealth(Arc<Mutex<Option<String>>>);
+
+impl StoreHealth {
+    /// A healthy store; sets the gauge to 1.
+    pub fn new() -> Self {
+        metrics::describe_gauge!(
+            HEALTH_GAUGE,
+            "1 while the store accepts writes, 0 while it is failing (disk full, I/O errors)"
+        );
+        metrics::gauge!(HEALTH_GAUGE).set(1.0);
+        Self::default()
+    }
+
+    /// `None` when healthy, or why the store is failing.
+    pub fn failure(&self) -> Option<String> {
+        self.lock().clone()
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.lock().is_none()
+    }
+
+    /// Records a failure; logs only when the store was healthy until now.
+    pub(crate) fn set_failing(&self, reason: &str) {
+        let mut state = self.lock();
+        if state.is_none() {
+            tracing::error!(
+                reason,
+                "the store is failing: control-plane writes are refused \
+                until it recovers; the proxy keeps serving the last saved credentials"
+            );
+            metrics::gauge!(HEALTH_GAUGE).set(0.0);
+        }
+        *state = Some(reason.to_owned());
+    }
+
+    /// Records a recovery; logs only when the store was failing until now.
+    pub(crate) fn set_healthy(&self) {
+        let mut state = self.lock();
+        if state.take().is_some() {
+            tracing::info!("the store recovered: control-plane writes are accepted again");
+            metrics::gauge!(HEALTH_GAUGE).set(1.0);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        // The guarded value is a plain Option, valid whatever a panicking holder did.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
