@@ -18,10 +18,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use crate::store::health::StoreHealth;
+
 /// Readiness as `/readyz` reports it: set once every listener is bound and the initial
 /// tenants are loaded, cleared the moment a drain starts.
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<AtomicBool>, Option<StoreHealth>);
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
@@ -29,6 +31,23 @@ impl Readiness {
     }
     pub fn is_ready(&self) -> bool {
         self.0.load(Ordering::SeqCst)
+    }
+
+    /// Adds the store's health to `/readyz`'s body. A failing store does not make `/readyz`
+    /// fail: the proxy keeps serving the last saved credentials, and only control-plane
+    /// writes are refused until the store recovers by itself.
+    pub fn with_store_health(mut self, health: StoreHealth) -> Self {
+        self.1 = Some(health);
+        self
+    }
+
+    /// The body's line about the store, if a store is attached.
+    fn store_line(&self) -> String {
+        match self.1.as_ref().map(StoreHealth::failure) {
+            None => String::new(),
+            Some(None) => "store: ok\n".into(),
+            Some(Some(reason)) => format!("store: failing, writes refused: {reason}\n"),
+        }
     }
 }
 
@@ -87,8 +106,13 @@ fn respond(
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if ready.is_ready() => text(StatusCode::OK, "ready\n"),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/readyz" if ready.is_ready() => {
+            text(StatusCode::OK, format!("ready\n{}", ready.store_line()))
+        }
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready\n{}", ready.store_line()),
+        ),
         "/metrics" => {
             let body = metrics.map(|h| h.render()).unwrap_or_default();
             let mut res = text(StatusCode::OK, body);

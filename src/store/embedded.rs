@@ -119,6 +119,8 @@ struct DbState {
     undo: Option<Undo>,
     /// A background recovery thread is running.
     recovering: bool,
+    /// The store was dropped: nothing may reopen the database.
+    closed: bool,
 }
 
 /// What a batch overwrote, to put back if its failed commit reached the disk after all.
@@ -126,6 +128,16 @@ struct Undo {
     attempted: u64,
     previous_revision: u64,
     records: Vec<(RecordKind, String, Option<Vec<u8>>)>,
+}
+
+impl Drop for EmbeddedStore {
+    /// Closes the database now, releasing the file's lock, even while a recovery thread
+    /// still holds the shared state.
+    fn drop(&mut self) {
+        let mut state = self.inner.lock();
+        state.closed = true;
+        state.db = None;
+    }
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -199,6 +211,7 @@ impl EmbeddedStore {
                     db: None,
                     undo: None,
                     recovering: false,
+                    closed: false,
                 }),
             }),
         };
@@ -674,6 +687,9 @@ impl Inner {
 
     /// Reopens the database and undoes a failed commit that reached the disk.
     fn recover(&self, state: &mut DbState) -> Result<(), StoreError> {
+        if state.closed {
+            return Err(StoreError::Backend("the store is closed".into()));
+        }
         // redb holds the file's lock until the old handle is gone.
         state.db = None;
         let db = open_db(&self.opener, &self.path)?;
@@ -692,7 +708,7 @@ fn recovery_loop(inner: &std::sync::Weak<Inner>) {
         std::thread::sleep(RECOVERY_INTERVAL);
         let Some(inner) = inner.upgrade() else { return };
         let mut state = inner.lock();
-        if state.db.is_some() && state.undo.is_none() {
+        if state.closed || (state.db.is_some() && state.undo.is_none()) {
             state.recovering = false;
             return;
         }
