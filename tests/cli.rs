@@ -481,3 +481,93 @@ fn get_json_edited_and_applied_keeps_secrets_it_shows_by_fingerprint() {
     let err = stderr(&server.cli(&["tenants", "apply", "-f", file.to_str().unwrap()]));
     assert!(err.contains("tenant.m3ter.api_secret"), "{err}");
 }
+
+/// `sidekey store backup` beside a live server, `store verify` of the backup and of the live
+/// store, and a restore: stop, copy the backup into place, start.
+#[test]
+fn backup_of_a_live_store_verifies_and_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = serve(dir.path(), KEY).unwrap();
+    let create = |server: &Server, id: &str| {
+        stdout(&server.cli_with_stdin(
+            &[
+                "tenants",
+                "create",
+                id,
+                "--miradore-site",
+                "Site",
+                "--miradore-api-key-file",
+                "-",
+            ],
+            Some("miradore-key-for-backup-test\n"),
+        ))
+    };
+    create(&server, "acme");
+    create(&server, "beta");
+
+    let backup = dir.path().join("backup.redb");
+    let out = bin()
+        .args(["store", "backup", "--data-dir"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&backup)
+        .output()
+        .unwrap();
+    let line = stdout(&out);
+    assert!(line.contains("2 tenants"), "{line}");
+    let mode = std::fs::metadata(&backup).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let raw = std::fs::read(&backup).unwrap();
+    assert!(
+        !contains(&raw, b"miradore-key-for-backup-test"),
+        "the backup holds a secret in the clear"
+    );
+
+    // A second backup to the same file is refused, not overwritten.
+    let again = bin()
+        .args(["store", "backup", "--data-dir"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&backup)
+        .output()
+        .unwrap();
+    assert!(stderr(&again).contains("already exists"));
+
+    let verify = |file: &Path, key: &str| {
+        bin()
+            .args(["store", "verify", "--data-dir"])
+            .arg(&data)
+            .arg("--file")
+            .arg(file)
+            .env("SIDEKEY_MASTER_KEY", key)
+            .output()
+            .unwrap()
+    };
+    let line = stdout(&verify(&backup, KEY));
+    assert!(
+        line.contains("every record authenticates") && line.contains("2 tenants"),
+        "{line}"
+    );
+    // The live store verifies too, while the server runs.
+    stdout(&verify(&data.join("sidekey.redb"), KEY));
+    // Under another key, verify fails non-zero and says why.
+    let err = stderr(&verify(&backup, OTHER_KEY));
+    assert!(err.contains("master key does not match"), "{err}");
+
+    // Writes after the backup are lost by a restore, as they should be.
+    create(&server, "gamma");
+    drop(server);
+    std::fs::copy(&backup, data.join("sidekey.redb")).unwrap();
+    let server = serve(dir.path(), KEY).unwrap();
+    let list = stdout(&server.cli(&["tenants", "list"]));
+    assert!(list.contains("acme") && list.contains("beta"), "{list}");
+    assert!(!list.contains("gamma"), "{list}");
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
