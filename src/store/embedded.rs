@@ -1047,6 +1047,15 @@ fn open_error(e: DatabaseError, path: &Path) -> StoreError {
                 path.display()
             ))
         }
+        // Reading past the end: the file is shorter than its own header says.
+        DatabaseError::Storage(redb::StorageError::Io(e))
+            if e.kind() == io::ErrorKind::UnexpectedEof =>
+        {
+            StoreError::Corrupted(format!(
+                "{} is truncated or its header is damaged ({e})",
+                path.display()
+            ))
+        }
         DatabaseError::Storage(redb::StorageError::Io(e)) => {
             StoreError::Io(format!("cannot open the database {}: {e}", path.display()))
         }
@@ -1057,6 +1066,9 @@ fn open_error(e: DatabaseError, path: &Path) -> StoreError {
 /// Maps a redb error: I/O failures (the store must be reopened) apart from the rest.
 fn backend(e: impl Into<redb::Error>) -> StoreError {
     match e.into() {
+        redb::Error::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            StoreError::Corrupted(format!("redb read past the end of the file ({e})"))
+        }
         redb::Error::Io(e) => StoreError::Io(format!("redb: {e}")),
         redb::Error::PreviousIo => StoreError::Io("redb: an earlier I/O error".into()),
         redb::Error::Corrupted(what) => StoreError::Corrupted(format!("redb: {what}")),

