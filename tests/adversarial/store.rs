@@ -73,14 +73,20 @@ async fn refused_or_intact(dir: &Path, original: &StoredState, what: &str) -> Op
     let outcome = match opened {
         Err(e) => {
             let after = fs::read(&path).unwrap();
-            assert!(after == before, "{what}: a refused start changed the file ({e})");
+            assert!(
+                after == before,
+                "{what}: a refused start changed the file ({e})"
+            );
             Some(e.to_string())
         }
         Ok(store) => {
             let state = store.load().await;
             match state {
                 Ok(state) => {
-                    assert_eq!(state.tenants, original.tenants, "{what}: served altered data");
+                    assert_eq!(
+                        state.tenants, original.tenants,
+                        "{what}: served altered data"
+                    );
                     assert_eq!(state.partner, original.partner, "{what}");
                     None
                 }
@@ -109,7 +115,10 @@ async fn a_zero_length_store_is_refused_not_taken_for_a_new_one() {
     let err = EmbeddedStore::open(dir.path(), keys(KEY)).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, StoreError::Corrupted(_)), "{err:?}");
-    assert!(msg.contains("is empty (0 bytes)") && msg.contains("backup"), "{msg}");
+    assert!(
+        msg.contains("is empty (0 bytes)") && msg.contains("backup"),
+        "{msg}"
+    );
     assert_eq!(fs::metadata(dir.path().join(DATA_FILE)).unwrap().len(), 0);
 }
 
@@ -121,7 +130,10 @@ async fn a_file_that_is_not_a_store_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(msg.contains("is not a redb database"), "{msg}");
-    assert_eq!(fs::read(dir.path().join(DATA_FILE)).unwrap(), b"tenants: []\n");
+    assert_eq!(
+        fs::read(dir.path().join(DATA_FILE)).unwrap(),
+        b"tenants: []\n"
+    );
 }
 
 #[tokio::test]
@@ -130,10 +142,21 @@ async fn a_truncated_store_is_refused_unchanged() {
     let original = populated(dir.path()).await;
     let path = dir.path().join(DATA_FILE);
     let full = fs::read(&path).unwrap();
-    for len in [9, 100, 4096, full.len() / 2, full.len() - 4096, full.len() - 1] {
+    for len in [
+        9,
+        100,
+        4096,
+        full.len() / 2,
+        full.len() - 4096,
+        full.len() - 1,
+    ] {
         fs::write(&path, &full[..len]).unwrap();
-        let outcome = refused_or_intact(dir.path(), &original, &format!("truncated to {len}")).await;
-        assert!(outcome.is_some() || len > full.len() / 2, "truncated to {len}: accepted");
+        let outcome =
+            refused_or_intact(dir.path(), &original, &format!("truncated to {len}")).await;
+        assert!(
+            outcome.is_some() || len > full.len() / 2,
+            "truncated to {len}: accepted"
+        );
     }
 }
 
@@ -178,7 +201,11 @@ async fn a_wrong_key_is_refused_and_the_file_unchanged() {
     let before = fs::read(&path).unwrap();
     let err = EmbeddedStore::open(dir.path(), keys(OTHER_KEY)).unwrap_err();
     assert!(matches!(err, StoreError::Key(_)), "{err:?}");
-    assert_eq!(fs::read(&path).unwrap(), before, "a wrong key rewrote the store");
+    assert_eq!(
+        fs::read(&path).unwrap(),
+        before,
+        "a wrong key rewrote the store"
+    );
     let err = verify_file(&path, &keys(OTHER_KEY)).unwrap_err();
     assert!(err.to_string().contains("does not match"), "{err}");
 }
@@ -196,6 +223,152 @@ async fn a_store_that_cannot_be_opened_for_writing_is_refused_unchanged() {
     });
     let err = EmbeddedStore::open_with_backend(dir.path(), keys(KEY), read_only).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("cannot open the database") && msg.contains("ermission denied"), "{msg}");
+    assert!(
+        msg.contains("cannot open the database") && msg.contains("ermission denied"),
+        "{msg}"
+    );
     assert!(fs::read(&path).unwrap() == before, "the file changed");
+}
+
+// ---- kill -9 during concurrent writes ---------------------------------------------------
+
+mod crash {
+    use std::io::{BufRead, BufReader};
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use sidekey::proto::{self, tenant_service_client::TenantServiceClient};
+
+    pub const KEY_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    const ORG: &str = "0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa";
+
+    /// Starts `sidekey serve` on `data`; the child and its gRPC URL, from the ready line.
+    pub fn serve(data: &Path) -> (Child, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sidekey"))
+            .args(["serve", "--proxy-listen", "127.0.0.1:0", "--admin-listen"])
+            .args(["127.0.0.1:0", "--grpc-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .env("SIDEKEY_MASTER_KEY", KEY_B64)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sidekey serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Drains stderr until the process exits, so its log writes never hit a closed pipe.
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut seen = String::new();
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
+            if line.contains("sidekey ready") {
+                let url = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("grpc="))
+                    .expect("grpc= in the ready line")
+                    .to_owned();
+                return (child, url);
+            }
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        let _ = child.kill();
+        panic!("sidekey did not start:\n{seen}");
+    }
+
+    pub fn tenant(id: &str) -> proto::Tenant {
+        proto::Tenant {
+            id: id.into(),
+            display_name: format!("Tenant {id}"),
+            m3ter: Some(proto::M3terConnection {
+                access_key_id: "AK-1".into(),
+                api_secret: Some(proto::Secret {
+                    value: format!("secret-of-{id}"),
+                    fingerprint: String::new(),
+                }),
+                org_id: ORG.into(),
+                environment: String::new(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Writers creating tenants until the process dies; every acknowledged id is recorded.
+    pub async fn write_until_killed(
+        url: &str,
+        cycle: usize,
+        writers: usize,
+        acked: &Arc<Mutex<Vec<String>>>,
+        enough: usize,
+        child: &mut Child,
+    ) {
+        let mut tasks = tokio::task::JoinSet::new();
+        let this_cycle = Arc::new(Mutex::new(0usize));
+        for w in 0..writers {
+            let url = url.to_owned();
+            let acked = acked.clone();
+            let this_cycle = this_cycle.clone();
+            tasks.spawn(async move {
+                let Ok(mut client) = TenantServiceClient::connect(url).await else {
+                    return;
+                };
+                for n in 0.. {
+                    let id = format!("c{cycle}-w{w}-{n}");
+                    let req = proto::CreateTenantRequest {
+                        tenant: Some(tenant(&id)),
+                    };
+                    let call =
+                        tokio::time::timeout(Duration::from_secs(10), client.create_tenant(req));
+                    match call.await {
+                        Ok(Ok(_)) => {
+                            acked.lock().unwrap().push(id);
+                            *this_cycle.lock().unwrap() += 1;
+                        }
+                        _ => return,
+                    }
+                }
+            });
+        }
+        // Kill once this cycle has `enough` acknowledged writes (bounded by a deadline),
+        // while the writers still have calls in flight.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while *this_cycle.lock().unwrap() < enough {
+            assert!(Instant::now() < deadline, "cycle {cycle}: writes stalled");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// `kill -9` of the real binary, mid-way through concurrent gRPC writes, a dozen times: each
+/// restart succeeds and every acknowledged write is in the store afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_concurrent_writes_loses_no_acknowledged_write() {
+    const CYCLES: usize = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    for cycle in 0..CYCLES {
+        let (mut child, url) = crash::serve(&data);
+        crash::write_until_killed(&url, cycle, 4, &acked, 12, &mut child).await;
+    }
+    let ring = MasterKeys::parse(crash::KEY_B64, "test").unwrap();
+    let store = EmbeddedStore::open(&data, ring).unwrap();
+    let state = store.load().await.unwrap();
+    let stored: std::collections::HashSet<_> =
+        state.tenants.iter().map(|t| t.id.as_str()).collect();
+    let acked = acked.lock().unwrap();
+    assert!(acked.len() >= CYCLES * 12, "{}", acked.len());
+    let missing: Vec<_> = acked
+        .iter()
+        .filter(|id| !stored.contains(id.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
 }
