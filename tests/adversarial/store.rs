@@ -278,6 +278,7 @@ mod crash {
             seen.push('\n');
         }
         let _ = child.kill();
+        let _ = child.wait();
         panic!("sidekey did not start:\n{seen}");
     }
 
