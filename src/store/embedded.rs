@@ -380,7 +380,15 @@ fn verify(path: &Path, keys: &MasterKeys) -> Result<VerifyReport, VerifyError> {
         let schema_version = check_schema(&meta, path)?;
         check_key(&meta, keys, path)?;
         drop(meta);
-        let state = load_txn(&txn, keys, schema_version)?;
+        let state = load_txn(&txn, keys, schema_version).map_err(|e| match e {
+            StoreError::Record(msg) => StoreError::Record(format!(
+                "{msg}. sidekey does not start on a store holding a record it cannot \
+                 authenticate, rather than serve or drop it: restore {} from a backup \
+                 (sidekey store verify --file BACKUP checks one first)",
+                path.display()
+            )),
+            other => other,
+        })?;
         Ok(VerifyReport {
             schema_version,
             revision: state.revision,

@@ -241,6 +241,16 @@ mod crash {
 
     use sidekey::proto::{self, tenant_service_client::TenantServiceClient};
 
+    /// Kills the server if the test fails before it does.
+    pub struct Reaped(pub Child);
+
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     pub const KEY_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
     const ORG: &str = "0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa";
 
@@ -357,8 +367,9 @@ async fn kill_9_during_concurrent_writes_loses_no_acknowledged_write() {
     let data = dir.path().join("data");
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     for cycle in 0..CYCLES {
-        let (mut child, url) = crash::serve(&data);
-        crash::write_until_killed(&url, cycle, 4, &acked, 12, &mut child).await;
+        let (child, url) = crash::serve(&data);
+        let mut child = crash::Reaped(child);
+        crash::write_until_killed(&url, cycle, 4, &acked, 12, &mut child.0).await;
     }
     let ring = MasterKeys::parse(crash::KEY_B64, "test").unwrap();
     let store = EmbeddedStore::open(&data, ring).unwrap();
@@ -372,4 +383,60 @@ async fn kill_9_during_concurrent_writes_loses_no_acknowledged_write() {
         .filter(|id| !stored.contains(id.as_str()))
         .collect();
     assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+}
+
+/// The start-up decision: one record that fails to authenticate (here a tenant's record
+/// copied over another's) stops `sidekey serve` with a message naming the record and the
+/// remedy, and exit code 1; the file is left unchanged.
+#[tokio::test]
+async fn serve_refuses_to_start_on_a_record_that_fails_to_authenticate() {
+    use redb::{ReadableDatabase, TableDefinition};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ring = MasterKeys::parse(crash::KEY_B64, "test").unwrap();
+    {
+        let store = EmbeddedStore::open(&data, ring).unwrap();
+        for id in ["alpha", "beta"] {
+            store
+                .commit(Mutation::PutTenant(tenant(id)), Expect::Absent)
+                .await
+                .unwrap();
+        }
+    }
+    {
+        let tenants: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
+        let db = redb::Database::create(data.join(DATA_FILE)).unwrap();
+        let alpha = {
+            let txn = db.begin_read().unwrap();
+            let table = txn.open_table(tenants).unwrap();
+            table.get("alpha").unwrap().unwrap().value().to_vec()
+        };
+        let txn = db.begin_write().unwrap();
+        txn.open_table(tenants)
+            .unwrap()
+            .insert("beta", alpha.as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let before = fs::read(data.join(DATA_FILE)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sidekey"))
+        .args(["serve", "--proxy-listen", "127.0.0.1:0", "--admin-listen"])
+        .args(["127.0.0.1:0", "--grpc-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("SIDEKEY_MASTER_KEY", crash::KEY_B64)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tenant record \"beta\" failed to authenticate")
+            && stderr.contains("restore")
+            && stderr.contains("sidekey store verify"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("-miradore-key"), "{stderr}");
+    assert!(
+        fs::read(data.join(DATA_FILE)).unwrap() == before,
+        "the file changed"
+    );
 }
