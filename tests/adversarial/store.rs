@@ -440,3 +440,53 @@ async fn serve_refuses_to_start_on_a_record_that_fails_to_authenticate() {
         "the file changed"
     );
 }
+
+/// The case from the fault campaign: the last 4 KiB page zeroed made redb panic. Now a clear
+/// "store file is corrupted" error, and the file unchanged.
+#[tokio::test]
+async fn a_zeroed_last_page_is_a_corrupted_store_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = populated(dir.path()).await;
+    let path = dir.path().join(DATA_FILE);
+    let mut bytes = fs::read(&path).unwrap();
+    let len = bytes.len();
+    bytes[len - 4096..].fill(0);
+    fs::write(&path, &bytes).unwrap();
+    let msg = refused_or_intact(dir.path(), &original, "last page zeroed")
+        .await
+        .expect("a zeroed last page is noticed");
+    assert!(msg.contains("store file is corrupted"), "{msg}");
+    // Every page zeroed in turn, the same way.
+    let full = bytes.clone();
+    for page in (0..len).step_by(4096) {
+        let mut bad = full.clone();
+        bad[page..(page + 4096).min(len)].fill(0);
+        fs::write(&path, &bad).unwrap();
+        refused_or_intact(dir.path(), &original, &format!("page at {page} zeroed")).await;
+    }
+}
+
+/// A new store that cannot be written (disk full while creating it) leaves no store file
+/// behind, so the next start does not find a half-made one; it creates the store once the
+/// disk works.
+#[tokio::test]
+async fn a_failed_creation_leaves_no_store_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let full_disk: sidekey::store::backend::BackendOpener =
+        std::sync::Arc::new(|_: &Path| Err(std::io::Error::from_raw_os_error(28)));
+    let err = EmbeddedStore::open_with_backend(dir.path(), keys(KEY), full_disk).unwrap_err();
+    assert!(
+        err.to_string().contains("cannot create a new store"),
+        "{err}"
+    );
+    let left: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // A leftover temporary file from a crash mid-creation is not a store either.
+    fs::write(dir.path().join("sidekey.redb.new"), b"half").unwrap();
+    let store = EmbeddedStore::open(dir.path(), keys(KEY)).unwrap();
+    assert!(store.load().await.unwrap().tenants.is_empty());
+    assert!(!dir.path().join("sidekey.redb.new").exists());
+}
