@@ -237,9 +237,9 @@ impl EmbeddedStore {
 pub fn verify_file(path: &Path, keys: &MasterKeys) -> Result<VerifyReport, StoreError> {
     check_file_kind(path)?;
     verify(path, keys).map_err(|e| match e {
-        VerifyError::NeedsRepair => StoreError::Corrupted(format!(
-            "{} was not closed cleanly and needs the repair redb makes when sidekey serve \
-             opens it; start sidekey on it once, or verify a backup",
+        VerifyError::NeedsRepair => StoreError::Backend(format!(
+            "{} was not closed cleanly (a crash or kill -9) and needs the repair redb makes \
+             when sidekey serve opens it: start sidekey on it once, or verify a backup",
             path.display()
         )),
         VerifyError::Refused(e) => e,
@@ -258,8 +258,9 @@ pub fn backup_file(path: &Path, out: &Path) -> Result<VerifyReport, StoreError> 
         )));
     }
     let source = open_read_only(path).map_err(|e| match e {
-        VerifyError::NeedsRepair => StoreError::Corrupted(format!(
-            "{} was not closed cleanly: start sidekey serve on it once before a backup",
+        VerifyError::NeedsRepair => StoreError::Backend(format!(
+            "{} was not closed cleanly (a crash or kill -9): start sidekey serve on it once \
+             before a backup",
             path.display()
         )),
         VerifyError::Refused(e) => e,
