@@ -613,3 +613,47 @@ fn verify_after_a_crash_asks_for_a_start_then_passes_after_a_clean_stop() {
     let line = stdout(&verify());
     assert!(line.contains("1 tenant,"), "{line}");
 }
+
+/// `truncate -s 0 sidekey.redb` on a store with tenants: serve refuses to start, says what it
+/// found and what to do, exits 1, and leaves the file as it was (never a new, empty store).
+#[test]
+fn an_emptied_store_file_stops_serve_instead_of_starting_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), KEY).unwrap();
+    stdout(&server.cli_with_stdin(
+        &[
+            "tenants",
+            "create",
+            "acme",
+            "--miradore-site",
+            "S",
+            "--miradore-api-key-file",
+            "-",
+        ],
+        Some("key-value-for-truncate-test\n"),
+    ));
+    server.crash();
+    let file = dir.path().join("data").join("sidekey.redb");
+    std::fs::File::create(&file).unwrap(); // truncate -s 0
+    let out = bin()
+        .args([
+            "serve",
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--grpc-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("SIDEKEY_MASTER_KEY", KEY)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("store file is corrupted") && err.contains("is empty (0 bytes)"),
+        "{err}"
+    );
+    assert!(!err.contains("created a new store"), "{err}");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 0);
+}
