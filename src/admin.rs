@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use crate::proxy::ConnectionSlots;
 use crate::proxy::connection::first_bytes;
 use crate::proxy::listener::AcceptBackoff;
+use crate::store::health::StoreHealth;
 
 /// Readiness as `/readyz` reports it: set once every listener is bound and the initial
 /// tenants are loaded, cleared the moment a drain starts; and, once the proxy's connection
@@ -33,6 +34,7 @@ pub struct Readiness(Arc<ReadinessInner>);
 struct ReadinessInner {
     ready: AtomicBool,
     proxy_slots: OnceLock<ConnectionSlots>,
+    store_health: OnceLock<StoreHealth>,
 }
 
 impl Readiness {
@@ -58,6 +60,23 @@ impl Readiness {
                 slots.limit()
             )
         })
+    }
+
+    /// Adds the store's health to `/readyz`'s body. A failing store does not make `/readyz`
+    /// fail: the proxy keeps serving the last saved credentials, and only control-plane
+    /// writes are refused until the store recovers by itself.
+    pub fn with_store_health(self, health: StoreHealth) -> Self {
+        let _ = self.0.store_health.set(health);
+        self
+    }
+
+    /// The body's line about the store, if a store is attached.
+    fn store_line(&self) -> String {
+        match self.0.store_health.get().map(StoreHealth::failure) {
+            None => String::new(),
+            Some(None) => "store: ok\n".into(),
+            Some(Some(reason)) => format!("store: failing, writes refused: {reason}\n"),
+        }
     }
 }
 
@@ -117,8 +136,11 @@ fn respond(
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match ready.not_ready_because() {
-            None => text(StatusCode::OK, "ready\n"),
-            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+            None => text(StatusCode::OK, format!("ready\n{}", ready.store_line())),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{why}\n{}", ready.store_line()),
+            ),
         },
         "/metrics" => {
             let body = metrics.map(|h| h.render()).unwrap_or_default();

@@ -123,6 +123,19 @@ fn main() -> ExitCode {
         }
         Command::Tenants { client, command } => (client, ClientCommand::Tenants(command)),
         Command::Partner { client, command } => (client, ClientCommand::Partner(command)),
+        Command::Store { command } => {
+            return match sidekey::cli::store::run(command, std::env::var("SIDEKEY_MASTER_KEY").ok())
+            {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("sidekey: {message}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -84,6 +84,8 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         (None, None) => MasterKeySource::Generate,
     };
     let data_dir = config.data_dir.clone();
+    // The recorder must exist before the store sets its health gauge.
+    let _ = crate::admin::metrics_handle();
     // Key loading and opening redb are blocking file work.
     let store = tokio::task::spawn_blocking(move || {
         let keys = MasterKeys::load(&source, &data_dir)
@@ -95,6 +97,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     })
     .await
     .map_err(|e| StartError::Config(format!("start-up task failed: {e}")))??;
+    let store_health = store.health();
     let catalog =
         Arc::new(
             Catalog::open(Arc::new(store))
@@ -143,7 +146,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let readiness = Readiness::default();
+    let readiness = Readiness::default().with_store_health(store_health);
     let mut tasks = JoinSet::new();
 
     // Data plane: one pooled upstream client shared by the proxy, the token exchange and

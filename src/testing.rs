@@ -42,6 +42,12 @@ impl LogCapture {
         CaptureGuard(())
     }
 
+    /// Runs `f` with this thread's events captured here.
+    pub(crate) fn during<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _guard = self.capture();
+        f()
+    }
+
     /// Everything written so far.
     pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()

@@ -543,3 +543,407 @@ async fn a_batch_is_written_whole_or_not_at_all() {
     assert_eq!(state.tenants[0].revision, rev);
     assert_eq!(state.partner.revision, rev);
 }
+
+// ---- fault injection -------------------------------------------------------------------
+//
+// The store runs over a storage backend that wraps the real file and fails writes, syncs or
+// reads on demand, so each failure path is driven deterministically.
+
+mod faults {
+    use std::io;
+    use std::ops::Bound;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    use redb::{BackendError, StorageBackend};
+    use sidekey::store::backend::{BackendOpener, file_backend};
+
+    pub const ENOSPC: i32 = 28;
+    pub const EIO: i32 = 5;
+
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub enum Fault {
+        #[default]
+        None,
+        /// Every write and every growth of the file fails with this errno.
+        Writes(i32),
+        /// Every write lands only its first half, then fails with EIO.
+        ShortWrites,
+        /// Every sync fails with EIO, after the writes before it reached the file.
+        Syncs,
+        /// Only the n-th sync from now (1-based) fails with EIO; the ones before succeed. With
+        /// the right n the commit is complete in the file, yet the client is told it failed.
+        SyncAt(u32),
+        /// Every read fails with EIO.
+        Reads,
+    }
+
+    #[derive(Clone, Debug, Default)]
+    pub struct Switch(Arc<Mutex<(Fault, u32)>>);
+
+    impl Switch {
+        pub fn set(&self, fault: Fault) {
+            *self.0.lock().unwrap() = (fault, 0);
+        }
+        fn get(&self) -> Fault {
+            self.0.lock().unwrap().0
+        }
+        /// Counts a sync; whether it is the one to fail.
+        fn sync_fails(&self) -> bool {
+            let mut state = self.0.lock().unwrap();
+            state.1 += 1;
+            match state.0 {
+                Fault::Syncs => true,
+                Fault::SyncAt(n) => state.1 == n,
+                _ => false,
+            }
+        }
+        pub fn opener(&self) -> BackendOpener {
+            let switch = self.clone();
+            Arc::new(move |path: &Path| {
+                Ok(Box::new(Faulty {
+                    inner: file_backend(path)?,
+                    switch: switch.clone(),
+                }) as Box<dyn StorageBackend>)
+            })
+        }
+    }
+
+    #[derive(Debug)]
+    struct Faulty {
+        inner: Box<dyn StorageBackend>,
+        switch: Switch,
+    }
+
+    fn errno(n: i32) -> io::Error {
+        io::Error::from_raw_os_error(n)
+    }
+
+    impl StorageBackend for Faulty {
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+            match self.switch.get() {
+                Fault::Reads => Err(errno(EIO)),
+                _ => self.inner.read(offset, out),
+            }
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            match self.switch.get() {
+                Fault::Writes(n) if len > self.inner.len()? => Err(errno(n)),
+                _ => self.inner.set_len(len),
+            }
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            if self.switch.sync_fails() {
+                return Err(errno(EIO));
+            }
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+            match self.switch.get() {
+                Fault::Writes(n) => Err(errno(n)),
+                Fault::ShortWrites => {
+                    self.inner.write(offset, &data[..data.len() / 2])?;
+                    Err(errno(EIO))
+                }
+                _ => self.inner.write(offset, data),
+            }
+        }
+        fn close(&self) -> io::Result<()> {
+            self.inner.close()
+        }
+        fn try_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.try_lock_range(s, e)
+        }
+        fn try_lock_shared_range(
+            &self,
+            s: Bound<u64>,
+            e: Bound<u64>,
+        ) -> Result<bool, BackendError> {
+            self.inner.try_lock_shared_range(s, e)
+        }
+        fn lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_range(s, e)
+        }
+        fn lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_shared_range(s, e)
+        }
+        fn unlock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.unlock_range(s, e)
+        }
+        fn query_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.query_lock_range(s, e)
+        }
+    }
+}
+
+use faults::{EIO, ENOSPC, Fault, Switch};
+
+fn open_faulty(dir: &Path, switch: &Switch) -> EmbeddedStore {
+    EmbeddedStore::open_with_backend(dir, keys(KEY_OLD), switch.opener()).unwrap()
+}
+
+async fn ids(store: &EmbeddedStore) -> Vec<String> {
+    let state = store.load().await.unwrap();
+    state.tenants.into_iter().map(|t| t.id).collect()
+}
+
+/// Drives one fault through a write: the client's error, the health report, refusal while the
+/// fault lasts, recovery once it clears, and on disk exactly the acknowledged writes.
+async fn fault_then_recover(fault: Fault, expect_in_error: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let switch = Switch::default();
+    let store = open_faulty(dir.path(), &switch);
+    let health = store.health();
+    let r1 = store
+        .commit(Mutation::PutTenant(tenant("before", "b")), Expect::Absent)
+        .await
+        .unwrap();
+
+    switch.set(fault);
+    let err = store
+        .commit(Mutation::PutTenant(tenant("lost", "l")), Expect::Absent)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::Io(_)), "{fault:?}: {err:?}");
+    assert!(msg.contains(expect_in_error), "{fault:?}: {msg}");
+    let reason = health.failure().expect("the store reports itself failing");
+    assert!(reason.contains(expect_in_error), "{reason}");
+    // Still failing while a lasting fault lasts, and every attempt is refused.
+    if !matches!(fault, Fault::SyncAt(_)) {
+        let again = store
+            .commit(
+                Mutation::PutTenant(tenant("also-lost", "x")),
+                Expect::Absent,
+            )
+            .await;
+        assert!(again.is_err(), "{fault:?}: {again:?}");
+        assert!(!health.is_healthy());
+    }
+
+    switch.set(Fault::None);
+    let r2 = store
+        .commit(Mutation::PutTenant(tenant("after", "a")), Expect::Absent)
+        .await
+        .unwrap();
+    assert!(health.is_healthy(), "{:?}", health.failure());
+    assert!(r2 > r1);
+    assert_eq!(ids(&store).await, ["after", "before"], "{fault:?}");
+    // The unacknowledged writes can be made now: nothing of them was left behind.
+    store
+        .commit(Mutation::PutTenant(tenant("lost", "l")), Expect::Absent)
+        .await
+        .unwrap();
+    drop(store);
+
+    let reopened = open(dir.path(), KEY_OLD);
+    let state = reopened.load().await.unwrap();
+    let on_disk: Vec<_> = state.tenants.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(on_disk, ["after", "before", "lost"], "{fault:?}");
+    assert_eq!(state.revision, r2 + 1);
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_writes_then_recovers_by_itself() {
+    fault_then_recover(Fault::Writes(ENOSPC), "No space left on device").await;
+}
+
+#[tokio::test]
+async fn an_io_error_on_write_refuses_writes_then_recovers() {
+    fault_then_recover(Fault::Writes(EIO), "Input/output error").await;
+}
+
+#[tokio::test]
+async fn short_writes_are_refused_then_recovered() {
+    fault_then_recover(Fault::ShortWrites, "Input/output error").await;
+}
+
+/// The commit's data reaches the file but its sync fails: the write may be on disk although
+/// the client was told it failed. Recovery puts the previous records back.
+#[tokio::test]
+async fn a_failed_sync_never_leaves_the_refused_write_visible() {
+    fault_then_recover(Fault::Syncs, "Input/output error").await;
+    fault_then_recover(Fault::SyncAt(1), "Input/output error").await;
+    // redb's commit syncs twice; failing the second leaves the commit whole in the file.
+    fault_then_recover(Fault::SyncAt(2), "Input/output error").await;
+}
+
+#[tokio::test]
+async fn a_failed_sync_of_an_update_and_a_delete_restores_the_previous_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let switch = Switch::default();
+    let store = open_faulty(dir.path(), &switch);
+    let r1 = store
+        .commit(Mutation::PutTenant(tenant("a", "one")), Expect::Absent)
+        .await
+        .unwrap();
+    let r2 = store
+        .commit(Mutation::PutTenant(tenant("b", "one")), Expect::Absent)
+        .await
+        .unwrap();
+    let before = store.load().await.unwrap();
+
+    // The second sync of the commit fails after its header reached the file.
+    switch.set(Fault::SyncAt(2));
+    let batch = vec![
+        (
+            Mutation::PutTenant(tenant("a", "two")),
+            Expect::Revision(r1),
+        ),
+        (Mutation::DeleteTenant("b".into()), Expect::Revision(r2)),
+    ];
+    store.commit_batch(batch).await.unwrap_err();
+    switch.set(Fault::None);
+
+    let after = store.load().await.unwrap();
+    assert_eq!(after.tenants, before.tenants);
+    assert_eq!(after.revision, before.revision);
+    drop(store);
+    let on_disk = open(dir.path(), KEY_OLD).load().await.unwrap();
+    assert_eq!(on_disk.tenants, before.tenants);
+    assert_eq!(on_disk.revision, before.revision);
+}
+
+#[tokio::test]
+async fn a_read_error_fails_the_load_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let switch = Switch::default();
+    let store = open_faulty(dir.path(), &switch);
+    store
+        .commit(Mutation::PutTenant(tenant("a", "one")), Expect::Absent)
+        .await
+        .unwrap();
+    // Force redb back to the file: reopen through a failure, then fail its reads.
+    switch.set(Fault::Writes(EIO));
+    store
+        .commit(Mutation::PutTenant(tenant("b", "one")), Expect::Absent)
+        .await
+        .unwrap_err();
+    switch.set(Fault::Reads);
+    let err = store.load().await.unwrap_err();
+    assert!(err.to_string().contains("Input/output error"), "{err:?}");
+    assert!(!store.health().is_healthy());
+    switch.set(Fault::None);
+    assert_eq!(ids(&store).await, ["a"]);
+    assert!(store.health().is_healthy());
+}
+
+/// Without any further write, the background retry brings the store back once the disk works.
+#[tokio::test]
+async fn a_failing_store_recovers_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let switch = Switch::default();
+    let store = open_faulty(dir.path(), &switch);
+    switch.set(Fault::Writes(ENOSPC));
+    store
+        .commit(Mutation::PutTenant(tenant("a", "one")), Expect::Absent)
+        .await
+        .unwrap_err();
+    let health = store.health();
+    assert!(!health.is_healthy());
+    switch.set(Fault::None);
+    let deadline = std::time::Instant::now()
+        + sidekey::store::embedded::RECOVERY_INTERVAL * 3
+        + Duration::from_secs(2);
+    while !health.is_healthy() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no background recovery"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ids(&store).await.is_empty());
+}
+
+/// Through the catalog, as the control plane uses it: a full disk turns an update into
+/// UNAVAILABLE with the cause, the proxy's snapshot keeps the last saved credentials (never
+/// the refused ones), `/readyz` and the `sidekey_store_healthy` gauge report the failure, and
+/// all recover by themselves once space is free.
+#[tokio::test]
+async fn a_full_disk_is_reported_to_clients_probes_and_metrics_then_clears() {
+    use sidekey::admin::{self, Readiness};
+    use sidekey::tenants::Catalog;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let metrics = admin::metrics_handle().expect("recorder");
+    let dir = tempfile::tempdir().unwrap();
+    let switch = Switch::default();
+    let store = open_faulty(dir.path(), &switch);
+    let health = store.health();
+    let catalog = Catalog::open(Arc::new(store)).await.unwrap();
+    let mut m = tenant("acme", "a").connections;
+    m.m3ter = None;
+    m.mailkit = None;
+    catalog
+        .create("acme".into(), "Acme".into(), m.clone())
+        .await
+        .unwrap();
+    let key_of = |catalog: &Catalog| {
+        let snap = catalog.snapshot().load();
+        let t = snap.tenant("acme").unwrap().clone();
+        t.miradore.as_ref().unwrap().api_key.expose().to_owned()
+    };
+    let saved = key_of(&catalog);
+
+    let readiness = Readiness::default().with_store_health(health.clone());
+    readiness.set(true);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_task = tokio::spawn(admin::serve(listener, readiness, async move {
+        let _ = stopped.await;
+    }));
+    let get = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut body = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut body))
+            .await
+            .unwrap()
+            .unwrap();
+        body
+    };
+    assert!(get("/readyz").await.contains("store: ok"));
+
+    switch.set(Fault::Writes(ENOSPC));
+    let mut changed = m.clone();
+    changed.miradore.as_mut().unwrap().api_key = Some(Secret::new("refused-new-key"));
+    let err = catalog
+        .update("acme", None, |r| r.connections = changed.clone())
+        .await
+        .unwrap_err();
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status.message().contains("not saved") && status.message().contains("No space left"),
+        "{status:?}"
+    );
+    assert_eq!(key_of(&catalog), saved, "the proxy must keep the saved key");
+    let ready = get("/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(
+        ready.contains("store: failing, writes refused") && ready.contains("No space left"),
+        "{ready}"
+    );
+    assert!(
+        metrics.render().contains("sidekey_store_healthy 0"),
+        "{}",
+        metrics.render()
+    );
+
+    switch.set(Fault::None);
+    catalog
+        .update("acme", None, |r| r.connections = changed.clone())
+        .await
+        .unwrap();
+    assert_eq!(key_of(&catalog), "refused-new-key");
+    assert!(get("/readyz").await.contains("store: ok"));
+    assert!(metrics.render().contains("sidekey_store_healthy 1"));
+    let _ = stop.send(());
+    admin_task.await.unwrap();
+}

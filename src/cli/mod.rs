@@ -4,6 +4,7 @@
 pub mod client;
 pub mod flags;
 pub mod render;
+pub mod store;
 
 use std::path::PathBuf;
 
@@ -46,6 +47,11 @@ pub enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: PartnerCommand,
+    },
+    /// Back up or verify the embedded store's file (safe beside a running sidekey).
+    Store {
+        #[command(subcommand)]
+        command: store::StoreCommand,
     },
 }
 

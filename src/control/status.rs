@@ -84,8 +84,11 @@ impl From<CatalogError> for Status {
             CatalogError::Aborted => stale_etag(),
             CatalogError::Invalid(v) => invalid(v),
             CatalogError::Store(e) => {
-                // Store errors carry no secret; the details help an operator.
-                tracing::error!(error = %e, "store write failed");
+                // Store errors carry no secret; the details help an operator. A failing disk
+                // is logged by the store once per change of state, not here per write.
+                if !matches!(e, crate::store::StoreError::Io(_)) {
+                    tracing::error!(error = %e, "store write failed");
+                }
                 Status::unavailable(format!("the write was not saved: {e}"))
             }
         }

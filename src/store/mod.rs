@@ -8,9 +8,12 @@
 //! Records cross this trait with their secrets in plain [`crate::secret::Secret`]s; sealing
 //! them at rest is the backend's job ([`sealing`]).
 
+pub mod backend;
 pub mod embedded;
 mod files;
+pub mod health;
 pub mod master_key;
+pub mod record;
 pub mod sealing;
 
 use async_trait::async_trait;
@@ -52,7 +55,17 @@ pub enum StoreError {
     /// The master key cannot open what is stored (wrong key, or data corrupted).
     #[error("{0}")]
     Key(String),
-    /// The backend failed (I/O, corruption, unreachable).
+    /// A record failed to authenticate or decode (altered, corrupted, or copied from another
+    /// record); the message names the record.
+    #[error("{0}")]
+    Record(String),
+    /// The store file is damaged (not a store, unreadable structure, a panic inside redb).
+    #[error("store file is corrupted: {0}")]
+    Corrupted(String),
+    /// The disk failed (full, I/O error); the store recovers by itself once it works again.
+    #[error("store I/O failure: {0}")]
+    Io(String),
+    /// The backend failed otherwise (unreachable, in use, misused).
     #[error("store failure: {0}")]
     Backend(String),
 }

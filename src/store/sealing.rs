@@ -49,6 +49,17 @@ pub enum SealError {
 
 /// Seals `plaintext` for `place` under the ring's active key.
 pub fn seal(keys: &MasterKeys, place: &str, plaintext: &[u8]) -> Result<String, SealError> {
+    seal_in(AAD_DOMAIN, keys, place, plaintext)
+}
+
+/// [`seal`] with another associated-data domain, so that values sealed for one purpose (a
+/// secret field, a whole record) never open as the other.
+pub(super) fn seal_in(
+    domain: &str,
+    keys: &MasterKeys,
+    place: &str,
+    plaintext: &[u8],
+) -> Result<String, SealError> {
     let key = keys.active();
     let mut nonce = [0u8; NONCE_LEN];
     SystemRandom::new()
@@ -62,7 +73,7 @@ pub fn seal(keys: &MasterKeys, place: &str, plaintext: &[u8]) -> Result<String, 
     aead_key(key)
         .seal_in_place_append_tag(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad(key.id(), place).as_bytes()),
+            Aad::from(aad(domain, key.id(), place).as_bytes()),
             &mut *in_out,
         )
         // ring fails only for inputs over ~64 GiB.
@@ -81,6 +92,16 @@ pub fn seal(keys: &MasterKeys, place: &str, plaintext: &[u8]) -> Result<String, 
 
 /// Opens a value sealed for `place` with whichever key of the ring its key id names.
 pub fn open(keys: &MasterKeys, place: &str, sealed: &str) -> Result<Zeroizing<Vec<u8>>, SealError> {
+    open_in(AAD_DOMAIN, keys, place, sealed)
+}
+
+/// [`open`] of a value sealed by [`seal_in`] with `domain`.
+pub(super) fn open_in(
+    domain: &str,
+    keys: &MasterKeys,
+    place: &str,
+    sealed: &str,
+) -> Result<Zeroizing<Vec<u8>>, SealError> {
     let malformed = || SealError::Malformed {
         place: place.to_owned(),
     };
@@ -103,7 +124,7 @@ pub fn open(keys: &MasterKeys, place: &str, sealed: &str) -> Result<Zeroizing<Ve
     let len = aead_key(key)
         .open_in_place(
             nonce,
-            Aad::from(aad(key_id, place).as_bytes()),
+            Aad::from(aad(domain, key_id, place).as_bytes()),
             &mut ciphertext,
         )
         .map_err(|_| SealError::Open {
@@ -127,8 +148,8 @@ fn split(sealed: &str) -> Option<(KeyId, &str)> {
     Some((KeyId::parse(id)?, body))
 }
 
-fn aad(key_id: KeyId, place: &str) -> String {
-    format!("{AAD_DOMAIN}\0{key_id}\0{place}")
+fn aad(domain: &str, key_id: KeyId, place: &str) -> String {
+    format!("{domain}\0{key_id}\0{place}")
 }
 
 fn aead_key(key: &MasterKey) -> LessSafeKey {
