@@ -92,6 +92,11 @@ pub(crate) struct AppIo {
 }
 
 impl AppIo {
+    /// Whether the client opened with the HTTP/2 preface (h2c prior knowledge).
+    pub(crate) fn is_http2(&self) -> bool {
+        self.prefix[..self.prefix_end] == *H2_PREFACE
+    }
+
     /// Passes a write's outcome through, failing it once writes have made no progress for
     /// the write timeout.
     fn bound_write<T>(
@@ -214,14 +219,15 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// A response body that keeps its request counted in flight until it is dropped.
+/// A response body that keeps its request counted in flight until it is dropped (when the
+/// connection counts them at all: only HTTP/2 connections do).
 pub(crate) struct Tracked<B> {
     inner: B,
-    _guard: InFlightGuard,
+    _guard: Option<InFlightGuard>,
 }
 
 impl<B> Tracked<B> {
-    pub(crate) fn new(inner: B, guard: InFlightGuard) -> Self {
+    pub(crate) fn new(inner: B, guard: Option<InFlightGuard>) -> Self {
         Self {
             inner,
             _guard: guard,

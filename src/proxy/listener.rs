@@ -159,11 +159,13 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Ou
                     return;
                 }
             };
-            let in_flight = InFlight::new();
+            // hyper closes an idle HTTP/1 connection itself (its head timeout), so only an
+            // HTTP/2 connection pays for counting its requests.
+            let in_flight = io.is_http2().then(InFlight::new);
             let counted = in_flight.clone();
             let service = service_fn(move |req| {
                 let proxy = proxy.clone();
-                let guard = counted.start();
+                let guard = counted.as_ref().map(InFlight::start);
                 async move {
                     let resp = proxy.handle(req).await;
                     Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, guard)))
@@ -179,7 +181,12 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Ou
             let close = tokio::select! {
                 ended = conn.as_mut() => Close::Ended(ended),
                 _ = stopping.wait_for(|s| *s) => Close::Stopping,
-                () = in_flight.idle_for(idle_timeout) => Close::Idle,
+                () = async {
+                    match &in_flight {
+                        Some(in_flight) => in_flight.idle_for(idle_timeout).await,
+                        None => std::future::pending().await,
+                    }
+                } => Close::Idle,
             };
             let ended = match close {
                 Close::Ended(ended) => ended,
