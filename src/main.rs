@@ -30,6 +30,10 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // With a log collector gone (stderr a closed pipe), tracing-subscriber would report
+        // the failed write with `eprintln!`, which panics on the same closed stderr and takes
+        // the proxy down with it. Lost log lines are the lesser harm.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -18,6 +18,8 @@ struct Server {
     child: Child,
     socket: PathBuf,
     log: mpsc::Receiver<String>,
+    /// Reads the server's stderr into `log` until `log` is dropped or stderr ends.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Starts `sidekey serve` and waits for its ready line (or its exit).
@@ -59,7 +61,7 @@ fn serve_with_env(
         .expect("spawn sidekey serve");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
                 break;
@@ -76,6 +78,7 @@ fn serve_with_env(
                 child,
                 socket,
                 log: rx,
+                reader: Some(reader),
             });
         }
     }
@@ -114,6 +117,40 @@ impl Server {
         let log = std::mem::replace(&mut self.log, mpsc::channel().1);
         log.iter().collect::<Vec<_>>().join("\n")
     }
+}
+
+/// A log collector that goes away (the read end of serve's stderr closed) must not take the
+/// proxy or the control plane down with it: every later log line fails with EPIPE.
+#[test]
+fn serve_keeps_working_after_its_stderr_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = serve_with(dir.path(), KEY, &[], "debug").unwrap();
+    let create = |server: &Server, id: &str| {
+        server.cli_with_stdin(
+            &[
+                "tenants",
+                "create",
+                id,
+                "--miradore-site",
+                "acme",
+                "--miradore-api-key-file",
+                "-",
+            ],
+            Some("1_AaDf234sdf8!4"),
+        )
+    };
+    // Stop collecting: the reader thread ends at the next line it cannot hand over, and its
+    // end closes the pipe's read end.
+    drop(std::mem::replace(&mut server.log, mpsc::channel().1));
+    stdout(&create(&server, "first"));
+    server.reader.take().unwrap().join().unwrap();
+    for id in ["second", "third", "fourth"] {
+        stdout(&create(&server, id));
+    }
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "serve exited after its stderr closed"
+    );
 }
 
 /// A server a test did not crash itself must not outlive the test.
