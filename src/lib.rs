@@ -6,6 +6,11 @@
 //! (gRPC), which goes through the [`tenants::Catalog`] to the [`store`] and publishes a new
 //! snapshot.
 
+#![forbid(unsafe_code)]
+// Nothing a request, a peer or a file can make fail may panic; unit tests may unwrap
+// (clippy.toml), integration tests are other crates.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod admin;
 pub mod cli;
 pub mod config;

@@ -1,6 +1,6 @@
 //! The refusals sidekey itself answers, and the one place they become HTTP responses.
 //!
-//! Each variant is one row of the contract's error table (design.md, "Errors sidekey itself
+//! Each variant is one row of the error table in docs/proxy.md ("Errors sidekey itself
 //! returns"): its code, status and when. Messages are written for app developers and never
 //! contain a secret: variants carry only names (hosts, sites, org ids, tenant ids) that the
 //! app itself sent or that are not credentials.

@@ -334,7 +334,9 @@ fn xmlrpc_credential_slots(doc: &str) -> Result<[(usize, usize, bool); 2], Proxy
     // quick-xml skips a byte order mark at the start of what it reads without counting it in
     // its positions; a second one would shift every offset by 3 bytes.
     if body.starts_with(UTF8_BOM) {
-        return Err(xml_err("only one byte order mark is allowed, at the very start"));
+        return Err(xml_err(
+            "only one byte order mark is allowed, at the very start",
+        ));
     }
     let mut reader = Reader::from_str(body);
     let config = reader.config_mut();
@@ -828,7 +830,10 @@ mod tests {
         );
         assert_eq!(xml(input).unwrap(), want);
         // A second mark is refused: quick-xml would skip it without counting it in offsets.
-        for twice in [format!("\u{feff}{input}"), input.replacen("?>", "?>\u{feff}", 1)] {
+        for twice in [
+            format!("\u{feff}{input}"),
+            input.replacen("?>", "?>\u{feff}", 1),
+        ] {
             assert_eq!(xml(&twice).unwrap_err().code(), "bad_request", "{twice}");
         }
         let e = rewrite(Endpoint::Json, "\u{feff}{}".as_bytes(), &creds()).unwrap_err();
