@@ -12,6 +12,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod admin;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod control;

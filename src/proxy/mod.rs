@@ -3,10 +3,11 @@
 //!
 //! - [`listener`]: the accept loop, connection limits and graceful shutdown.
 //! - `connection`: deadlines on an app connection's first bytes and on its writes.
-//! - [`budget`]: the byte budget of request bodies held in memory.
+//! - [`BodyBudget`] ([`crate::budget`]): the byte budget of request bodies held in memory.
 //! - [`route`]: request form, tenant, vendor and host, in the documented order of checks.
-//! - [`canonical`]: the one path form forwarded, so rules check what vendors read.
-//! - [`error`]: the refusals sidekey answers itself.
+//! - [`crate::vendors::path`]: the one path form forwarded, so rules check what vendors read.
+//! - [`error`]: the refusals sidekey answers itself, and the one mapping of every cause
+//!   (vendor rules, body budget, upstream) to them.
 //! - the rules themselves live in [`crate::vendors`].
 //!
 //! Wiring (from `sidekey serve`):
@@ -17,8 +18,6 @@
 //! sidekey::proxy::serve(listener, proxy, shutdown_signal).await;
 //! ```
 
-pub mod budget;
-pub(crate) mod canonical;
 pub(crate) mod connection;
 pub mod error;
 mod headers;
@@ -36,7 +35,7 @@ use http::{Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-pub use budget::BodyBudget;
+pub use crate::budget::BodyBudget;
 pub use error::ProxyError;
 pub use listener::{ConnectionSlots, serve};
 

@@ -34,12 +34,13 @@ use http::{HeaderMap, Method, Request, Uri, Version};
 use percent_encoding::percent_decode_str;
 
 use super::TENANT_HEADER;
-use super::canonical::CanonicalPath;
 use super::error::ProxyError;
 use crate::tenants::{EffectiveTenant, VendorKind};
+use crate::vendors::path::CanonicalPath;
+use crate::vendors::{mailkit, miradore};
 
-pub(crate) const MIRADORE_HOST: &str = "online.miradore.com";
-pub(crate) const MAILKIT_HOST: &str = "api.mailkit.eu";
+const MIRADORE_HOST: &str = miradore::HOST;
+const MAILKIT_HOST: &str = mailkit::HOST;
 const MIRADORE_LEGACY_SUFFIX: &str = ".online.miradore.com";
 
 /// The vendor endpoint a request names, before the tenant is known.

@@ -7,7 +7,7 @@
 //! | `/<site>/api/v2/...` | same path, header `X-API-Key` |
 //! | `/api/v2/...` (site-less v2) | same path, headers `X-API-Key` and `X-Instance-Name: <site>` |
 //!
-//! The path is canonical (`proxy::canonical`: no empty, dot or `;` segments, no needless
+//! The path is canonical (`vendors::path`: no empty, dot or `;` segments, no needless
 //! escapes), so its segments are what Miradore reads. The `api`/`v2` segments are matched
 //! case-insensitively (the server is); the site segment must be the tenant's site byte for
 //! byte (site names are case-sensitive, and a canonical segment cannot spell it with
@@ -22,10 +22,13 @@ use http::{HeaderMap, HeaderName, Method, Request, StatusCode};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 
 use super::TestOutcome;
-use crate::proxy::canonical::CanonicalPath;
-use crate::proxy::error::ProxyError;
+use super::error::RuleError;
+use super::path::CanonicalPath;
 use crate::tenants::MiradoreCreds;
 use crate::upstream;
+
+/// Miradore's API host; a legacy `<site>.online.miradore.com` is routed here too.
+pub const HOST: &str = "online.miradore.com";
 
 pub const API_KEY_HEADER: HeaderName = HeaderName::from_static("x-api-key");
 pub const INSTANCE_HEADER: HeaderName = HeaderName::from_static("x-instance-name");
@@ -54,7 +57,7 @@ pub(crate) fn rewrite(
     path: CanonicalPath<'_>,
     query: Option<&str>,
     creds: &MiradoreCreds,
-) -> Result<Rewritten, ProxyError> {
+) -> Result<Rewritten, RuleError> {
     let mut segs = path.segments();
     let first = segs.next().unwrap_or("");
     let second = segs.next();
@@ -67,14 +70,13 @@ pub(crate) fn rewrite(
     } else if second.is_some_and(is_api) {
         let third = segs.next();
         if first != creds.site {
-            return Err(ProxyError::SiteMismatch(first.to_owned()));
+            return Err(RuleError::SiteMismatch(first.to_owned()));
         }
         (true, is_v2(third))
     } else {
-        return Err(ProxyError::UnknownRoute(
+        return Err(RuleError::UnknownRoute(
             "not a Miradore API path: expected /<site>/API/..., /<site>/api/v2/..., \
-             /API/... or /api/v2/..."
-                .to_owned(),
+             /API/... or /api/v2/...",
         ));
     };
 
@@ -144,7 +146,7 @@ pub(crate) fn apply_headers(
     headers: &mut HeaderMap,
     rw: &Rewritten,
     creds: &MiradoreCreds,
-) -> Result<(), ProxyError> {
+) -> Result<(), RuleError> {
     // `insert` replaces every value the app sent; the header not set is removed.
     if rw.key_header {
         headers.insert(API_KEY_HEADER, key_header(creds)?);
@@ -153,7 +155,7 @@ pub(crate) fn apply_headers(
     }
     if rw.instance_header {
         let site = HeaderValue::from_str(&creds.site).map_err(|_| {
-            ProxyError::bad_request("the tenant's Miradore site is not a valid header value")
+            RuleError::malformed("the tenant's Miradore site is not a valid header value")
         })?;
         headers.insert(INSTANCE_HEADER, site);
     } else {
@@ -162,9 +164,9 @@ pub(crate) fn apply_headers(
     Ok(())
 }
 
-fn key_header(creds: &MiradoreCreds) -> Result<HeaderValue, ProxyError> {
+fn key_header(creds: &MiradoreCreds) -> Result<HeaderValue, RuleError> {
     let mut v = HeaderValue::from_str(creds.api_key.expose()).map_err(|_| {
-        ProxyError::bad_request("the tenant's Miradore API key cannot be sent as a header")
+        RuleError::malformed("the tenant's Miradore API key cannot be sent as a header")
     })?;
     v.set_sensitive(true);
     Ok(v)
@@ -173,16 +175,13 @@ fn key_header(creds: &MiradoreCreds) -> Result<HeaderValue, ProxyError> {
 /// `TestTenant` for Miradore: `GET /api/v2/Device?limit=1` (a one-row read) with the key and
 /// site headers. 2xx is success; anything else is the vendor's refusal.
 pub async fn test(client: &upstream::Client, creds: &MiradoreCreds) -> TestOutcome {
-    let req = (|| -> Result<_, ProxyError> {
+    let req = (|| -> Result<_, RuleError> {
         let mut req = Request::builder()
             .method(Method::GET)
-            .uri(format!(
-                "https://{}/api/v2/Device?limit=1",
-                crate::proxy::route::MIRADORE_HOST
-            ))
+            .uri(format!("https://{}/api/v2/Device?limit=1", HOST))
             .header(http::header::ACCEPT, "application/json")
             .body(upstream::empty_body())
-            .map_err(|_| ProxyError::bad_request("cannot build the test request"))?;
+            .map_err(|_| RuleError::malformed("cannot build the test request"))?;
         let rw = Rewritten {
             path_and_query: String::new(),
             key_header: true,
@@ -229,6 +228,7 @@ pub async fn test(client: &upstream::Client, creds: &MiradoreCreds) -> TestOutco
 mod tests {
     use super::*;
     use crate::secret::Secret;
+    use crate::testing::RefusalCode as _;
 
     fn creds() -> MiradoreCreds {
         MiradoreCreds {
@@ -242,7 +242,7 @@ mod tests {
         path: &str,
         query: Option<&str>,
         creds: &MiradoreCreds,
-    ) -> Result<Rewritten, ProxyError> {
+    ) -> Result<Rewritten, RuleError> {
         super::rewrite(CanonicalPath::new(path)?, query, creds)
     }
 

@@ -1,9 +1,13 @@
 //! One module per vendor's injection rule. Each knows its hosts, its paths and where its
 //! credential goes on the wire; none knows about listeners or connection pools.
 
+pub mod error;
 pub mod m3ter;
 pub mod mailkit;
 pub mod miradore;
+pub mod path;
+
+pub use error::RuleError;
 
 /// The verdict of `TestTenant`: one harmless authenticated call to the vendor.
 #[derive(Clone, Debug, PartialEq, Eq)]
