@@ -170,6 +170,10 @@ impl From<RuleError> for ProxyError {
         match err {
             RuleError::Malformed(msg) => ProxyError::BadRequest(msg.into_owned()),
             RuleError::UnknownRoute(msg) => ProxyError::UnknownRoute(msg.to_owned()),
+            RuleError::HostNotAllowed(host) => ProxyError::HostNotAllowed(host),
+            RuleError::NotConfigured => {
+                ProxyError::bad_request("the tenant has no connection for this vendor")
+            }
             RuleError::SiteMismatch(site) => ProxyError::SiteMismatch(site),
             RuleError::OrgMismatch(org) => ProxyError::OrgMismatch(org),
             RuleError::TokenExchange(why) => ProxyError::TokenExchangeFailed(why),
@@ -262,9 +266,14 @@ mod tests {
     #[test]
     fn every_cause_maps_to_its_code() {
         let not_canonical = crate::vendors::path::CanonicalPath::new("/a/../b").unwrap_err();
-        let cases: [(ProxyError, &str); 10] = [
+        let cases: [(ProxyError, &str); 12] = [
             (RuleError::malformed("x").into(), "bad_request"),
             (RuleError::UnknownRoute("x").into(), "unknown_route"),
+            (
+                RuleError::HostNotAllowed("h".into()).into(),
+                "host_not_allowed",
+            ),
+            (RuleError::NotConfigured.into(), "bad_request"),
             (RuleError::SiteMismatch("s".into()).into(), "site_mismatch"),
             (RuleError::OrgMismatch("o".into()).into(), "org_mismatch"),
             (

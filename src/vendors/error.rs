@@ -17,6 +17,13 @@ pub enum RuleError {
     /// A path this vendor does not serve.
     #[error("{0}")]
     UnknownRoute(&'static str),
+    /// The host named in absolute-form is not one of the tenant's hosts for this vendor.
+    #[error("host {0:?} is not one of this tenant's vendor hosts")]
+    HostNotAllowed(String),
+    /// The tenant has no credentials for this vendor (the proxy checks this first, so only
+    /// a rule and the proxy disagreeing can produce it).
+    #[error("the tenant has no connection for this vendor")]
+    NotConfigured,
     /// The request names a Miradore site other than the tenant's.
     #[error("the request names Miradore site {0:?}, which is not this tenant's site")]
     SiteMismatch(String),

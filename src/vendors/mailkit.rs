@@ -30,13 +30,94 @@ use quick_xml::events::Event;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::TestOutcome;
+use futures_util::future::BoxFuture;
+use http::header::CONTENT_ENCODING;
+use http::request::Parts;
+
 use super::error::RuleError;
-use crate::tenants::MailkitCreds;
+use super::{BodyRule, Plan, RuleInput, TestOutcome, Vendor, Via};
+use crate::tenants::{EffectiveTenant, MailkitCreds, VendorKind};
 use crate::upstream;
 
 /// Mailkit's API host.
 pub const HOST: &str = "api.mailkit.eu";
+
+/// Mailkit as the proxy sees it: prefix `/mailkit`, host `api.mailkit.eu`, the credentials
+/// spliced into the body (JSON or XML-RPC).
+pub struct Mailkit;
+
+impl Mailkit {
+    fn creds(tenant: &EffectiveTenant) -> Result<&MailkitCreds, RuleError> {
+        tenant.mailkit.as_ref().ok_or(RuleError::NotConfigured)
+    }
+}
+
+impl Vendor for Mailkit {
+    fn kind(&self) -> VendorKind {
+        VendorKind::Mailkit
+    }
+
+    fn prefixes(&self) -> &'static [&'static str] {
+        &["mailkit"]
+    }
+
+    fn owns_host(&self, host: &str) -> bool {
+        host.eq_ignore_ascii_case(HOST)
+    }
+
+    fn upstream_host<'t>(
+        &self,
+        _via: Via<'_>,
+        tenant: &'t EffectiveTenant,
+    ) -> Result<&'t str, RuleError> {
+        Self::creds(tenant)?;
+        Ok(HOST)
+    }
+
+    fn plan(&self, req: RuleInput<'_>, tenant: &EffectiveTenant) -> Result<Plan, RuleError> {
+        Self::creds(tenant)?;
+        endpoint(req.method, req.path.as_str())?;
+        if req
+            .headers
+            .get(CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes() != b"identity")
+        {
+            return Err(RuleError::malformed(
+                "a compressed Mailkit body cannot be rewritten; send it uncompressed",
+            ));
+        }
+        Ok(Plan {
+            path_and_query: None,
+            body: BodyRule::Rewrite,
+        })
+    }
+
+    fn rewrite_body(
+        &self,
+        parts: &Parts,
+        body: &[u8],
+        tenant: &EffectiveTenant,
+    ) -> Result<Vec<u8>, RuleError> {
+        rewrite(
+            endpoint(&parts.method, parts.uri.path())?,
+            body,
+            Self::creds(tenant)?,
+        )
+    }
+
+    fn test<'a>(
+        &'a self,
+        client: &'a upstream::Client,
+        tenant: &'a EffectiveTenant,
+    ) -> BoxFuture<'a, TestOutcome> {
+        Box::pin(async move {
+            match &tenant.mailkit {
+                Some(creds) => test(client, creds).await,
+                None => TestOutcome::not_configured(VendorKind::Mailkit),
+            }
+        })
+    }
+}
 
 /// The two Mailkit endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
