@@ -9,6 +9,7 @@ use crate::tenants::validate::echo;
 use crate::tenants::{
     Connections, FieldViolation, M3terConn, MailkitConn, MiradoreConn, PartnerRecord, TenantRecord,
 };
+use crate::wire::ProtoConnections;
 
 /// The etag of a record: its revision, as an opaque string.
 pub fn etag(revision: u64) -> String {
@@ -111,23 +112,19 @@ fn secret_in(s: &Option<proto::Secret>) -> Option<Secret> {
         .map(|s| Secret::new(s.value.clone()))
 }
 
-pub fn connections_in(
-    miradore: &Option<proto::MiradoreConnection>,
-    m3ter: &Option<proto::M3terConnection>,
-    mailkit: &Option<proto::MailkitConnection>,
-) -> Connections {
+pub fn connections_in(c: ProtoConnections<'_>) -> Connections {
     Connections {
-        miradore: miradore.as_ref().map(|m| MiradoreConn {
+        miradore: c.miradore.map(|m| MiradoreConn {
             site: m.site.clone(),
             api_key: secret_in(&m.api_key),
         }),
-        m3ter: m3ter.as_ref().map(|m| M3terConn {
+        m3ter: c.m3ter.map(|m| M3terConn {
             access_key_id: m.access_key_id.clone(),
             api_secret: secret_in(&m.api_secret),
             org_id: m.org_id.clone(),
             environment: m.environment.clone(),
         }),
-        mailkit: mailkit.as_ref().map(|m| MailkitConn {
+        mailkit: c.mailkit.map(|m| MailkitConn {
             client_id: m.client_id.clone(),
             client_md5: secret_in(&m.client_md5),
         }),

@@ -43,7 +43,7 @@ impl TenantApi {
         request: Request<proto::CreateTenantRequest>,
     ) -> Result<Response<proto::Tenant>, Status> {
         let t = required(request.into_inner().tenant, "tenant")?;
-        let conns = convert::connections_in(&t.miradore, &t.m3ter, &t.mailkit);
+        let conns = convert::connections_in((&t).into());
         let record = self.catalog.create(t.id, t.display_name, conns).await?;
         tracing::info!(tenant = %record.id, "tenant created");
         Ok(Response::new(convert::tenant_out(&record)))
@@ -102,7 +102,7 @@ impl TenantApi {
         let etag = etag_of(&t.etag)?;
         let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
         convert::check_mask(&paths, &["display_name"]).map_err(invalid)?;
-        let conns = convert::connections_in(&t.miradore, &t.m3ter, &t.mailkit);
+        let conns = convert::connections_in((&t).into());
         let record = self
             .catalog
             .update(&t.id, etag, |record| {
@@ -192,7 +192,7 @@ impl TenantApi {
         let etag = etag_of(&p.etag)?;
         let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
         convert::check_mask(&paths, &[]).map_err(invalid)?;
-        let conns = convert::connections_in(&p.miradore, &p.m3ter, &p.mailkit);
+        let conns = convert::connections_in((&p).into());
         let record = self
             .catalog
             .update_partner(etag, |record| {
