@@ -56,8 +56,7 @@ use doc::{PARTNER_PLACE, PartnerDoc, TenantDoc, tenant_place};
 use offline::{VerifyError, verify};
 pub use offline::{VerifyReport, backup_file, verify_file};
 
-/// The database file inside the data directory.
-pub const DATA_FILE: &str = "sidekey.redb";
+pub use crate::store::files::DATA_FILE;
 
 /// Where a new store is built before it is renamed to [`DATA_FILE`].
 const NEW_DATA_FILE: &str = "sidekey.redb.new";
