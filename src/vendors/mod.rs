@@ -218,22 +218,14 @@ impl Registry {
         self.vendors.iter().map(|v| v.as_ref())
     }
 
-    pub fn len(&self) -> usize {
-        self.vendors.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.vendors.is_empty()
-    }
-
     /// The vendor at `index`.
     pub fn get(&self, index: usize) -> Option<&dyn Vendor> {
         self.vendors.get(index).map(|v| v.as_ref())
     }
 
-    /// The index of the vendor of `kind`.
-    pub fn index_of(&self, kind: VendorKind) -> Option<usize> {
-        self.vendors.iter().position(|v| v.kind() == kind)
+    /// The vendor of `kind`.
+    pub fn by_kind(&self, kind: VendorKind) -> Option<&dyn Vendor> {
+        self.iter().find(|v| v.kind() == kind)
     }
 
     /// The vendor whose origin-form prefix is `prefix`, with the prefix's index.
@@ -284,7 +276,7 @@ impl VendorTester for Tester {
             return TestOutcome::not_configured(vendor);
         }
         let registry = Registry::new(self.tokens.clone());
-        match registry.index_of(vendor).and_then(|i| registry.get(i)) {
+        match registry.by_kind(vendor) {
             Some(v) => v.test(&self.client, tenant).await,
             None => TestOutcome::not_configured(vendor),
         }
