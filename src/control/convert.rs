@@ -8,6 +8,7 @@ use crate::secret::Secret;
 use crate::tenants::validate::echo;
 use crate::tenants::{
     Connections, FieldViolation, M3terConn, MailkitConn, MiradoreConn, PartnerRecord, TenantRecord,
+    VendorKind,
 };
 use crate::wire::ProtoConnections;
 
@@ -110,6 +111,36 @@ fn secret_in(s: &Option<proto::Secret>) -> Option<Secret> {
     s.as_ref()
         .filter(|s| !s.value.is_empty())
         .map(|s| Secret::new(s.value.clone()))
+}
+
+/// The `sidekey.v1.Vendor` value of a vendor.
+pub fn vendor_out(kind: VendorKind) -> proto::Vendor {
+    match kind {
+        VendorKind::Miradore => proto::Vendor::Miradore,
+        VendorKind::M3ter => proto::Vendor::M3ter,
+        VendorKind::Mailkit => proto::Vendor::Mailkit,
+    }
+}
+
+/// The vendor a `sidekey.v1.Vendor` value names; `None` for `VENDOR_UNSPECIFIED` and
+/// unknown values.
+pub fn vendor_in(value: i32) -> Option<VendorKind> {
+    VendorKind::ALL
+        .into_iter()
+        .find(|kind| vendor_out(*kind) as i32 == value)
+}
+
+/// The accepted `sidekey.v1.Vendor` names, for an error message:
+/// `VENDOR_MIRADORE, VENDOR_M3TER or VENDOR_MAILKIT`.
+pub fn vendor_names() -> String {
+    let names: Vec<&str> = VendorKind::ALL
+        .into_iter()
+        .map(|kind| vendor_out(kind).as_str_name())
+        .collect();
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => names.concat(),
+    }
 }
 
 pub fn connections_in(c: ProtoConnections<'_>) -> Connections {
@@ -273,6 +304,19 @@ pub fn merge_present(target: &mut Connections, req: &Connections) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vendor_values_map_both_ways() {
+        for kind in VendorKind::ALL {
+            assert_eq!(vendor_in(vendor_out(kind) as i32), Some(kind));
+        }
+        assert_eq!(vendor_in(proto::Vendor::Unspecified as i32), None);
+        assert_eq!(vendor_in(99), None);
+        assert_eq!(
+            vendor_names(),
+            "VENDOR_MIRADORE, VENDOR_M3TER or VENDOR_MAILKIT"
+        );
+    }
 
     fn conns_with_m3ter(secret: &str) -> Connections {
         Connections {

@@ -9,8 +9,8 @@ use tonic::{Request, Response, Status};
 use super::convert::{self, parse_etag};
 use super::status::{invalid, invalid_field, stale_etag};
 use crate::proto::{self, tenant_service_server::TenantService};
+use crate::tenants::Catalog;
 use crate::tenants::validate::echo;
-use crate::tenants::{Catalog, VendorKind};
 use crate::vendors::VendorTester;
 
 /// `page_size` used when a client sends 0.
@@ -138,16 +138,11 @@ impl TenantApi {
         request: Request<proto::TestTenantRequest>,
     ) -> Result<Response<proto::TestTenantResponse>, Status> {
         let req = request.into_inner();
-        let vendor = match proto::Vendor::try_from(req.vendor) {
-            Ok(proto::Vendor::Miradore) => VendorKind::Miradore,
-            Ok(proto::Vendor::M3ter) => VendorKind::M3ter,
-            Ok(proto::Vendor::Mailkit) => VendorKind::Mailkit,
-            _ => {
-                return Err(invalid_field(
-                    "vendor",
-                    "must be VENDOR_MIRADORE, VENDOR_M3TER or VENDOR_MAILKIT",
-                ));
-            }
+        let Some(vendor) = convert::vendor_in(req.vendor) else {
+            return Err(invalid_field(
+                "vendor",
+                &format!("must be {}", convert::vendor_names()),
+            ));
         };
         // The effective credentials are those the proxy would use right now.
         let snapshot = self.catalog.snapshot().load();
