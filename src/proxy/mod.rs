@@ -169,7 +169,7 @@ impl HotMetrics {
     const CLASSES: [&'static str; 3] = ["2xx", "4xx", "5xx"];
 
     fn new(vendors: &Registry) -> Self {
-        let labels = vendors.iter().map(|v| v.kind().as_str()).chain(["none"]);
+        let labels = vendors.iter().map(|v| v.name()).chain(["none"]);
         Self {
             vendors: labels
                 .map(|vendor| VendorMetrics {
@@ -253,7 +253,17 @@ impl Proxy {
         tokens: Arc<dyn TokenSource>,
         config: ProxyConfig,
     ) -> Self {
-        let vendors = Registry::new(tokens);
+        Self::with_vendors(snapshot, client, Registry::new(tokens), config)
+    }
+
+    /// A proxy serving the vendors of `vendors`: [`Registry::new`]'s, and any added with
+    /// [`Registry::with_vendor`].
+    pub fn with_vendors(
+        snapshot: SnapshotReader,
+        client: upstream::Client,
+        vendors: Registry,
+        config: ProxyConfig,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 snapshot,
@@ -390,7 +400,7 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         prepare_headers(&mut parts.headers);
 
-        let label = vendor.kind().as_str();
+        let label = vendor.name();
         let upstream_failed = |e| ProxyError::upstream(label, host, e);
         match plan.body {
             BodyRule::Stream => {

@@ -279,11 +279,10 @@ pub(crate) fn upstream_host<'v, 't>(
     let Some(vendor) = vendors.get(index) else {
         return Err(ProxyError::bad_request("unroutable request"));
     };
-    let kind = vendor.kind();
-    if !tenant.has(kind) {
+    if !vendor.configured(tenant) {
         return Err(ProxyError::VendorNotConfigured {
             tenant: tenant.id.to_string(),
-            vendor: kind.as_str(),
+            vendor: vendor.name(),
         });
     }
     Ok((vendor, vendor.upstream_host(via, tenant)?))
@@ -312,9 +311,7 @@ mod tests {
     fn named<'a>(e: Endpoint<'a>) -> (String, Via<'a>) {
         let vendors = Registry::for_tests();
         match e {
-            Endpoint::Vendor { index, via } => {
-                (vendors.get(index).unwrap().kind().as_str().to_owned(), via)
-            }
+            Endpoint::Vendor { index, via } => (vendors.get(index).unwrap().name().to_owned(), via),
             Endpoint::Foreign(host) => (String::new(), Via::Host(host)),
         }
     }

@@ -53,8 +53,12 @@ impl Mailkit {
 }
 
 impl Vendor for Mailkit {
-    fn kind(&self) -> VendorKind {
-        VendorKind::Mailkit
+    fn name(&self) -> &'static str {
+        "mailkit"
+    }
+
+    fn kind(&self) -> Option<VendorKind> {
+        Some(VendorKind::Mailkit)
     }
 
     fn prefixes(&self) -> &'static [&'static str] {

@@ -55,8 +55,12 @@ fn legacy_label(host: &str) -> Option<&str> {
 }
 
 impl Vendor for Miradore {
-    fn kind(&self) -> VendorKind {
-        VendorKind::Miradore
+    fn name(&self) -> &'static str {
+        "miradore"
+    }
+
+    fn kind(&self) -> Option<VendorKind> {
+        Some(VendorKind::Miradore)
     }
 
     fn prefixes(&self) -> &'static [&'static str] {

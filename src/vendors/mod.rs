@@ -112,8 +112,20 @@ impl TestOutcome {
 /// [`plan`](Vendor::plan), and per [`Plan::body`] one of [`inject`](Vendor::inject),
 /// [`rewrite_body`](Vendor::rewrite_body) or [`send`](Vendor::send).
 pub trait Vendor: Send + Sync + 'static {
-    /// Which vendor this is; its `as_str()` is the name in metrics labels and logs.
-    fn kind(&self) -> VendorKind;
+    /// The name in metrics labels, logs and refusals (`mailkit`).
+    fn name(&self) -> &'static str;
+
+    /// The vendor whose per-tenant credentials the control plane stores under this kind;
+    /// `None` for a vendor that keeps none (a static header, say).
+    fn kind(&self) -> Option<VendorKind> {
+        None
+    }
+
+    /// Whether `tenant` may use this vendor (step 6 of the routing order): by default,
+    /// whether it has credentials of [`Vendor::kind`].
+    fn configured(&self, tenant: &EffectiveTenant) -> bool {
+        self.kind().is_some_and(|kind| tenant.has(kind))
+    }
 
     /// Origin-form path prefixes without slashes (`miradore` for `/miradore/...`).
     fn prefixes(&self) -> &'static [&'static str];
@@ -174,6 +186,10 @@ pub trait Vendor: Send + Sync + 'static {
 }
 
 /// Every vendor sidekey serves, in a fixed order (the metrics tables follow it).
+///
+/// A vendor that keeps no per-tenant credentials can be added to a registry from outside
+/// ([`Registry::with_vendor`], then `proxy::Proxy::with_vendors`); tests/fourth_vendor.rs
+/// does so end to end.
 pub struct Registry {
     vendors: Box<[Box<dyn Vendor>]>,
 }
@@ -213,6 +229,13 @@ impl Registry {
         }
     }
 
+    /// This registry with `vendor` added after the others.
+    pub fn with_vendor(self, vendor: Box<dyn Vendor>) -> Self {
+        let mut vendors = self.vendors.into_vec();
+        vendors.push(vendor);
+        Self::with(vendors)
+    }
+
     /// The vendors, by index.
     pub fn iter(&self) -> impl Iterator<Item = &dyn Vendor> {
         self.vendors.iter().map(|v| v.as_ref())
@@ -225,7 +248,7 @@ impl Registry {
 
     /// The vendor of `kind`.
     pub fn by_kind(&self, kind: VendorKind) -> Option<&dyn Vendor> {
-        self.iter().find(|v| v.kind() == kind)
+        self.iter().find(|v| v.kind() == Some(kind))
     }
 
     /// The vendor whose origin-form prefix is `prefix`, with the prefix's index.

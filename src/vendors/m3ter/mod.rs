@@ -48,8 +48,12 @@ impl M3ter {
 }
 
 impl Vendor for M3ter {
-    fn kind(&self) -> VendorKind {
-        VendorKind::M3ter
+    fn name(&self) -> &'static str {
+        "m3ter"
+    }
+
+    fn kind(&self) -> Option<VendorKind> {
+        Some(VendorKind::M3ter)
     }
 
     fn prefixes(&self) -> &'static [&'static str] {
