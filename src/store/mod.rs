@@ -19,7 +19,7 @@ pub mod sealing;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::tenants::{PartnerRecord, TenantRecord};
+use crate::model::{PartnerRecord, TenantRecord};
 
 /// Everything a store holds.
 #[derive(Clone, Debug, Default)]

@@ -9,13 +9,13 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
 use super::seal_error;
+use crate::model::{
+    Connections, M3terConn, MailkitConn, MiradoreConn, PartnerRecord, TenantRecord,
+};
 use crate::secret::Secret;
 use crate::store::StoreError;
 use crate::store::master_key::{KeyId, MasterKeys};
 use crate::store::sealing::{self, SealError};
-use crate::tenants::{
-    Connections, M3terConn, MailkitConn, MiradoreConn, PartnerRecord, TenantRecord,
-};
 
 pub(super) const PARTNER_PLACE: &str = "partner";
 
