@@ -24,8 +24,9 @@ pub enum LogFormat {
 /// Flags of `sidekey serve`. Every flag also reads `SIDEKEY_<FLAG_IN_CAPS>`.
 #[derive(Args, Clone, Debug)]
 pub struct ServeArgs {
-    /// Data plane: where apps send plain HTTP (HTTP/1.1 and h2c).
-    #[arg(long, env = "SIDEKEY_PROXY_LISTEN", default_value = "127.0.0.1:8080")]
+    /// Data plane: where apps send plain HTTP (HTTP/1.1 and h2c). HOST:PORT, HOST an IP
+    /// address or a host name (see --admin-listen).
+    #[arg(long, env = "SIDEKEY_PROXY_LISTEN", default_value = "127.0.0.1:8080", value_parser = parse_listen_addr)]
     pub proxy_listen: SocketAddr,
 
     /// Control plane (gRPC): HOST:PORT, or unix:/path for a socket (mode 0600 from the
@@ -33,8 +34,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDEKEY_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: GrpcListen,
 
-    /// Admin endpoints: /metrics, /healthz, /readyz.
-    #[arg(long, env = "SIDEKEY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    /// Admin endpoints: /metrics, /healthz, /readyz. HOST:PORT, HOST an IP address or a
+    /// host name (e.g. localhost:9090), which binds the first IPv4 address it resolves to
+    /// at start (else its first IPv6 address).
+    #[arg(long, env = "SIDEKEY_ADMIN_LISTEN", default_value = "127.0.0.1:9090", value_parser = parse_listen_addr)]
     pub admin_listen: SocketAddr,
 
     /// Directory of the embedded store (created with mode 0700 if absent).
@@ -173,6 +176,39 @@ impl ServeConfig {
     }
 }
 
+/// A listen address as `--proxy-listen`, `--admin-listen` and `--grpc-listen` take it:
+/// `IP:PORT` (`[IPv6]:PORT`), or `NAME:PORT` with NAME a host name (letters, digits, `-`
+/// and `.`), resolved once, here: the first IPv4 address it resolves to, else the first
+/// IPv6 one. The port is digits.
+pub fn parse_listen_addr(value: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let invalid =
+        || format!("{value:?} is not HOST:PORT (e.g. 127.0.0.1:8080, [::1]:8080, localhost:8080)");
+    let (host, port) = value.rsplit_once(':').ok_or_else(invalid)?;
+    let is_name = !host.is_empty()
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !is_name || port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    let port: u16 = port.parse().map_err(|_| invalid())?;
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|e| format!("{value:?}: cannot resolve {host:?}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{value:?}: {host:?} resolves to no address"))
+}
+
 /// A byte count as `--body-memory-budget` takes it: digits, optionally followed by `KiB`,
 /// `MiB` or `GiB` (powers of 1024), nothing else; at least 1.
 pub fn parse_byte_size(value: &str) -> Result<usize, String> {
@@ -197,7 +233,41 @@ pub fn parse_byte_size(value: &str) -> Result<usize, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_byte_size;
+    use super::{parse_byte_size, parse_listen_addr};
+
+    #[test]
+    fn listen_addresses_take_ip_literals_and_host_names() {
+        assert_eq!(
+            parse_listen_addr("127.0.0.1:8080"),
+            Ok(([127, 0, 0, 1], 8080).into())
+        );
+        assert_eq!(
+            parse_listen_addr("[::1]:0"),
+            Ok((std::net::Ipv6Addr::LOCALHOST, 0).into())
+        );
+        // localhost resolves from /etc/hosts: IPv4 is preferred when it has both.
+        assert_eq!(
+            parse_listen_addr("localhost:8080"),
+            Ok(([127, 0, 0, 1], 8080).into())
+        );
+        for bad in [
+            "",
+            "8080",
+            ":8080",
+            "localhost",
+            "localhost:",
+            "localhost:http",
+            "localhost:65536",
+            "localhost:+1",
+            "local host:1",
+            "localhost.:1",
+            "http://localhost:1",
+            "[localhost]:1",
+            "127.0.0.1:8080:1",
+        ] {
+            assert!(parse_listen_addr(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
 
     #[test]
     fn byte_sizes_have_one_grammar() {
