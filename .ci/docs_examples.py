@@ -1,7 +1,8 @@
 """The docs' client examples are files under docs/examples/, and the docs show them verbatim.
 
-A fenced code block preceded by the line `<!-- example: docs/examples/NAME -->` must equal
-that file; every file in docs/examples/ must be shown somewhere. `check` verifies both, so a
+A fenced code block preceded by the line `<!-- example: PATH -->` must equal that file of
+the repository (an example, or a manifest the Kubernetes quickstart uses); every file in
+docs/examples/ must be shown somewhere. `check` verifies both, so a
 doc and the example .ci/docs-examples runs cannot drift apart.
 """
 
@@ -10,7 +11,7 @@ import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MARK = re.compile(r"^<!-- example: (docs/examples/[A-Za-z0-9_.-]+) -->$")
+MARK = re.compile(r"^<!-- example: ((?:docs/examples|deploy/kubernetes)/[A-Za-z0-9_./-]+) -->$")
 
 
 def blocks(doc):

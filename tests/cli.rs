@@ -1112,3 +1112,41 @@ fn completions_are_printed_for_each_shell() {
     let err = failure(&bin().args(["completions", "tcsh"]).output().unwrap(), 2);
     assert!(err.contains("tcsh"), "{err}");
 }
+
+/// docs/quickstart-kubernetes.md's tenants file, as the quickstart turns it into a Secret:
+/// `serve --tenants-file` applies it, with the key file beside it.
+#[test]
+fn quickstart_tenants_file_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_dir = dir.path().join("tenants");
+    std::fs::create_dir(&secret_dir).unwrap();
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/kubernetes/overlays/quickstart/tenants.yaml");
+    let text = std::fs::read_to_string(manifest).unwrap();
+    // The Secret's mount path in the pod, here a temporary directory.
+    assert!(
+        text.contains("/etc/sidekey/tenants/acme-miradore-api-key"),
+        "{text}"
+    );
+    let text = text.replace(
+        "/etc/sidekey/tenants/",
+        &format!("{}/", secret_dir.display()),
+    );
+    std::fs::write(secret_dir.join("tenants.yaml"), text).unwrap();
+    std::fs::write(secret_dir.join("acme-miradore-api-key"), "quickstart-key").unwrap();
+    let file = secret_dir.join("tenants.yaml");
+    let server = serve_with(
+        dir.path(),
+        KEY,
+        &["--tenants-file", file.to_str().unwrap()],
+        "info",
+    )
+    .unwrap();
+    let out = stdout(&server.cli(&["tenants", "get", "acme", "-o", "json"]));
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["miradore"]["site"], "acme", "{out}");
+    assert!(
+        doc["miradore"]["apiKey"]["fingerprint"].is_string(),
+        "{out}"
+    );
+}
