@@ -1150,3 +1150,29 @@ fn quickstart_tenants_file_is_applied() {
         "{out}"
     );
 }
+
+/// A gRPC server that is not sidekey (here one serving only grpc.health.v1).
+#[test]
+fn another_grpc_server_is_named_as_such() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    });
+    let err = failure(&cli_at(&addr.to_string(), &["tenants", "list"]), 1);
+    assert!(
+        err.contains("is a gRPC server, but not sidekey's control plane"),
+        "{err}"
+    );
+}

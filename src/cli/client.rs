@@ -454,6 +454,10 @@ pub fn explain(server: &Server, status: &Status) -> String {
             out
         }
         Code::Unavailable => format!("sidekey is unavailable: {}", status.message()),
+        // Every sidekey serves the whole TenantService: another gRPC server answered.
+        Code::Unimplemented => format!(
+            "{server} is a gRPC server, but not sidekey's control plane (it does not serve sidekey.v1.TenantService): the control plane listens on {DEFAULT_CONTROL_PLANE} by default (serve --grpc-listen)"
+        ),
         Code::DeadlineExceeded => format!(
             "{server} did not answer within {CALL_TIMEOUT:?}: {}",
             status.message()
