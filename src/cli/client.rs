@@ -412,13 +412,13 @@ fn reach_sentence(server: &Server, error: &(dyn std::error::Error + 'static)) ->
             });
         }
     }
-    // An HTTP/2 protocol failure without an I/O cause: something answered, but not HTTP/2.
-    let text = causes.iter().map(ToString::to_string).collect::<Vec<_>>();
-    if text.iter().any(|t| {
-        ["connection error", "frame", "protocol", "broken pipe"]
-            .iter()
-            .any(|w| t.contains(w))
-    }) {
+    // HTTP/2 broken by the peer's bytes, as our side detected it (a GOAWAY we sent, e.g.
+    // FRAME_SIZE_ERROR on an HTTP/1 status line): something answered, but not HTTP/2.
+    if causes
+        .iter()
+        .filter_map(|e| e.downcast_ref::<h2::Error>())
+        .any(|h2| h2.is_library() || h2.is_io())
+    {
         return Some(not_http2());
     }
     None
