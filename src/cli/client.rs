@@ -138,14 +138,12 @@ pub struct ClientArgs {
     pub token_file: Option<PathBuf>,
 }
 
-/// The flag combination makes no sense: a usage error, not a failure of the call.
-#[derive(Debug)]
-pub struct UsageError(pub String);
-
 /// Why the CLI could not connect.
 #[derive(Debug)]
 pub enum ConnectError {
+    /// The flags contradict each other (exit status 2).
     Usage(String),
+    /// The server, a file or the network failed (exit status 1).
     Failed(String),
 }
 
