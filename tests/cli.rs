@@ -1069,6 +1069,12 @@ fn every_read_command_prints_yaml_and_json() {
         "{yaml}"
     );
     assert!(!yaml.contains("mira-secret-1"), "{yaml}");
+    // The YAML is a document `apply` takes back, the secret kept by its fingerprint.
+    let applied = stdout(&server.cli_with_stdin(
+        &["tenants", "apply", "-f", "-", "-o", "yaml"],
+        Some(&yaml.replace("displayName: Acme", "displayName: Acme Two")),
+    ));
+    assert!(applied.contains("displayName: Acme Two"), "{applied}");
     let yaml = stdout(&server.cli(&["tenants", "list", "-o", "yaml"]));
     assert!(
         yaml.starts_with("tenants:\n") && yaml.contains("id: acme"),
