@@ -1033,11 +1033,17 @@ fn exit_codes_let_scripts_branch_on_not_found_and_conflict() {
     failure(&server.cli(&["tenants", "create", "Not Valid!"]), 1);
     stdout(&server.cli(&["tenants", "delete", "acme"]));
 
-    let help = stdout(&bin().arg("--help").output().unwrap());
-    assert!(
-        help.contains("3 not found") && help.contains("4 conflict"),
-        "{help}"
-    );
+    for args in [
+        &["--help"][..],
+        &["tenants", "--help"],
+        &["partner", "--help"],
+    ] {
+        let help = stdout(&bin().args(args).output().unwrap());
+        assert!(
+            help.contains("3 not found") && help.contains("4 conflict"),
+            "{help}"
+        );
+    }
 }
 
 #[test]

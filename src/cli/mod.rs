@@ -37,6 +37,7 @@ pub enum Command {
     /// Run the proxy, the control plane and the admin endpoints.
     Serve(ServeArgs),
     /// Manage tenants on a running sidekey.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Tenants {
         #[command(flatten)]
         client: ClientArgs,
@@ -44,6 +45,7 @@ pub enum Command {
         command: TenantsCommand,
     },
     /// Manage the partner defaults that tenants' blank fields inherit.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Partner {
         #[command(flatten)]
         client: ClientArgs,
