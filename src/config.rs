@@ -29,7 +29,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDEKEY_PROXY_LISTEN", default_value = "127.0.0.1:8080", value_parser = parse_listen_addr)]
     pub proxy_listen: SocketAddr,
 
-    /// Control plane (gRPC): HOST:PORT, or unix:/path for a socket (mode 0600 from the
+    /// Control plane (gRPC): HOST:PORT (HOST an IP address or a host name, as for
+    /// --admin-listen), or unix:/path for a socket (mode 0600 from the
     /// start; only a stale socket at the path is replaced, any other file is refused).
     #[arg(long, env = "SIDEKEY_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: GrpcListen,
