@@ -132,6 +132,18 @@ fn main() -> ExitCode {
         }
         Command::Tenants { client, command } => (client, ClientCommand::Tenants(command)),
         Command::Partner { client, command } => (client, ClientCommand::Partner(command)),
+        Command::Ca { command } => {
+            return match sidekey::cli::ca::run(command) {
+                Ok(lines) => {
+                    println!("{lines}");
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("sidekey: {message}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Store { command } => {
             return match sidekey::cli::store::run(command, std::env::var("SIDEKEY_MASTER_KEY").ok())
             {

@@ -1,6 +1,7 @@
 //! The `sidekey` command line: `serve`, and the control-plane client commands
 //! `tenants create|get|list|update|delete|test|apply` and `partner get|update`.
 
+pub mod ca;
 pub mod client;
 pub mod flags;
 pub mod render;
@@ -52,6 +53,11 @@ pub enum Command {
     Store {
         #[command(subcommand)]
         command: store::StoreCommand,
+    },
+    /// Create the local CA for HTTPS interception (docs/interception.md).
+    Ca {
+        #[command(subcommand)]
+        command: ca::CaCommand,
     },
 }
 
