@@ -411,7 +411,13 @@ async fn the_leaf_is_served_only_for_the_connect_host() {
     let p = start(&ca, &mock, &local, |_| {}).await;
     let connector =
         tokio_rustls::TlsConnector::from(Arc::new(tls_client_config(local.der(), b"http/1.1")));
-    // SNI naming another vendor host (one the tenant may reach, even) fails the handshake.
+    // SNI naming another vendor host (one the tenant may reach, even) fails the handshake,
+    // even for a client that would accept any certificate: none is served.
+    let mut trusting = tls_client_config(local.der(), b"http/1.1");
+    trusting
+        .dangerous()
+        .set_certificate_verifier(Arc::new(AcceptAnything::default()));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(trusting));
     for sni in ["api.mailkit.eu", "ingest.m3ter.com", "evil.example"] {
         let (s, status, _) = raw_connect(p.addr, "api.m3ter.com:443", Some("acme")).await;
         assert_eq!(status, 200);
@@ -423,7 +429,9 @@ async fn the_leaf_is_served_only_for_the_connect_host() {
         .unwrap();
         assert!(r.is_err(), "{sni}: a leaf was served for another name");
     }
-    // The CONNECT host itself, in any case, is served.
+    // The CONNECT host itself, in any case, is served (to a verifying client).
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(tls_client_config(local.der(), b"http/1.1")));
     let (s, _, _) = raw_connect(p.addr, "API.M3TER.com:443", Some("acme")).await;
     let tls = connector
         .connect(ServerName::try_from("api.m3ter.com").unwrap(), s)
@@ -445,6 +453,59 @@ async fn the_leaf_is_served_only_for_the_connect_host() {
     let lifetime = validity.not_after.timestamp() - validity.not_before.timestamp();
     assert!(lifetime <= 25 * 3600, "leaf valid for {lifetime} s");
     assert_eq!(mock.connections(), 0);
+}
+
+/// A client certificate verifier that accepts any server certificate, so that a failed
+/// handshake can only be the server's refusal.
+#[derive(Debug)]
+struct AcceptAnything(Arc<rustls::crypto::CryptoProvider>);
+
+impl Default for AcceptAnything {
+    fn default() -> Self {
+        Self(Arc::new(rustls::crypto::ring::default_provider()))
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 #[tokio::test]
