@@ -409,8 +409,6 @@ async fn the_leaf_is_served_only_for_the_connect_host() {
     let mock = MockVendor::builder(&ca).start().await;
     let local = LocalCa::new();
     let p = start(&ca, &mock, &local, |_| {}).await;
-    let connector =
-        tokio_rustls::TlsConnector::from(Arc::new(tls_client_config(local.der(), b"http/1.1")));
     // SNI naming another vendor host (one the tenant may reach, even) fails the handshake,
     // even for a client that would accept any certificate: none is served.
     let mut trusting = tls_client_config(local.der(), b"http/1.1");
