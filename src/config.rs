@@ -103,7 +103,11 @@ pub struct ServeArgs {
 
     /// Accept an interception CA without X.509 name constraints (one clients would trust
     /// for any domain). Off by default: such a CA is refused at start-up.
-    #[arg(long, env = "SIDEKEY_INTERCEPT_CA_ALLOW_UNCONSTRAINED")]
+    #[arg(
+        long,
+        env = "SIDEKEY_INTERCEPT_CA_ALLOW_UNCONSTRAINED",
+        requires = "intercept_ca_cert"
+    )]
     pub intercept_ca_allow_unconstrained: bool,
 
     /// Log line format. Filter with RUST_LOG (default: info).

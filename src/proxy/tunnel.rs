@@ -138,3 +138,59 @@ pub(crate) async fn serve(
     let is_http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     serve_http(stream, is_http2, proxy, hold, Some(origin)).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect(target: &str) -> Result<String, &'static str> {
+        let uri: Uri = target.parse().unwrap();
+        connect_host(&uri).map(str::to_owned).map_err(|e| e.code())
+    }
+
+    #[test]
+    fn a_tunnel_target_is_a_dns_name_on_port_443() {
+        assert_eq!(connect("api.m3ter.com:443"), Ok("api.m3ter.com".to_owned()));
+        for refused in [
+            "api.m3ter.com:80",
+            "api.m3ter.com:8443",
+            "127.0.0.1:443",
+            "[::1]:443",
+        ] {
+            assert_eq!(connect(refused), Err("host_not_allowed"), "{refused}");
+        }
+        assert_eq!(connect("u@api.m3ter.com:443"), Err("bad_request"));
+    }
+
+    fn inside(uri: &str, host: Option<&str>) -> Result<String, &'static str> {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header(HOST, h);
+        }
+        let mut req = b.body(()).unwrap();
+        let origin = TunnelOrigin {
+            host: "api.m3ter.com".into(),
+            tenant: "acme".into(),
+        };
+        into_forward_form(&mut req, &origin)
+            .map(|()| req.uri().to_string())
+            .map_err(|e| e.code())
+    }
+
+    #[test]
+    fn requests_inside_must_name_the_tunnels_host() {
+        let want = Ok("https://api.m3ter.com/x?y=1".to_owned());
+        assert_eq!(inside("/x?y=1", None), want);
+        assert_eq!(inside("/x?y=1", Some("API.m3ter.com")), want);
+        assert_eq!(inside("/x?y=1", Some("api.m3ter.com:443")), want);
+        assert_eq!(inside("https://api.m3ter.com/x?y=1", None), want);
+        for (uri, host) in [
+            ("/x", Some("ingest.m3ter.com")),
+            ("/x", Some("api.m3ter.com:8443")),
+            ("/x", Some("u@api.m3ter.com")),
+            ("https://evil.example/x", None),
+        ] {
+            assert_eq!(inside(uri, host), Err("bad_request"), "{uri} {host:?}");
+        }
+    }
+}
