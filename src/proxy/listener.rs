@@ -19,7 +19,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::connection::{self, InFlight, Tracked};
-use super::tunnel::TunnelOrigin;
 use super::{Proxy, ProxyConfig};
 
 /// hyper refuses an HTTP/1 read buffer smaller than this.
@@ -157,7 +156,7 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Ou
                 }
             };
             let is_http2 = io.is_http2();
-            serve_http(io, is_http2, proxy, hold, None).await;
+            serve_http(io, is_http2, proxy, hold, None::<()>).await;
         });
     }
     drop(listener);
@@ -201,16 +200,17 @@ pub(crate) struct ConnectionHold {
 /// Serves HTTP/1.1 or HTTP/2 (`is_http2`: what the client opened with) on `io` until it
 /// closes, the listener stops (requests in flight finish first) or it is idle for the idle
 /// timeout. The connection's slot is released when the last holder of `hold` is done.
-/// Requests on a tunnel's connection carry its `origin`; a `CONNECT` on any other carries
-/// `hold`, for the tunnel it opens.
-pub(crate) async fn serve_http<I>(
+/// With a `tag` (a tunnel's origin), every request carries it as an extension; without one, a
+/// `CONNECT` carries `hold`, for the tunnel it opens.
+pub(crate) async fn serve_http<I, T>(
     io: I,
     is_http2: bool,
     proxy: Proxy,
     hold: ConnectionHold,
-    origin: Option<TunnelOrigin>,
+    tag: Option<T>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: Clone + Send + Sync + 'static,
 {
     let idle_timeout = proxy.config().header_read_timeout;
     let peer = hold.peer;
@@ -223,8 +223,8 @@ pub(crate) async fn serve_http<I>(
     let service = service_fn(move |mut req: Request<Incoming>| {
         let proxy = proxy.clone();
         let guard = counted.as_ref().map(InFlight::start);
-        if let Some(origin) = &origin {
-            req.extensions_mut().insert(origin.clone());
+        if let Some(tag) = &tag {
+            req.extensions_mut().insert(tag.clone());
         } else if req.method() == Method::CONNECT {
             req.extensions_mut().insert(hold.clone());
         }
