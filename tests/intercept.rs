@@ -427,6 +427,17 @@ async fn the_leaf_is_served_only_for_the_connect_host() {
         .unwrap();
         assert!(r.is_err(), "{sni}: a leaf was served for another name");
     }
+    // No SNI at all: no leaf either.
+    let mut no_sni = tls_client_config(local.der(), b"http/1.1");
+    no_sni
+        .dangerous()
+        .set_certificate_verifier(Arc::new(AcceptAnything::default()));
+    no_sni.enable_sni = false;
+    let (s, _, _) = raw_connect(p.addr, "api.m3ter.com:443", Some("acme")).await;
+    let r = tokio_rustls::TlsConnector::from(Arc::new(no_sni))
+        .connect(ServerName::try_from("api.m3ter.com").unwrap(), s)
+        .await;
+    assert!(r.is_err(), "a leaf was served without SNI");
     // The CONNECT host itself, in any case, is served (to a verifying client).
     let connector =
         tokio_rustls::TlsConnector::from(Arc::new(tls_client_config(local.der(), b"http/1.1")));
