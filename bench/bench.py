@@ -258,7 +258,7 @@ def write_tenants(path, extra=0):
             f.write(tenant_doc(i))
 
 
-def start_sidekey(procs, bins, tmp, name, cpu, ca, mock_port, tenants_file):
+def start_sidekey(procs, bins, tmp, name, cpu, ca, mock_port, tenants_file, intercept=None):
     proxy_port, grpc_port, admin_port = free_port(), free_port(), free_port()
     env = dict(os.environ)
     env.update(
@@ -278,6 +278,9 @@ def start_sidekey(procs, bins, tmp, name, cpu, ca, mock_port, tenants_file):
         "--tenants-file", tenants_file,
         "--upstream-ca", ca,
     ]
+    if intercept:
+        # HTTPS interception (the CONNECT cases): the CA from `sidekey ca init`.
+        argv += ["--intercept-ca-cert", intercept["cert"], "--intercept-ca-key", intercept["key"]]
     for host in ("online.miradore.com", "api.m3ter.com", "api.mailkit.eu"):
         argv += ["--connect-to", f"{host}:443:127.0.0.1:{mock_port}"]
     t0 = time.monotonic()
@@ -324,6 +327,33 @@ http {{
         keepalive_requests 1000000;
     }}
 
+    # HTTPS case: nginx terminates the app's TLS (a leaf from the same local CA, ECDSA
+    # P-256 like sidekey's) and does the same header injection.
+    server {{
+        listen 127.0.0.1:{tls_port} ssl;
+        ssl_certificate {tls_cert};
+        ssl_certificate_key {tls_key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{
+            if ($miradore_key = "") {{ return 403; }}
+            proxy_pass https://miradore;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host online.miradore.com;
+            proxy_set_header X-API-Key $miradore_key;
+            proxy_set_header X-Sidekey-Tenant "";
+            proxy_ssl_name online.miradore.com;
+            proxy_ssl_server_name on;
+            proxy_ssl_verify on;
+            proxy_ssl_verify_depth 2;
+            proxy_ssl_trusted_certificate {ca};
+            proxy_ssl_session_reuse on;
+            proxy_max_temp_file_size 0;
+            proxy_buffer_size 16k;
+            proxy_buffers 8 16k;
+        }}
+    }}
+
     server {{
         listen 127.0.0.1:{port};
         location /miradore/ {{
@@ -357,19 +387,20 @@ def find_nginx():
     return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 
 
-def start_nginx(procs, tmp, cpu, ca, mock_port, keepalive):
+def start_nginx(procs, tmp, cpu, ca, mock_port, keepalive, tls):
     prefix = os.path.join(tmp, "nginx")
     os.makedirs(os.path.join(prefix, "tmp"), exist_ok=True)
     # Run as root, nginx's worker switches to `nobody`, which must traverse to its temp dirs.
     os.chmod(tmp, 0o711)
     os.chmod(prefix, 0o755)
-    port = free_port()
+    port, tls_port = free_port(), free_port()
     conf = os.path.join(prefix, "nginx.conf")
     with open(conf, "w") as f:
         f.write(
             NGINX_CONF.format(
                 prefix=prefix, port=port, mock_port=mock_port, ca=ca, tenant=TENANT,
-                key=MIRADORE_KEY, keepalive=keepalive,
+                key=MIRADORE_KEY, keepalive=keepalive, tls_port=tls_port,
+                tls_cert=tls["cert"], tls_key=tls["key"],
             )
         )
     nginx = find_nginx()
@@ -387,7 +418,30 @@ def start_nginx(procs, tmp, cpu, ca, mock_port, keepalive):
             return True
 
     wait_until("nginx to listen", ready, p, procs, "nginx", 30)
-    return p, port
+    return p, port, tls_port
+
+
+def make_intercept_ca(bins, tmp):
+    """The interception CA (`sidekey ca init`), and a leaf from it for nginx's TLS server."""
+    d = os.path.join(tmp, "intercept")
+    subprocess.run([os.path.join(bins, "sidekey"), "ca", "init", "--out", d], check=True,
+                   stdout=subprocess.DEVNULL)
+    ca = {"cert": os.path.join(d, "ca.pem"), "key": os.path.join(d, "ca.key")}
+    leaf_key, csr, leaf = (os.path.join(d, n) for n in ("nginx.key", "nginx.csr", "nginx.pem"))
+    ext = os.path.join(d, "nginx.ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=DNS:online.miradore.com\nextendedKeyUsage=serverAuth\n")
+    for argv in (
+        ["openssl", "ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", leaf_key],
+        ["openssl", "req", "-new", "-key", leaf_key, "-subj", "/CN=online.miradore.com",
+         "-out", csr],
+        ["openssl", "x509", "-req", "-in", csr, "-CA", ca["cert"], "-CAkey", ca["key"],
+         "-CAcreateserial", "-days", "1", "-sha256", "-extfile", ext, "-out", leaf],
+    ):
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.chmod(d, 0o755)
+    os.chmod(leaf_key, 0o644)  # nginx's master reads it as root; the tmp dir is private
+    return ca, {"cert": leaf, "key": leaf_key}
 
 
 # ---------------------------------------------------------------------------------------
@@ -424,6 +478,38 @@ def run_wrk(cpu, url, headers, duration, connections, threads, body_file=None, t
     return r
 
 
+def run_https_load(a, cpu, case, duration):
+    """The HTTPS cases: examples/https_load.rs (wrk cannot CONNECT), same output line."""
+    h = case["https"]
+    argv = ["taskset", "-c", str(cpu), os.path.join(a.bins, "examples", "https_load"),
+            "--addr", h["addr"], "--ca", h["ca"], "--path", h["path"],
+            "--connections", str(case["connections"]), "--duration", str(duration)]
+    if h.get("connect"):
+        argv += ["--connect", h["connect"], "--tenant", TENANT]
+    else:
+        argv += ["--sni", h["sni"]]
+    for k, v in case["headers"].items():
+        argv += ["--header", f"{k}:{v}"]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    m = re.search(r"^BENCH (.*)$", p.stdout, re.M)
+    if p.returncode != 0 or not m:
+        raise BenchError(f"https_load failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    r = {}
+    for kv in m.group(1).split():
+        k, v = kv.split("=", 1)
+        r[k] = float(v)
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6) if r["duration_us"] else 0.0
+    r["errors"] = r["connect"] + r["read"] + r["write"] + r["timeout"]
+    return r
+
+
+def run_load(a, case, duration):
+    if "https" in case:
+        return run_https_load(a, a.load_cpu, case, duration)
+    return run_wrk(a.load_cpu, case["url"], case["headers"], duration, case["connections"],
+                   a.wrk_threads, case.get("body_file"))
+
+
 def pin(pids, cpu):
     """Moves every thread of pids to cpu (taskset -a -p)."""
     for pid in pids:
@@ -440,10 +526,7 @@ def measure(case, a, parties):
     mock_before = cpu_ticks([mock_pid])
     # wrk's own CPU comes from its rusage (children's times of this process).
     ch0 = os.times()
-    r = run_wrk(
-        a.load_cpu, case["url"], case["headers"], a.duration, case["connections"],
-        a.wrk_threads, case.get("body_file"),
-    )
+    r = run_load(a, case, a.duration)
     ch1 = os.times()
     wall = r["duration_us"] / 1e6
     r["proxy_cpu_s"] = (cpu_ticks(proxy_pids) - before) / CLK_TCK if proxy_pids else None
@@ -690,6 +773,7 @@ def report(a, info, cases, results, extra):
     ratio_row("sidekey / nginx, 64 KiB responses", "sk_large", "nginx_large")
     ratio_row("sidekey / direct, 64 KiB responses", "sk_large", "direct_large")
     ratio_row("sidekey / nginx, 1 connection", "sk_c1", "nginx_c1")
+    ratio_row("sidekey / nginx, HTTPS from the app (CONNECT vs TLS)", "sk_https", "nginx_https")
     ratio_row("sidekey / nginx, 1 connection, one core", "sk_c1_1core", "nginx_c1_1core")
     w("")
 
@@ -732,6 +816,10 @@ def report(a, info, cases, results, extra):
       f"| {us(add_c1)} (nginx: {us(add_ngx)}; proxy on its own core: {us(add_c1_cores)}; "
       f"under {a.connections}-connection load: {us(add_loaded)}) "
       f"| {verdict(None if add_c1 is None else add_c1 <= 100)} |")
+    sk_h, ng_h = m("sk_https", "cpu_per_10k"), m("nginx_https", "cpu_per_10k")
+    w(f"| CPU per request through sidekey ≤ nginx's, HTTPS from the app (CONNECT + "
+      f"interception vs nginx terminating TLS) | {fmt_num(sk_h, 3)} vs {fmt_num(ng_h, 3)} "
+      f"CPU s / 10k req | {verdict(None if sk_h is None or ng_h is None else sk_h <= ng_h)} |")
     w(f"| sidekey peak RSS under load ≤ 32 MiB | {fmt_num(peak, 1)} MiB (largest over all sidekey "
       f"cases) | {verdict(None if peak is None else peak <= 32)} |")
     w(f"| sidekey RSS with 10,000 tenants ≤ 64 MiB | {fmt_num(t10k, 1)} MiB (VmHWM) "
@@ -819,11 +907,13 @@ def run(a, procs):
     mock, mock_port, ca = start_mock(procs, a.bins, a.tmp, a.load_cpu)
     tenants_file = os.path.join(a.tmp, "tenants.yaml")
     write_tenants(tenants_file)
+    intercept, nginx_tls = make_intercept_ca(a.bins, a.tmp)
     sk, sk_port, _ = start_sidekey(procs, a.bins, a.tmp, "sidekey", a.proxy_cpu, ca, mock_port,
-                                   tenants_file)
+                                   tenants_file, intercept)
     idle_rss = status_kib(sk.pid, "VmRSS") / 1024
     sk_threads = thread_names(sk.pid)
-    ngx, ngx_port = start_nginx(procs, a.tmp, a.proxy_cpu, ca, mock_port, a.connections)
+    ngx, ngx_port, ngx_tls_port = start_nginx(procs, a.tmp, a.proxy_cpu, ca, mock_port,
+                                              a.connections, nginx_tls)
     parties = {"mock": mock, "sidekey": sk, "nginx": ngx}
 
     body_file = os.path.join(a.tmp, "mailkit.json")
@@ -831,6 +921,7 @@ def run(a, procs):
         f.write(MAILKIT_BODY)
     th = {"x-sidekey-tenant": TENANT}
     mir = "/miradore/acme/api/v2/Device"
+    mir_https = "/api/v2/Device"
     m3 = f"/m3ter/organizations/{M3TER_ORG}/meters"
     direct = f"https://127.0.0.1:{mock_port}"
     ngx_url = f"http://127.0.0.1:{ngx_port}"
@@ -847,6 +938,16 @@ def run(a, procs):
              url=sk_url + m3, headers=th),
         dict(key="sk_mailkit", label="sidekey, Mailkit JSON body rewrite", proxy="sidekey",
              url=sk_url + "/mailkit/json.fcgi", headers=th, body_file=body_file),
+        # HTTPS from the app: TLS to sidekey through CONNECT (interception) vs TLS to nginx,
+        # each terminating it and injecting the Miradore header; same load client.
+        dict(key="nginx_https", label="nginx, app TLS terminated, header injection",
+             proxy="nginx", url=f"https://online.miradore.com{mir_https}", headers=th,
+             https=dict(addr=f"127.0.0.1:{ngx_tls_port}", sni="online.miradore.com",
+                        ca=intercept["cert"], path=mir_https)),
+        dict(key="sk_https", label="sidekey, CONNECT + interception, Miradore v2",
+             proxy="sidekey", url=f"https://online.miradore.com{mir_https}", headers={},
+             https=dict(addr=f"127.0.0.1:{sk_port}", connect="online.miradore.com",
+                        ca=intercept["cert"], path=mir_https)),
         dict(key="direct_large", label="direct, 64 KiB responses", proxy=None,
              url=f"{direct}/acme/api/v2/Device?size=large", headers={}),
         dict(key="nginx_large", label="nginx, 64 KiB responses", proxy="nginx",
@@ -881,6 +982,11 @@ def run(a, procs):
     # Pre-flight: one request per case with a verifying client, so a misconfiguration fails
     # here with the answer in the message rather than as a table of errors.
     for c in cases:
+        if "https" in c:
+            r = run_https_load(a, a.load_cpu, dict(c, connections=1), 1)
+            if r["requests"] <= 0 or r["errors"] or r["status"]:
+                raise BenchError(f"pre-flight {c['label']}: {r}")
+            continue
         port = int(c["url"].split(":")[2].split("/")[0])
         path = "/" + c["url"].split("/", 3)[3]
         body = MAILKIT_BODY if c.get("body_file") else None
@@ -903,8 +1009,7 @@ def run(a, procs):
             moved = tree(parties[c["proxy"]].pid) if c["proxy"] and c.get("one_core") else []
             pin(moved, a.load_cpu)
             if a.warmup:
-                run_wrk(a.load_cpu, c["url"], c["headers"], a.warmup, c["connections"],
-                        a.wrk_threads, c.get("body_file"))
+                run_load(a, c, a.warmup)
             r = measure(c, a, parties)
             pin(moved, a.proxy_cpu)
             results[c["key"]].append(r)

@@ -52,7 +52,7 @@ if ((smoke)); then
     cargo build --locked --bins --examples
     bins=$target/debug profile=dev
 else
-    cargo build --locked --release --bin sidekey --example mock_vendor
+    cargo build --locked --release --bin sidekey --example mock_vendor --example https_load
     bins=$target/release profile=release
 fi
 

@@ -78,6 +78,11 @@ struct Args {
     #[arg(long)]
     mailkit_md5: Option<String>,
 
+    /// Append `HOST METHOD PATH` per request to this file (.ci/interception-clients checks
+    /// which host each client's requests reached). Off by default: the benchmark logs nothing.
+    #[arg(long)]
+    request_log: Option<PathBuf>,
+
     /// Tokio worker threads; 1 = a current-thread runtime (the cheapest on a shared core).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -89,6 +94,7 @@ struct State {
     token_body: Bytes,
     miradore_key: Option<String>,
     mailkit_md5: Option<String>,
+    request_log: Option<std::sync::Mutex<std::fs::File>>,
 }
 
 /// A JSON document of exactly `n` bytes (at least the fixed part).
@@ -172,6 +178,14 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Response<Full<Bytes>>
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
     let host = host.split(':').next().unwrap_or(host);
+    if let Some(log) = &st.request_log {
+        use std::io::Write as _;
+        let line = format!("{host} {} {}\n", parts.method, parts.uri.path());
+        let _ = log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_all(line.as_bytes());
+    }
 
     if parts.method == hyper::Method::POST && parts.uri.path() == "/oauth/token" {
         return respond(StatusCode::OK, st.token_body.clone());
@@ -263,6 +277,16 @@ async fn run(args: Args) -> Result<(), BoxError> {
         token_body: Bytes::from_static(TOKEN_BODY.as_bytes()),
         miradore_key: args.miradore_key,
         mailkit_md5: args.mailkit_md5,
+        request_log: match &args.request_log {
+            Some(path) => Some(std::sync::Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| format!("cannot open {}: {e}", path.display()))?,
+            )),
+            None => None,
+        },
     });
     // Written after ca.pem and after binding: its presence tells the harness we are ready.
     let port_path = args.ca_dir.join("port");

@@ -95,6 +95,25 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDEKEY_BODY_MEMORY_BUDGET", default_value = "64MiB", value_parser = parse_byte_size)]
     pub body_memory_budget: usize,
 
+    /// HTTPS interception: PEM certificate of the local CA (from `sidekey ca init`) that signs
+    /// the certificates sidekey presents inside CONNECT tunnels to vendor hosts. With
+    /// --intercept-ca-key; without both, CONNECT is refused (405 connect_unsupported).
+    #[arg(long, env = "SIDEKEY_INTERCEPT_CA_CERT", requires = "intercept_ca_key")]
+    pub intercept_ca_cert: Option<PathBuf>,
+
+    /// HTTPS interception: PEM (PKCS#8) private key of the --intercept-ca-cert CA.
+    #[arg(long, env = "SIDEKEY_INTERCEPT_CA_KEY", requires = "intercept_ca_cert")]
+    pub intercept_ca_key: Option<PathBuf>,
+
+    /// Accept an interception CA without X.509 name constraints (one clients would trust
+    /// for any domain). Off by default: such a CA is refused at start-up.
+    #[arg(
+        long,
+        env = "SIDEKEY_INTERCEPT_CA_ALLOW_UNCONSTRAINED",
+        requires = "intercept_ca_cert"
+    )]
+    pub intercept_ca_allow_unconstrained: bool,
+
     /// Log line format. Filter with RUST_LOG (default: info).
     #[arg(long, env = "SIDEKEY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -122,8 +141,18 @@ pub struct ServeConfig {
     pub tenants_file_max_delete: u8,
     pub metrics_tenant_label: bool,
     pub body_memory_budget: usize,
+    /// The interception CA's certificate and key files, when interception is on.
+    pub intercept_ca: Option<InterceptCaFiles>,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
+}
+
+/// `--intercept-ca-cert`, `--intercept-ca-key` and `--intercept-ca-allow-unconstrained`.
+#[derive(Clone, Debug)]
+pub struct InterceptCaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub allow_unconstrained: bool,
 }
 
 impl ServeArgs {
@@ -145,6 +174,15 @@ impl ServeArgs {
             tenants_file_max_delete: self.tenants_file_max_delete,
             metrics_tenant_label: self.metrics_tenant_label,
             body_memory_budget: self.body_memory_budget,
+            // clap makes the two files go together.
+            intercept_ca: match (self.intercept_ca_cert, self.intercept_ca_key) {
+                (Some(cert), Some(key)) => Some(InterceptCaFiles {
+                    cert,
+                    key,
+                    allow_unconstrained: self.intercept_ca_allow_unconstrained,
+                }),
+                _ => None,
+            },
             log_format: self.log_format,
             shutdown_grace: self.shutdown_grace,
         }
@@ -171,6 +209,7 @@ impl ServeConfig {
             tenants_file_max_delete: crate::tenants_file::DEFAULT_MAX_DELETE_PERCENT,
             metrics_tenant_label: false,
             body_memory_budget: crate::proxy::DEFAULT_BODY_MEMORY_BUDGET,
+            intercept_ca: None,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(20),
         }

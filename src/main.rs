@@ -141,6 +141,18 @@ fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
+        Command::Ca { command } => {
+            return match sidekey::cli::ca::run(command) {
+                Ok(lines) => {
+                    println!("{lines}");
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("sidekey: {message}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Store { command } => {
             return match sidekey::cli::store::run(command, std::env::var("SIDEKEY_MASTER_KEY").ok())
             {

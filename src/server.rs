@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use crate::admin::{self, Readiness};
 use crate::config::ServeConfig;
 use crate::control::{self, ControlToken, GrpcListener, TenantApi};
+use crate::intercept::{InterceptCa, Leaves};
 use crate::proxy::{self, Proxy, ProxyConfig};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::master_key::{MasterKeySource, MasterKeys};
@@ -41,6 +42,8 @@ pub enum StartError {
     TenantsFile(String),
     #[error("cannot open the store in {dir}: {message}")]
     Store { dir: String, message: String },
+    #[error("HTTPS interception: {0}")]
+    InterceptCa(#[from] crate::intercept::CaError),
 }
 
 /// A running sidekey.
@@ -126,6 +129,19 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         .transpose()
         .map_err(StartError::Config)?;
 
+    let intercept = match &config.intercept_ca {
+        Some(files) => {
+            let ca = InterceptCa::load(&files.cert, &files.key, files.allow_unconstrained)?;
+            if !ca.is_constrained() {
+                tracing::warn!(cert = %files.cert.display(),
+                    "the interception CA has no name constraints: clients trusting it accept \
+                     its certificates for any domain");
+            }
+            Some(Arc::new(Leaves::new(ca)))
+        }
+        None => None,
+    };
+
     let proxy_listener = bind(config.proxy_listen, "--proxy-listen").await?;
     let admin_listener = bind(config.admin_listen, "--admin-listen").await?;
     let grpc_listener = GrpcListener::bind(&config.grpc_listen)
@@ -172,6 +188,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         ProxyConfig {
             tenant_metrics: config.metrics_tenant_label,
             body_memory_budget: config.body_memory_budget,
+            intercept,
             ..ProxyConfig::default()
         },
     );

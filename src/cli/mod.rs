@@ -2,6 +2,7 @@
 //! `tenants create|get|list|update|delete|test|apply` and `partner get|update`; and
 //! `completions`. Exit status: see [`Exit`].
 
+pub mod ca;
 pub mod client;
 pub mod flags;
 pub mod render;
@@ -56,6 +57,11 @@ pub enum Command {
     Store {
         #[command(subcommand)]
         command: store::StoreCommand,
+    },
+    /// Create the local CA for HTTPS interception (docs/interception.md).
+    Ca {
+        #[command(subcommand)]
+        command: ca::CaCommand,
     },
     /// Print a shell completion script, e.g. `sidekey completions bash > /etc/bash_completion.d/sidekey`.
     Completions {

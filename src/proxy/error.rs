@@ -29,8 +29,10 @@ pub enum ProxyError {
     #[error("{0}")]
     UnknownRoute(String),
     #[error(
-        "CONNECT is not supported: sidekey cannot inject credentials into a TLS tunnel; \
-         call the vendor with an http:// URL and sidekey supplies the TLS"
+        "CONNECT is not enabled: sidekey can inject credentials only into TLS it terminates. \
+         Call the vendor with an http:// URL (sidekey supplies the TLS), or enable HTTPS \
+         interception with sidekey serve --intercept-ca-cert/--intercept-ca-key (see \
+         docs/interception.md)"
     )]
     ConnectUnsupported,
     #[error(
@@ -69,7 +71,15 @@ pub enum ProxyError {
          retry shortly"
     )]
     BodyBudgetExhausted,
+    /// Interception is on but no leaf certificate could be minted for the tunnel's host.
+    #[error("{0}")]
+    InterceptFailed(String),
 }
+
+/// The reason phrase of a `connect_unsupported` answer, which HTTP/1 clients show as-is
+/// (curl: "CONNECT tunnel failed, response 405").
+pub const CONNECT_UNSUPPORTED_REASON: &str =
+    "CONNECT Not Enabled (use http:// URLs or interception)";
 
 /// `Retry-After` of a `body_budget_exhausted` refusal, in seconds: bodies in flight are
 /// usually sent on within that.
@@ -93,6 +103,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::BodyBudgetExhausted => "body_budget_exhausted",
+            ProxyError::InterceptFailed(_) => "intercept_failed",
         }
     }
 
@@ -113,6 +124,7 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyBudgetExhausted => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::InterceptFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -160,6 +172,12 @@ impl ProxyError {
         }
         if matches!(self, ProxyError::BodyBudgetExhausted) {
             h.insert(RETRY_AFTER, HeaderValue::from(BODY_BUDGET_RETRY_AFTER_SECS));
+        }
+        if matches!(self, ProxyError::ConnectUnsupported) {
+            resp.extensions_mut()
+                .insert(hyper::ext::ReasonPhrase::from_static(
+                    CONNECT_UNSUPPORTED_REASON.as_bytes(),
+                ));
         }
         resp
     }

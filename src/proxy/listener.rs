@@ -7,14 +7,19 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
+use http::{Method, Request};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use super::Proxy;
 use super::connection::{self, InFlight, Tracked};
+use super::{Proxy, ProxyConfig};
 
 /// hyper refuses an HTTP/1 read buffer smaller than this.
 const MIN_H1_BUF: usize = 8192;
@@ -97,21 +102,7 @@ impl AcceptBackoff {
 /// closes it.
 pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Output = ()>) {
     let cfg = proxy.config().clone();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
-        .max_buf_size(cfg.max_header_bytes.max(MIN_H1_BUF))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
-        .keep_alive_interval(Some(cfg.h2_keep_alive_interval))
-        .keep_alive_timeout(cfg.h2_keep_alive_timeout);
-    let builder = Arc::new(builder);
+    let builder = Arc::new(http_builder(&cfg));
 
     // Set when the listener stops: connections still in protocol detection are dropped at
     // once, the others are asked to finish their requests and close.
@@ -144,10 +135,15 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Ou
         backoff.reset();
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        let builder = builder.clone();
-        let mut stopping = stopping.subscribe();
+        let hold = ConnectionHold {
+            _slot: Arc::new(permit),
+            stopping: stopping.subscribe(),
+            builder: builder.clone(),
+            peer,
+        };
         let (idle_timeout, write_timeout) = (cfg.header_read_timeout, cfg.write_timeout);
         tokio::spawn(async move {
+            let mut stopping = hold.stopping.clone();
             let detected = tokio::select! {
                 d = connection::first_bytes(stream, idle_timeout, write_timeout) => d,
                 _ = stopping.wait_for(|s| *s) => return,
@@ -159,57 +155,8 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Ou
                     return;
                 }
             };
-            // hyper closes an idle HTTP/1 connection itself (its head timeout), so only an
-            // HTTP/2 connection pays for counting its requests.
-            let in_flight = io.is_http2().then(InFlight::new);
-            let counted = in_flight.clone();
-            let service = service_fn(move |req| {
-                let proxy = proxy.clone();
-                let guard = counted.as_ref().map(InFlight::start);
-                async move {
-                    let resp = proxy.handle(req).await;
-                    Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, guard)))
-                }
-            });
-            let conn = builder.serve_connection(TokioIo::new(io), service);
-            let mut conn = std::pin::pin!(conn);
-            enum Close {
-                Ended(Result<(), Box<dyn std::error::Error + Send + Sync>>),
-                Stopping,
-                Idle,
-            }
-            let close = tokio::select! {
-                ended = conn.as_mut() => Close::Ended(ended),
-                _ = stopping.wait_for(|s| *s) => Close::Stopping,
-                () = async {
-                    match &in_flight {
-                        Some(in_flight) => in_flight.idle_for(idle_timeout).await,
-                        None => std::future::pending().await,
-                    }
-                } => Close::Idle,
-            };
-            let ended = match close {
-                Close::Ended(ended) => ended,
-                Close::Stopping => {
-                    // HTTP/1 closes after the response in progress, HTTP/2 sends GOAWAY and
-                    // lets its streams finish; the caller bounds this with its grace period.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-                Close::Idle => {
-                    // Nothing in flight: HTTP/2's GOAWAY handshake waits for a PING answer,
-                    // which an unresponsive client never sends, so it gets one more idle
-                    // timeout before the connection is simply dropped.
-                    conn.as_mut().graceful_shutdown();
-                    tokio::time::timeout(idle_timeout, conn)
-                        .await
-                        .unwrap_or(Ok(()))
-                }
-            };
-            if let Err(e) = ended {
-                tracing::debug!(%peer, error = %e, "app connection ended with an error");
-            }
-            drop(permit);
+            let is_http2 = io.is_http2();
+            serve_http(io, is_http2, proxy, hold, None::<()>).await;
         });
     }
     drop(listener);
@@ -217,6 +164,113 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Ou
     // Every connection holds a slot until it has closed.
     let all = u32::try_from(slots.limit).unwrap_or(u32::MAX);
     let _ = slots.free.acquire_many(all).await;
+}
+
+/// The HTTP/1.1-and-h2 server every app connection is served with, plain or inside a tunnel.
+fn http_builder(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_buf_size(cfg.max_header_bytes.max(MIN_H1_BUF))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+        .keep_alive_interval(Some(cfg.h2_keep_alive_interval))
+        .keep_alive_timeout(cfg.h2_keep_alive_timeout);
+    builder
+}
+
+/// What an app connection holds while it is served, handed on to a `CONNECT` tunnel riding on
+/// it (a request extension): its connection slot, so the tunnel counts against the cap until
+/// it closes; the listener's stop signal; the HTTP server to serve the tunnel with.
+#[derive(Clone)]
+pub(crate) struct ConnectionHold {
+    /// Held, never read: the slot is freed when the last holder drops it.
+    _slot: Arc<OwnedSemaphorePermit>,
+    stopping: watch::Receiver<bool>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    pub(crate) peer: SocketAddr,
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (`is_http2`: what the client opened with) on `io` until it
+/// closes, the listener stops (requests in flight finish first) or it is idle for the idle
+/// timeout. The connection's slot is released when the last holder of `hold` is done.
+/// With a `tag` (a tunnel's origin), every request carries it as an extension; without one, a
+/// `CONNECT` carries `hold`, for the tunnel it opens.
+pub(crate) async fn serve_http<I, T>(
+    io: I,
+    is_http2: bool,
+    proxy: Proxy,
+    hold: ConnectionHold,
+    tag: Option<T>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: Clone + Send + Sync + 'static,
+{
+    let idle_timeout = proxy.config().header_read_timeout;
+    let peer = hold.peer;
+    let mut stopping = hold.stopping.clone();
+    let builder = hold.builder.clone();
+    // hyper closes an idle HTTP/1 connection itself (its head timeout), so only an HTTP/2
+    // connection pays for counting its requests.
+    let in_flight = is_http2.then(InFlight::new);
+    let counted = in_flight.clone();
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        let proxy = proxy.clone();
+        let guard = counted.as_ref().map(InFlight::start);
+        if let Some(tag) = &tag {
+            req.extensions_mut().insert(tag.clone());
+        } else if req.method() == Method::CONNECT {
+            req.extensions_mut().insert(hold.clone());
+        }
+        async move {
+            let resp = proxy.handle(req).await;
+            Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, guard)))
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    enum Close {
+        Ended(Result<(), Box<dyn std::error::Error + Send + Sync>>),
+        Stopping,
+        Idle,
+    }
+    let close = tokio::select! {
+        ended = conn.as_mut() => Close::Ended(ended),
+        _ = stopping.wait_for(|s| *s) => Close::Stopping,
+        () = async {
+            match &in_flight {
+                Some(in_flight) => in_flight.idle_for(idle_timeout).await,
+                None => std::future::pending().await,
+            }
+        } => Close::Idle,
+    };
+    let ended = match close {
+        Close::Ended(ended) => ended,
+        Close::Stopping => {
+            // HTTP/1 closes after the response in progress, HTTP/2 sends GOAWAY and lets its
+            // streams finish; the caller bounds this with its grace period.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        Close::Idle => {
+            // Nothing in flight: HTTP/2's GOAWAY handshake waits for a PING answer, which an
+            // unresponsive client never sends, so it gets one more idle timeout before the
+            // connection is simply dropped.
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(idle_timeout, conn)
+                .await
+                .unwrap_or(Ok(()))
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%peer, error = %e, "app connection ended with an error");
+    }
 }
 
 #[cfg(test)]

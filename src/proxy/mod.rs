@@ -23,6 +23,7 @@ pub mod error;
 mod headers;
 pub mod listener;
 pub(crate) mod route;
+pub(crate) mod tunnel;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, EXPECT, HOST, HeaderName, HeaderValue};
-use http::{Request, Response, Uri, Version};
+use http::{Method, Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
@@ -39,10 +40,13 @@ pub use crate::budget::BodyBudget;
 pub use error::ProxyError;
 pub use listener::{ConnectionSlots, serve};
 
+use crate::intercept::Leaves;
 use crate::tenants::SnapshotReader;
 use crate::upstream;
 use crate::vendors::m3ter::TokenSource;
-use crate::vendors::{BodyRule, Registry, RuleInput, SendContext};
+use crate::vendors::{BodyRule, Registry, RuleInput, SendContext, Via};
+use route::Endpoint;
+use tunnel::TunnelOrigin;
 
 /// The header that names the tenant; removed before forwarding.
 pub const TENANT_HEADER: HeaderName = HeaderName::from_static("x-sidekey-tenant");
@@ -100,6 +104,11 @@ pub struct ProxyConfig {
     /// a Prometheus server. At most [`MAX_TENANT_LABELS`] tenants get their own series; the
     /// rest are counted as `tenant="other"`.
     pub tenant_metrics: bool,
+    /// HTTPS interception (`--intercept-ca-cert`/`--intercept-ca-key`): `CONNECT` to one of
+    /// the tenant's vendor hosts is answered and its TLS terminated with leaves from this CA
+    /// (docs/interception.md). Default: none, and `CONNECT` is refused with 405
+    /// `connect_unsupported`.
+    pub intercept: Option<Arc<Leaves>>,
 }
 
 /// Default of [`ProxyConfig::body_memory_budget`]: 64 MiB, four Mailkit bodies at the
@@ -125,6 +134,7 @@ impl Default for ProxyConfig {
             replay_body_limit: 1024 * 1024,
             body_memory_budget: DEFAULT_BODY_MEMORY_BUDGET,
             tenant_metrics: false,
+            intercept: None,
         }
     }
 }
@@ -359,12 +369,34 @@ impl Proxy {
 
     async fn route(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         log: &mut RequestLog,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let vendors = &self.inner.vendors;
+        // Set only on requests inside a tunnel (the map is empty otherwise, so this is cheap).
+        let origin = req.extensions_mut().remove::<TunnelOrigin>();
+        match &origin {
+            Some(origin) => tunnel::into_forward_form(&mut req, origin)?,
+            None => {
+                if req.method() == Method::CONNECT
+                    && let Some(leaves) = &self.inner.config.intercept
+                {
+                    return self.open_tunnel(req, leaves, log);
+                }
+            }
+        }
         let target = route::classify(&req, vendors)?;
-        let tenant_id = route::tenant_id(req.headers())?.ok_or(ProxyError::TenantRequired)?;
+        let named = route::tenant_id(req.headers())?;
+        let tenant_id = match (&origin, named) {
+            (Some(origin), Some(named)) if *named != *origin.tenant => {
+                return Err(ProxyError::bad_request(format!(
+                    "this tunnel belongs to tenant {:?}; the request names tenant {named:?}",
+                    origin.tenant
+                )));
+            }
+            (Some(origin), _) => std::borrow::Cow::Borrowed(&*origin.tenant),
+            (None, named) => named.ok_or(ProxyError::TenantRequired)?,
+        };
         let snapshot = self.inner.snapshot.load();
         let Some(tenant) = snapshot.tenant(&tenant_id).cloned() else {
             log.tenant = Some(Arc::from(tenant_id.as_ref()));
@@ -441,6 +473,54 @@ impl Proxy {
             // Answered above, before the request was taken apart.
             BodyRule::Local(resp) => Ok(resp.map(Either::Right)),
         }
+    }
+}
+
+impl Proxy {
+    /// `CONNECT host:443` with interception on: the same tenant and host checks as an
+    /// absolute-form request for `host`, then `200` and the tunnel served in the background.
+    /// Nothing is dialled here; requests inside the tunnel dial as plain ones do.
+    fn open_tunnel(
+        &self,
+        mut req: Request<Incoming>,
+        leaves: &Leaves,
+        log: &mut RequestLog,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let vendors = &self.inner.vendors;
+        let host = tunnel::connect_host(req.uri())?.to_ascii_lowercase();
+        let tenant_id = route::tenant_id(req.headers())?.ok_or(ProxyError::TenantRequired)?;
+        let snapshot = self.inner.snapshot.load();
+        let Some(tenant) = snapshot.tenant(&tenant_id).cloned() else {
+            log.tenant = Some(Arc::from(tenant_id.as_ref()));
+            return Err(ProxyError::UnknownTenant(tenant_id.into_owned()));
+        };
+        drop(snapshot);
+        log.tenant = Some(tenant.id.clone());
+        let endpoint = match vendors.by_host(&host) {
+            Some(index) => Endpoint::Vendor {
+                index,
+                via: Via::Host(&host),
+            },
+            None => Endpoint::Foreign(&host),
+        };
+        log.vendor = endpoint.vendor();
+        let (_, upstream) = route::upstream_host(&endpoint, &tenant, vendors)?;
+        log.host = Some(upstream.into());
+        let Some(hold) = req.extensions_mut().remove::<listener::ConnectionHold>() else {
+            return Err(ProxyError::bad_request(
+                "CONNECT is not served on this connection",
+            ));
+        };
+        let tls = leaves
+            .server_config(&host)
+            .map_err(|e| ProxyError::InterceptFailed(e.to_string()))?;
+        let upgrade = hyper::upgrade::on(&mut req);
+        let origin = TunnelOrigin {
+            host: host.into(),
+            tenant: tenant.id.clone(),
+        };
+        tokio::spawn(tunnel::serve(upgrade, tls, self.clone(), hold, origin));
+        Ok(Response::new(Either::Right(Full::new(Bytes::new()))))
     }
 }
 

@@ -2,7 +2,9 @@
 //! tenant headers before any rule runs or any connection opens.
 //!
 //! Order of checks (the first failing one answers):
-//! 1. `CONNECT` → 405 `connect_unsupported`.
+//! 1. `CONNECT` → 405 `connect_unsupported`, unless interception is on: then the tunnel's
+//!    own checks ([`super::tunnel`]), and requests inside it start at step 2 in
+//!    forward-proxy form for the tunnel's host, with the tunnel's tenant.
 //! 2. Request form. HTTP/1 absolute-form (`GET http://host/...`) is the forward-proxy form;
 //!    anything else is origin-form, whose first segment must be a vendor prefix
 //!    ([`Vendor::prefixes`]: `/miradore`, `/m3ter`, `/m3ter-ingest`, `/mailkit`) → else 404

@@ -69,6 +69,10 @@ impl Vendor for Mailkit {
         host.eq_ignore_ascii_case(HOST)
     }
 
+    fn dns_suffixes(&self) -> &'static [&'static str] {
+        &[HOST]
+    }
+
     fn upstream_host<'t>(
         &self,
         _via: Via<'_>,

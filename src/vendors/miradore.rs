@@ -71,6 +71,10 @@ impl Vendor for Miradore {
         host.eq_ignore_ascii_case(HOST) || legacy_label(host).is_some()
     }
 
+    fn dns_suffixes(&self) -> &'static [&'static str] {
+        &[HOST]
+    }
+
     fn upstream_host<'t>(
         &self,
         via: Via<'_>,

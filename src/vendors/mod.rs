@@ -134,6 +134,14 @@ pub trait Vendor: Send + Sync + 'static {
     /// hosts for some tenant. Compared case-insensitively.
     fn owns_host(&self, host: &str) -> bool;
 
+    /// The DNS names every host [`owns_host`](Vendor::owns_host) claims lives under (the name
+    /// itself or a subdomain of it). `sidekey ca init` permits exactly these in the
+    /// interception CA's name constraints, so a vendor with none cannot be intercepted with
+    /// such a CA. Default: none.
+    fn dns_suffixes(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// The host to dial for `tenant`, which has this vendor: the canonical spelling of one of
     /// its hosts, or [`RuleError::HostNotAllowed`] / a vendor-specific refusal.
     fn upstream_host<'t>(
@@ -264,6 +272,13 @@ impl Registry {
     /// The vendor that owns the absolute-form `host`.
     pub fn by_host(&self, host: &str) -> Option<usize> {
         self.vendors.iter().position(|v| v.owns_host(host))
+    }
+
+    /// The DNS suffixes of every vendor ([`Vendor::dns_suffixes`]), in registry order.
+    pub fn dns_suffixes(&self) -> Vec<&'static str> {
+        self.iter()
+            .flat_map(|v| v.dns_suffixes().iter().copied())
+            .collect()
     }
 
     /// Every prefix, as `/p/` listed for a refusal message.

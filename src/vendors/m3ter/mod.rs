@@ -74,6 +74,10 @@ impl Vendor for M3ter {
             && (first.eq_ignore_ascii_case("api") || first.eq_ignore_ascii_case("ingest"))
     }
 
+    fn dns_suffixes(&self) -> &'static [&'static str] {
+        &["m3ter.com"]
+    }
+
     fn upstream_host<'t>(
         &self,
         via: Via<'_>,

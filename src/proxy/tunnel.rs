@@ -1,0 +1,189 @@
+//! `CONNECT` to a vendor host, when interception is on (`--intercept-ca-cert`): the target
+//! and tenant are checked like an absolute-form request's, nothing is dialled, the app gets
+//! `200`, and the tunnel's TLS is terminated with a leaf for exactly that host
+//! ([`crate::intercept::Leaves`]). Each request inside is then served by the same
+//! [`Proxy::handle`](super::Proxy::handle) as a plain one, in forward-proxy form for the
+//! tunnel's host, with the tunnel's tenant.
+//!
+//! Refusals before the tunnel (the first failing one answers): the target is not `host:443`
+//! (other port, no port) → 403 `host_not_allowed`;
+//! no tenant → 407 `tenant_required`; unknown tenant → 403 `unknown_tenant`; then steps 5 to
+//! 7 of the routing order ([`super::route`]) for that host (so an IP literal, which is no
+//! vendor's host, → 403 `host_not_allowed`).
+
+use std::sync::Arc;
+
+use http::header::HOST;
+use http::{Method, Request, Uri};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use rustls::ServerConfig;
+use tokio_rustls::TlsAcceptor;
+
+use super::Proxy;
+use super::error::ProxyError;
+use super::listener::{ConnectionHold, serve_http};
+
+/// The only port a tunnel may name: vendors are dialled on 443.
+const TUNNEL_PORT: u16 = 443;
+
+/// Marks a request that arrived inside a tunnel: the host and tenant the `CONNECT` named.
+#[derive(Clone, Debug)]
+pub(crate) struct TunnelOrigin {
+    pub host: Arc<str>,
+    pub tenant: Arc<str>,
+}
+
+/// The host of a `CONNECT` target, which must be `dns-name:443`.
+pub(crate) fn connect_host(uri: &Uri) -> Result<&str, ProxyError> {
+    let Some(authority) = uri.authority() else {
+        return Err(ProxyError::bad_request("CONNECT needs a host:port target"));
+    };
+    let host = authority.host();
+    let refused = || ProxyError::HostNotAllowed(authority.as_str().to_owned());
+    if authority.as_str().contains('@') {
+        return Err(ProxyError::bad_request(
+            "a CONNECT target with userinfo (user@host) is refused",
+        ));
+    }
+    if authority.port_u16() != Some(TUNNEL_PORT) {
+        return Err(refused());
+    }
+    // An IP literal is no vendor's host: the registry refuses it with the rest.
+    Ok(host)
+}
+
+/// Rewrites a request that arrived inside the tunnel to `origin` into the forward-proxy form
+/// for its host (`https://host/path`), refusing one that names another host.
+pub(crate) fn into_forward_form<B>(
+    req: &mut Request<B>,
+    origin: &TunnelOrigin,
+) -> Result<(), ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::bad_request(
+            "CONNECT inside a tunnel is refused",
+        ));
+    }
+    let named = match req.uri().authority() {
+        Some(a) => Some(a.as_str().to_owned()),
+        None => match req.headers().get(HOST) {
+            Some(h) => Some(
+                h.to_str()
+                    .map_err(|_| ProxyError::bad_request("the Host header is not valid text"))?
+                    .to_owned(),
+            ),
+            None => None,
+        },
+    };
+    if let Some(named) = named {
+        let authority: http::uri::Authority = named
+            .parse()
+            .map_err(|_| ProxyError::bad_request("the Host header is not a valid host[:port]"))?;
+        let same_host = authority.host().eq_ignore_ascii_case(&origin.host);
+        let same_port = matches!(authority.port_u16(), None | Some(TUNNEL_PORT));
+        if !same_host || !same_port || named.contains('@') {
+            return Err(ProxyError::bad_request(format!(
+                "this tunnel is to {}; the request names {named}",
+                origin.host
+            )));
+        }
+    }
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let uri = Uri::builder()
+        .scheme("https")
+        .authority(origin.host.as_ref())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| ProxyError::bad_request("the request path is not a valid URI"))?;
+    *req.uri_mut() = uri;
+    Ok(())
+}
+
+/// Once the app has the `200`: terminates TLS on the tunnel (within the header read timeout)
+/// and serves the requests inside like any app connection, holding the slot of the
+/// connection it rides on.
+pub(crate) async fn serve(
+    upgrade: OnUpgrade,
+    tls: Arc<ServerConfig>,
+    proxy: Proxy,
+    hold: ConnectionHold,
+    origin: TunnelOrigin,
+) {
+    let deadline = proxy.config().header_read_timeout;
+    let peer = hold.peer;
+    let handshake = async {
+        let upgraded = upgrade.await.map_err(|e| e.to_string())?;
+        TlsAcceptor::from(tls)
+            .accept(TokioIo::new(upgraded))
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let stream = match tokio::time::timeout(deadline, handshake).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, host = %origin.host, %error, "tunnel closed before its TLS handshake completed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, host = %origin.host, "tunnel TLS handshake timed out");
+            return;
+        }
+    };
+    let is_http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    serve_http(stream, is_http2, proxy, hold, Some(origin)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect(target: &str) -> Result<String, &'static str> {
+        let uri: Uri = target.parse().unwrap();
+        connect_host(&uri).map(str::to_owned).map_err(|e| e.code())
+    }
+
+    #[test]
+    fn a_tunnel_target_is_a_dns_name_on_port_443() {
+        assert_eq!(connect("api.m3ter.com:443"), Ok("api.m3ter.com".to_owned()));
+        for refused in ["api.m3ter.com:80", "api.m3ter.com:8443", "127.0.0.1:80"] {
+            assert_eq!(connect(refused), Err("host_not_allowed"), "{refused}");
+        }
+        assert_eq!(connect("u@api.m3ter.com:443"), Err("bad_request"));
+    }
+
+    fn inside(uri: &str, host: Option<&str>) -> Result<String, &'static str> {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header(HOST, h);
+        }
+        let mut req = b.body(()).unwrap();
+        let origin = TunnelOrigin {
+            host: "api.m3ter.com".into(),
+            tenant: "acme".into(),
+        };
+        into_forward_form(&mut req, &origin)
+            .map(|()| req.uri().to_string())
+            .map_err(|e| e.code())
+    }
+
+    #[test]
+    fn requests_inside_must_name_the_tunnels_host() {
+        let want = Ok("https://api.m3ter.com/x?y=1".to_owned());
+        assert_eq!(inside("/x?y=1", None), want);
+        assert_eq!(inside("/x?y=1", Some("API.m3ter.com")), want);
+        assert_eq!(inside("/x?y=1", Some("api.m3ter.com:443")), want);
+        assert_eq!(inside("https://api.m3ter.com/x?y=1", None), want);
+        for (uri, host) in [
+            ("/x", Some("ingest.m3ter.com")),
+            ("/x", Some("api.m3ter.com:8443")),
+            ("/x", Some("u@api.m3ter.com")),
+            ("https://evil.example/x", None),
+        ] {
+            assert_eq!(inside(uri, host), Err("bad_request"), "{uri} {host:?}");
+        }
+    }
+}
