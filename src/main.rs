@@ -110,7 +110,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (client, command) = match cli.command {
         Command::Serve(args) => {
-            let config = args.into_config(std::env::var("SIDEKEY_MASTER_KEY").ok());
+            let config = args.into_config(
+                std::env::var("SIDEKEY_MASTER_KEY").ok(),
+                std::env::var(sidekey::config::ETCD_PASSWORD_ENV).ok(),
+            );
             init_logging(config.log_format);
             let runtime = match serve_runtime() {
                 Ok(r) => r,

@@ -4,18 +4,23 @@
 //! against the partner defaults), commits it to the [`Store`] and, once the store has made it
 //! durable, publishes a new [`Snapshot`]. Writes are serialised by one async mutex; reads of
 //! records take it briefly. The data plane never touches the catalog, only the snapshot.
+//!
+//! With a shared store (etcd), the catalog also applies the changes other sidekeys make, one
+//! record at a time as [`Store::follow`] reports them ([`StoreEvent`]): a change replaces one
+//! entry of the snapshot, nothing else is re-opened. A change this catalog made itself comes
+//! back too and is skipped, as is any change older than the record held.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc, watch};
 
 use super::effective::EffectiveTenant;
 use super::model::{Connections, PartnerRecord, TenantRecord};
 use super::snapshot::{Snapshot, SnapshotPublisher, SnapshotReader};
 use super::validate::{self, FieldViolation};
-use crate::store::{Expect, Mutation, Store, StoreError, StoredState};
+use crate::store::{Change, Expect, Mutation, Store, StoreError, StoreEvent, StoredState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -62,6 +67,35 @@ pub struct ApplyReport {
 struct State {
     tenants: BTreeMap<String, TenantRecord>,
     partner: PartnerRecord,
+    /// False until the first load succeeded (a shared store unreachable at start, with no
+    /// snapshot cache): writes are refused meanwhile, as the state is not known.
+    loaded: bool,
+}
+
+impl State {
+    fn of(stored: StoredState) -> Self {
+        Self {
+            tenants: stored
+                .tenants
+                .into_iter()
+                .map(|t| (t.id.clone(), t))
+                .collect(),
+            partner: stored.partner,
+            loaded: true,
+        }
+    }
+
+    fn check_loaded(&self) -> Result<(), CatalogError> {
+        if self.loaded {
+            Ok(())
+        } else {
+            Err(CatalogError::Store(StoreError::Unavailable(
+                "the tenants have not been loaded from the store yet (it has been unreachable \
+                 since start-up): the write was not made"
+                    .into(),
+            )))
+        }
+    }
 }
 
 pub struct Catalog {
@@ -69,31 +103,119 @@ pub struct Catalog {
     state: Mutex<State>,
     publisher: SnapshotPublisher,
     reader: SnapshotReader,
+    loaded: watch::Sender<bool>,
 }
 
 impl Catalog {
     /// Loads the store and publishes the first snapshot. A stored tenant that no longer
     /// resolves (possible only if the store was edited behind sidekey's back) is left out of
     /// the snapshot with an error log rather than failing start-up.
-    pub async fn open(store: Arc<dyn Store>) -> Result<Self, StoreError> {
-        let StoredState {
-            tenants, partner, ..
-        } = store.load().await?;
-        let state = State {
-            tenants: tenants.into_iter().map(|t| (t.id.clone(), t)).collect(),
-            partner,
+    ///
+    /// For a store others write to ([`Store::follow`]), a task then applies their changes
+    /// for as long as the catalog lives; if such a store is unreachable now
+    /// ([`StoreError::Unavailable`]), the catalog starts empty and not loaded
+    /// ([`Catalog::loaded`]) and loads as soon as the store can.
+    pub async fn open(store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
+        let loaded = store.load().await;
+        let events = store.follow();
+        let state = match (loaded, &events) {
+            (Ok(stored), _) => State::of(stored),
+            (Err(StoreError::Unavailable(reason)), Some(_)) => {
+                tracing::warn!(
+                    reason,
+                    "the store is unreachable and nothing is cached: \
+                    not ready until the first load"
+                );
+                State {
+                    tenants: BTreeMap::new(),
+                    partner: PartnerRecord::default(),
+                    loaded: false,
+                }
+            }
+            (Err(e), _) => return Err(e),
         };
         let (publisher, reader) = SnapshotPublisher::new(build_snapshot(&state));
-        Ok(Self {
+        let catalog = Arc::new(Self {
             store,
+            loaded: watch::Sender::new(state.loaded),
             state: Mutex::new(state),
             publisher,
             reader,
-        })
+        });
+        if let Some(events) = events {
+            tokio::spawn(follow(Arc::downgrade(&catalog), events));
+        }
+        Ok(catalog)
     }
 
     pub fn snapshot(&self) -> SnapshotReader {
         self.reader.clone()
+    }
+
+    /// Whether the tenants have been loaded (always, except for a shared store unreachable
+    /// since start-up with nothing cached); turns true once, with the first load.
+    pub fn loaded(&self) -> watch::Receiver<bool> {
+        self.loaded.subscribe()
+    }
+
+    /// Applies one change reported by the store (see the module documentation).
+    async fn apply_event(&self, event: StoreEvent) {
+        let mut state = self.state.lock().await;
+        let (revision, change) = match event {
+            StoreEvent::Reloaded(stored) => {
+                *state = State::of(stored);
+                self.publisher.publish(build_snapshot(&state));
+                self.loaded.send_replace(true);
+                return;
+            }
+            StoreEvent::Changed { revision, change } => (revision, change),
+        };
+        let seen = |held: Option<u64>| held.is_some_and(|held| held >= revision);
+        match change {
+            Change::PutTenant(record) => {
+                if seen(state.tenants.get(&record.id).map(|t| t.revision)) {
+                    return;
+                }
+                let resolved = EffectiveTenant::resolve(
+                    &record.id,
+                    &record.connections,
+                    &state.partner.connections,
+                );
+                let mut map = self.publisher.current().map().clone();
+                match resolved {
+                    Ok(effective) => {
+                        map.insert(effective.id.clone(), Arc::new(effective));
+                    }
+                    Err(missing) => {
+                        let fields: Vec<_> = missing.iter().map(|v| v.field.as_str()).collect();
+                        tracing::error!(tenant = %record.id, missing = ?fields,
+                            "stored tenant has incomplete credentials; its requests will be refused");
+                        map.remove(record.id.as_str());
+                    }
+                }
+                state.tenants.insert(record.id.clone(), record);
+                self.publisher.publish(Snapshot::new(map, revision));
+            }
+            Change::RemoveTenant(id) => {
+                let Some(held) = state.tenants.get(&id) else {
+                    return;
+                };
+                if held.revision >= revision {
+                    return;
+                }
+                state.tenants.remove(&id);
+                let mut map = self.publisher.current().map().clone();
+                map.remove(id.as_str());
+                self.publisher.publish(Snapshot::new(map, revision));
+            }
+            Change::PutPartner(partner) => {
+                if state.partner.revision >= revision {
+                    return;
+                }
+                state.partner = partner;
+                self.publisher.publish(build_snapshot(&state));
+            }
+        }
     }
 
     pub async fn get(&self, id: &str) -> Result<TenantRecord, CatalogError> {
@@ -139,6 +261,7 @@ impl Catalog {
         reject(violations)?;
 
         let mut state = self.state.lock().await;
+        state.check_loaded()?;
         if state.tenants.contains_key(&id) {
             return Err(CatalogError::AlreadyExists(id));
         }
@@ -168,6 +291,7 @@ impl Catalog {
         change: impl FnOnce(&mut TenantRecord),
     ) -> Result<TenantRecord, CatalogError> {
         let mut state = self.state.lock().await;
+        state.check_loaded()?;
         let current = state
             .tenants
             .get(id)
@@ -193,6 +317,7 @@ impl Catalog {
 
     pub async fn delete(&self, id: &str, etag: Option<u64>) -> Result<(), CatalogError> {
         let mut state = self.state.lock().await;
+        state.check_loaded()?;
         let current = state
             .tenants
             .get(id)
@@ -219,6 +344,7 @@ impl Catalog {
         change: impl FnOnce(&mut PartnerRecord),
     ) -> Result<PartnerRecord, CatalogError> {
         let mut state = self.state.lock().await;
+        state.check_loaded()?;
         if etag.is_some_and(|e| e != state.partner.revision) {
             return Err(CatalogError::Aborted);
         }
@@ -251,6 +377,7 @@ impl Catalog {
     /// their declaration are not rewritten, so an unchanged file bumps no etag.
     pub async fn apply_declared(&self, declared: Declared) -> Result<ApplyReport, CatalogError> {
         let mut state = self.state.lock().await;
+        state.check_loaded()?;
         let mut report = ApplyReport::default();
         let defaults = declared
             .partner
@@ -394,6 +521,16 @@ impl Catalog {
         let revision = record.revision;
         state.tenants.insert(record.id.clone(), record);
         self.publisher.publish(Snapshot::new(map, revision));
+    }
+}
+
+/// Applies the store's changes while the catalog lives.
+async fn follow(catalog: Weak<Catalog>, mut events: mpsc::Receiver<StoreEvent>) {
+    while let Some(event) = events.recv().await {
+        let Some(catalog) = catalog.upgrade() else {
+            return;
+        };
+        catalog.apply_event(event).await;
     }
 }
 
