@@ -185,8 +185,12 @@ async fn writes_through_one_sidekey_reach_the_others_proxy() {
     let etcd = Etcd::start();
     let vendor = Vendor::start().await;
     let dirs = tempfile::tempdir().unwrap();
-    let a = vendor.sidekey(&dirs.path().join("a"), &etcd.endpoint()).await;
-    let b = vendor.sidekey(&dirs.path().join("b"), &etcd.endpoint()).await;
+    let a = vendor
+        .sidekey(&dirs.path().join("a"), &etcd.endpoint())
+        .await;
+    let b = vendor
+        .sidekey(&dirs.path().join("b"), &etcd.endpoint())
+        .await;
     let (mut ca, mut cb) = (client(&a).await, client(&b).await);
 
     // Created through A, injected by B without any call to B.
@@ -274,4 +278,348 @@ async fn writes_through_one_sidekey_reach_the_others_proxy() {
 
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_outage_keeps_the_proxies_serving_refuses_writes_and_catches_up() {
+    let mut etcd = Etcd::start();
+    let vendor = Vendor::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let relay = Relay::start(etcd.addr.clone()).await;
+    let a = vendor
+        .sidekey(&dirs.path().join("a"), &etcd.endpoint())
+        .await;
+    let b = vendor
+        .sidekey(&dirs.path().join("b"), &relay.endpoint())
+        .await;
+    let mut ca = client(&a).await;
+    let mut cb = client(&b).await;
+    let acme = create(&mut ca, "acme", "key-one").await;
+    vendor.wait_for(&b, "acme", Ok("key-one")).await;
+
+    // B alone loses etcd: it keeps serving, says so, refuses writes; A goes on.
+    relay.cut();
+    eventually("B to report etcd lost", || async {
+        let (_, metrics) = vendor.admin(&b, "/metrics").await;
+        (metric(&metrics, "sidekey_store_connected") == Some(0.0)).then_some(())
+    })
+    .await;
+    let (_, metrics) = vendor.admin(&b, "/metrics").await;
+    assert!(metric(&metrics, "sidekey_store_disconnected_since_seconds").unwrap() > 0.0);
+    let refused = set_key(&mut cb, "acme", "key-b", "").await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("etcd"), "{refused:?}");
+    let (status, body) = vendor.admin(&b, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("etcd unreachable since"), "{body}");
+    assert_eq!(vendor.injected(&b, "acme").await, Ok("key-one".into()));
+
+    // Changes made meanwhile through A are caught up once B is back.
+    let updated = set_key(&mut ca, "acme", "key-two", &acme.etag)
+        .await
+        .unwrap();
+    create(&mut ca, "beta", "beta-key").await;
+    assert_eq!(vendor.injected(&b, "acme").await, Ok("key-one".into()));
+    relay.restore();
+    vendor.wait_for(&b, "acme", Ok("key-two")).await;
+    vendor.wait_for(&b, "beta", Ok("beta-key")).await;
+    eventually("B to accept writes again", || {
+        let mut cb = cb.clone();
+        let etag = updated.etag.clone();
+        async move { set_key(&mut cb, "acme", "key-three", &etag).await.ok() }
+    })
+    .await;
+    vendor.wait_for(&a, "acme", Ok("key-three")).await;
+    let (_, metrics) = vendor.admin(&b, "/metrics").await;
+    assert_eq!(metric(&metrics, "sidekey_store_connected"), Some(1.0));
+
+    // etcd itself stops: both keep proxying, writes are refused UNAVAILABLE on both.
+    etcd.stop();
+    for (sidekey, c) in [(&a, &mut ca), (&b, &mut cb)] {
+        let err = eventually("writes to be refused", || {
+            let mut c = c.clone();
+            async move {
+                c.create_tenant(proto::CreateTenantRequest {
+                    tenant: Some(tenant("gamma", "g")),
+                })
+                .await
+                .err()
+            }
+        })
+        .await;
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert_eq!(
+            vendor.injected(sidekey, "acme").await,
+            Ok("key-three".into())
+        );
+        assert_eq!(
+            vendor.injected(sidekey, "beta").await,
+            Ok("beta-key".into())
+        );
+    }
+    eventually("both to report etcd lost", || async {
+        let (_, metrics) = vendor.admin(&a, "/metrics").await;
+        (metric(&metrics, "sidekey_store_connected") == Some(0.0)).then_some(())
+    })
+    .await;
+
+    // etcd back: writes through either sidekey work again and reach the other.
+    etcd.restart();
+    eventually("A to accept writes again", || {
+        let mut ca = ca.clone();
+        async move {
+            ca.create_tenant(proto::CreateTenantRequest {
+                tenant: Some(tenant("gamma", "gamma-key")),
+            })
+            .await
+            .ok()
+        }
+    })
+    .await;
+    vendor.wait_for(&b, "gamma", Ok("gamma-key")).await;
+
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidekey_started_while_etcd_is_down_serves_its_cache_or_waits_not_ready() {
+    let mut etcd = Etcd::start();
+    let vendor = Vendor::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let a_dir = dirs.path().join("a");
+    let cache = a_dir.join("etcd-snapshot.sealed");
+    let a = vendor.sidekey(&a_dir, &etcd.endpoint()).await;
+    let mut ca = client(&a).await;
+    // The cache is written from what etcd sent: first the (empty) load, then the create.
+    let empty_size = eventually("the first cache", || async {
+        std::fs::metadata(&cache).ok().map(|m| m.len())
+    })
+    .await;
+    create(&mut ca, "acme", "key-one").await;
+    eventually("the cache to hold the tenant", || async {
+        std::fs::metadata(&cache)
+            .ok()
+            .filter(|m| m.len() > empty_size)
+            .map(|_| ())
+    })
+    .await;
+    let raw = std::fs::read(&cache).unwrap();
+    assert!(!String::from_utf8_lossy(&raw).contains("key-one"));
+    a.shutdown().await;
+    etcd.stop();
+
+    // With the cache: ready, serving, writes refused.
+    let a = vendor.sidekey(&a_dir, &etcd.endpoint()).await;
+    assert_eq!(vendor.injected(&a, "acme").await, Ok("key-one".into()));
+    let (status, body) = vendor.admin(&a, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("etcd unreachable since"), "{body}");
+    let mut ca = client(&a).await;
+    let refused = set_key(&mut ca, "acme", "key-two", "").await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+
+    // Without one: not ready, nothing served, writes refused.
+    let fresh = vendor
+        .sidekey(&dirs.path().join("fresh"), &etcd.endpoint())
+        .await;
+    let (status, body) = vendor.admin(&fresh, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        vendor.injected(&fresh, "acme").await,
+        Err("unknown_tenant".into())
+    );
+    let mut cf = client(&fresh).await;
+    let refused = cf
+        .create_tenant(proto::CreateTenantRequest {
+            tenant: Some(tenant("beta", "b")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+
+    // etcd back: the fresh one loads and turns ready; the cached one catches up.
+    etcd.restart();
+    eventually("the fresh sidekey to turn ready", || async {
+        (vendor.admin(&fresh, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    vendor.wait_for(&fresh, "acme", Ok("key-one")).await;
+    eventually("a write through the cached sidekey", || {
+        let mut ca = ca.clone();
+        async move { set_key(&mut ca, "acme", "key-two", "").await.ok() }
+    })
+    .await;
+    vendor.wait_for(&fresh, "acme", Ok("key-two")).await;
+
+    a.shutdown().await;
+    fresh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_past_a_watchers_revision_reloads_the_whole_state() {
+    let etcd = Etcd::start();
+    let vendor = Vendor::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let relay = Relay::start(etcd.addr.clone()).await;
+    let a = vendor
+        .sidekey(&dirs.path().join("a"), &etcd.endpoint())
+        .await;
+    let b = vendor
+        .sidekey(&dirs.path().join("b"), &relay.endpoint())
+        .await;
+    let mut ca = client(&a).await;
+    let acme = create(&mut ca, "acme", "key-one").await;
+    let doomed = create(&mut ca, "doomed", "doomed-key").await;
+    vendor.wait_for(&b, "doomed", Ok("doomed-key")).await;
+
+    relay.cut();
+    eventually("B to lose etcd", || async {
+        let (_, metrics) = vendor.admin(&b, "/metrics").await;
+        (metric(&metrics, "sidekey_store_connected") == Some(0.0)).then_some(())
+    })
+    .await;
+    set_key(&mut ca, "acme", "key-two", &acme.etag)
+        .await
+        .unwrap();
+    ca.delete_tenant(proto::DeleteTenantRequest {
+        id: "doomed".into(),
+        etag: doomed.etag,
+    })
+    .await
+    .unwrap();
+    create(&mut ca, "newcomer", "new-key").await;
+    let mut raw = etcd.client().await;
+    let now = raw
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    raw.compact(now, None).await.unwrap();
+
+    relay.restore();
+    vendor.wait_for(&b, "newcomer", Ok("new-key")).await;
+    assert_eq!(vendor.injected(&b, "acme").await, Ok("key-two".into()));
+    assert_eq!(
+        vendor.injected(&b, "doomed").await,
+        Err("unknown_tenant".into())
+    );
+    let mut cb = client(&b).await;
+    let (listed_a, listed_b) = (
+        ca.list_tenants(proto::ListTenantsRequest::default())
+            .await
+            .unwrap()
+            .into_inner(),
+        cb.list_tenants(proto::ListTenantsRequest::default())
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(listed_a.tenants, listed_b.tenants);
+
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_holds_no_secret_and_a_value_copied_to_another_key_is_refused() {
+    let etcd = Etcd::start();
+    let vendor = Vendor::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let a = vendor
+        .sidekey(&dirs.path().join("a"), &etcd.endpoint())
+        .await;
+    let b = vendor
+        .sidekey(&dirs.path().join("b"), &etcd.endpoint())
+        .await;
+    let mut ca = client(&a).await;
+    let secrets = ["alpha-secret-key", "beta-secret-key", "partner-secret-key"];
+    create(&mut ca, "alpha", secrets[0]).await;
+    create(&mut ca, "beta", secrets[1]).await;
+    ca.update_partner_defaults(proto::UpdatePartnerDefaultsRequest {
+        partner_defaults: Some(proto::PartnerDefaults {
+            miradore: Some(proto::MiradoreConnection {
+                site: "acme1".into(),
+                api_key: Some(proto::Secret {
+                    value: secrets[2].into(),
+                    fingerprint: String::new(),
+                }),
+            }),
+            ..Default::default()
+        }),
+        update_mask: None,
+    })
+    .await
+    .unwrap();
+    vendor.wait_for(&b, "beta", Ok(secrets[1])).await;
+
+    let mut raw = etcd.client().await;
+    let all = raw
+        .get("", Some(GetOptions::new().with_all_keys()))
+        .await
+        .unwrap();
+    let keys: Vec<_> = all.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+    assert_eq!(
+        keys,
+        [
+            "/sidekey/partner",
+            "/sidekey/tenants/alpha",
+            "/sidekey/tenants/beta"
+        ]
+    );
+    for kv in all.kvs() {
+        let value = String::from_utf8_lossy(kv.value());
+        for secret in secrets {
+            assert!(
+                !value.contains(secret),
+                "{secret} in {}",
+                kv.key_str().unwrap()
+            );
+        }
+        assert!(
+            !value.contains("acme1"),
+            "a whole record is sealed, site included"
+        );
+    }
+
+    // alpha's value put under beta's key, and under a new key: neither is served.
+    let alpha = all.kvs()[1].value().to_vec();
+    raw.put(format!("{PREFIX}tenants/beta"), alpha.clone(), None)
+        .await
+        .unwrap();
+    raw.put(format!("{PREFIX}tenants/gamma"), alpha.clone(), None)
+        .await
+        .unwrap();
+    for sidekey in [&a, &b] {
+        vendor
+            .wait_for(sidekey, "beta", Err("unknown_tenant"))
+            .await;
+        assert_eq!(
+            vendor.injected(sidekey, "gamma").await,
+            Err("unknown_tenant".into())
+        );
+        assert_eq!(
+            vendor.injected(sidekey, "alpha").await,
+            Ok(secrets[0].into())
+        );
+    }
+    // A sidekey loading the tampered store skips them too, and serves the rest.
+    let c = vendor
+        .sidekey(&dirs.path().join("c"), &etcd.endpoint())
+        .await;
+    assert_eq!(vendor.injected(&c, "alpha").await, Ok(secrets[0].into()));
+    assert_eq!(
+        vendor.injected(&c, "beta").await,
+        Err("unknown_tenant".into())
+    );
+    assert_eq!(
+        vendor.injected(&c, "gamma").await,
+        Err("unknown_tenant".into())
+    );
+
+    a.shutdown().await;
+    b.shutdown().await;
+    c.shutdown().await;
 }

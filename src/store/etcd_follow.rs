@@ -89,6 +89,10 @@ pub(crate) async fn run(
         tokio::spawn(keep_cache(cache, shared.clone(), mirror.clone(), wanted));
         dirty
     });
+    if !need_load {
+        // What was loaded goes to the cache at once, not with the first change.
+        mark_dirty(dirty.as_ref());
+    }
     let mut backoff = Backoff::new();
     loop {
         let session = async {

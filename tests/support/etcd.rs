@@ -116,7 +116,9 @@ impl Etcd {
                 .arg(&tls.ca)
                 .arg("--client-cert-auth");
         }
-        let mut child = cmd.spawn().expect("etcd starts (is etcd-server installed?)");
+        let mut child = cmd
+            .spawn()
+            .expect("etcd starts (is etcd-server installed?)");
         let stderr = child.stderr.take().expect("etcd stderr");
         let (tx, rx) = mpsc::channel();
         // Reads every line (so etcd never blocks on a full pipe), reporting the client address.
