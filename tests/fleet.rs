@@ -623,3 +623,287 @@ async fn etcd_holds_no_secret_and_a_value_copied_to_another_key_is_refused() {
     b.shutdown().await;
     c.shutdown().await;
 }
+
+/// `sidekey serve --store etcd` as a child process, its control plane on a unix socket.
+async fn spawn_binary(etcd: &Etcd, dir: &Path, socket: &Path) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_sidekey"))
+        .args([
+            "serve",
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+        ])
+        .arg("--grpc-listen")
+        .arg(format!("unix:{}", socket.display()))
+        .arg("--data-dir")
+        .arg(dir)
+        .env("SIDEKEY_MASTER_KEY", MASTER_KEY)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn sidekey serve")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_writes_loses_no_acknowledged_write() {
+    const CYCLES: usize = 25;
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut acknowledged: Vec<String> = Vec::new();
+    for cycle in 0..CYCLES {
+        let socket = dir.path().join(format!("grpc-{cycle}.sock"));
+        let mut child = spawn_binary(&etcd, &dir.path().join("data"), &socket).await;
+        let args = sidekey::cli::client::ClientArgs {
+            server: format!("unix:{}", socket.display()),
+            token_file: None,
+        };
+        let mut c = eventually("the sidekey to serve gRPC", || {
+            let args = args.clone();
+            async move {
+                let mut c = args.connect(None).await.ok()?;
+                c.list_tenants(proto::ListTenantsRequest::default())
+                    .await
+                    .ok()?;
+                Some(c)
+            }
+        })
+        .await;
+        let (acks, mut acked) = tokio::sync::mpsc::unbounded_channel();
+        let writer = tokio::spawn(async move {
+            for n in 0.. {
+                let id = format!("t{cycle}-{n}");
+                let created = c
+                    .create_tenant(proto::CreateTenantRequest {
+                        tenant: Some(tenant(&id, &format!("key-{id}"))),
+                    })
+                    .await;
+                if created.is_err() || acks.send(id).is_err() {
+                    return;
+                }
+            }
+        });
+        // Killed after a varying number of acknowledgements, with the next write in flight.
+        let mut seen = 0;
+        while seen < 1 + cycle % 4 {
+            acknowledged.push(acked.recv().await.expect("a write acknowledged"));
+            seen += 1;
+        }
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+        writer.await.unwrap();
+        while let Ok(id) = acked.try_recv() {
+            acknowledged.push(id);
+        }
+    }
+
+    // Every acknowledged tenant is in etcd and opens in a sidekey that loads it.
+    let vendor = Vendor::start().await;
+    let check = vendor
+        .sidekey(&dir.path().join("check"), &etcd.endpoint())
+        .await;
+    assert!(acknowledged.len() >= CYCLES);
+    for id in &acknowledged {
+        let record = check.catalog.get(id).await.unwrap_or_else(|e| {
+            panic!("acknowledged tenant {id} lost: {e}");
+        });
+        assert_eq!(record.id, *id);
+    }
+    assert_eq!(
+        vendor.injected(&check, &acknowledged[0]).await,
+        Ok(format!("key-{}", acknowledged[0]))
+    );
+    check.shutdown().await;
+}
+
+fn keys() -> sidekey::store::master_key::MasterKeys {
+    sidekey::store::master_key::MasterKeys::parse(MASTER_KEY, "test").unwrap()
+}
+
+fn record(id: &str, key: &str) -> sidekey::tenants::TenantRecord {
+    let now = std::time::SystemTime::now();
+    sidekey::tenants::TenantRecord {
+        id: id.into(),
+        display_name: String::new(),
+        connections: sidekey::tenants::Connections {
+            miradore: Some(sidekey::tenants::MiradoreConn {
+                site: "acme1".into(),
+                api_key: Some(Secret::new(key)),
+            }),
+            ..Default::default()
+        },
+        revision: 0,
+        create_time: now,
+        update_time: now,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_etcd_store_compares_and_sets_and_refuses_batches_over_the_txn_limit() {
+    use sidekey::store::etcd::EtcdStore;
+    use sidekey::store::{Expect, Mutation, Store, StoreError};
+    let etcd = Etcd::start();
+    let mut config = EtcdConfig::new(vec![etcd.endpoint()]);
+    config.max_txn_ops = 3;
+    let store = EtcdStore::new(config, keys(), None).unwrap();
+    let put = |id: &str, key: &str| Mutation::PutTenant(record(id, key));
+
+    let r1 = store
+        .commit(put("acme", "k1"), Expect::Absent)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.commit(put("acme", "k2"), Expect::Absent).await,
+        Err(StoreError::Conflict)
+    ));
+    assert!(matches!(
+        store
+            .commit(put("acme", "k2"), Expect::Revision(r1 + 1))
+            .await,
+        Err(StoreError::Conflict)
+    ));
+    let r2 = store
+        .commit(put("acme", "k2"), Expect::Revision(r1))
+        .await
+        .unwrap();
+    assert!(r2 > r1);
+
+    // One failed expectation: nothing of the batch is written.
+    let batch = vec![
+        (put("beta", "b"), Expect::Absent),
+        (put("acme", "k3"), Expect::Revision(r1)),
+    ];
+    assert!(matches!(
+        store.commit_batch(batch).await,
+        Err(StoreError::Conflict)
+    ));
+    // Over the limit: refused before etcd, saying the limit.
+    let batch: Vec<_> = (0..4)
+        .map(|i| (put(&format!("t{i}"), "k"), Expect::Absent))
+        .collect();
+    let err = store.commit_batch(batch).await.unwrap_err();
+    assert!(matches!(err, StoreError::TooLarge(_)), "{err:?}");
+    assert!(err.to_string().contains("at most 3"), "{err}");
+    // At the limit: one revision for all.
+    let batch = vec![
+        (put("beta", "b"), Expect::Absent),
+        (put("gamma", "g"), Expect::Absent),
+        (Mutation::DeleteTenant("acme".into()), Expect::Revision(r2)),
+    ];
+    let r3 = store.commit_batch(batch).await.unwrap();
+    let state = store.load().await.unwrap();
+    let mut ids: Vec<_> = state
+        .tenants
+        .iter()
+        .map(|t| (t.id.as_str(), t.revision))
+        .collect();
+    ids.sort();
+    assert_eq!(ids, [("beta", r3), ("gamma", r3)]);
+    assert_eq!(state.revision, r3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_client_certificates_and_a_password_reach_an_etcd_with_auth() {
+    let etcd = Etcd::start_tls(support::etcd::EtcdTls::generate());
+    let mut root = etcd.client().await;
+    root.user_add("root", "root-password", None).await.unwrap();
+    root.user_grant_role("root", "root").await.unwrap();
+    root.user_add("fleet", "fleet-password", None)
+        .await
+        .unwrap();
+    root.role_add("fleet").await.unwrap();
+    root.role_grant_permission(
+        "fleet",
+        etcd_client::Permission::read_write(PREFIX).with_prefix(),
+    )
+    .await
+    .unwrap();
+    root.user_grant_role("fleet", "fleet").await.unwrap();
+    root.auth_enable().await.unwrap();
+
+    let vendor = Vendor::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let tls = etcd.tls().unwrap();
+    let config = |password: &str, dir: &str| {
+        let mut config = vendor.config(&dirs.path().join(dir), &etcd.endpoint());
+        let StoreChoice::Etcd { config: etcd, .. } = &mut config.store else {
+            unreachable!()
+        };
+        etcd.ca = Some(tls.ca.clone());
+        etcd.cert = Some(tls.client_cert.clone());
+        etcd.key = Some(tls.client_key.clone());
+        etcd.user = Some("fleet".into());
+        etcd.password = Some(Secret::new(password));
+        config
+    };
+    let a = server::start(config("fleet-password", "a")).await.unwrap();
+    let mut ca = client(&a).await;
+    create(&mut ca, "acme", "key-one").await;
+    vendor.wait_for(&a, "acme", Ok("key-one")).await;
+
+    // A wrong password is refused at start, and the message holds no password.
+    let err = match server::start(config("wrong-password", "b")).await {
+        Ok(_) => panic!("started with a wrong etcd password"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("etcd"), "{err}");
+    assert!(!err.contains("wrong-password"), "{err}");
+    a.shutdown().await;
+}
+
+#[test]
+fn serve_refuses_fleet_settings_that_cannot_work() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dirs = tempfile::tempdir().unwrap();
+    let base = || {
+        let mut config = ServeConfig::ephemeral(dirs.path().join("d"));
+        config.master_key = Some(Secret::new(MASTER_KEY));
+        config.store = StoreChoice::Etcd {
+            config: Box::new(EtcdConfig::new(vec!["http://127.0.0.1:9".into()])),
+            password_file: None,
+        };
+        config
+    };
+    let refused = |config: ServeConfig| match rt.block_on(server::start(config)) {
+        Ok(_) => panic!("started"),
+        Err(e) => e.to_string(),
+    };
+    let mut c = base();
+    c.master_key = None;
+    assert!(refused(c).contains("master key"));
+    let mut c = base();
+    c.tenants_file = Some(dirs.path().join("tenants.yaml"));
+    assert!(refused(c).contains("--tenants-file cannot be used with --store etcd"));
+    let mut c = base();
+    if let StoreChoice::Etcd { config, .. } = &mut c.store {
+        config.endpoints = vec!["127.0.0.1:2379".into()];
+    }
+    assert!(refused(c).contains("expected http://HOST:PORT"));
+    let mut c = base();
+    if let StoreChoice::Etcd { config, .. } = &mut c.store {
+        config.user = Some("fleet".into());
+    }
+    assert!(refused(c).contains("--etcd-user needs a password"));
+    let mut c = base();
+    let password = dirs.path().join("password");
+    std::fs::write(&password, "pw\n").unwrap();
+    if let StoreChoice::Etcd {
+        config,
+        password_file,
+    } = &mut c.store
+    {
+        config.password = Some(Secret::new("pw"));
+        config.user = Some("fleet".into());
+        *password_file = Some(password);
+    }
+    assert!(refused(c).contains("not both"));
+}

@@ -605,3 +605,189 @@ fn build_snapshot(state: &State) -> Snapshot {
     }
     Snapshot::new(map, revision)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::secret::Secret;
+    use crate::tenants::MiradoreConn;
+
+    /// A store whose changes the test feeds by hand; commits get revisions from 100 up.
+    struct Fed {
+        events: StdMutex<Option<mpsc::Receiver<StoreEvent>>>,
+        load: StdMutex<Option<Result<StoredState, StoreError>>>,
+        next: StdMutex<u64>,
+    }
+
+    #[async_trait]
+    impl Store for Fed {
+        async fn load(&self) -> Result<StoredState, StoreError> {
+            self.load
+                .lock()
+                .unwrap()
+                .take()
+                .unwrap_or(Ok(StoredState::default()))
+        }
+        async fn commit_batch(&self, _: Vec<(Mutation, Expect)>) -> Result<u64, StoreError> {
+            let mut next = self.next.lock().unwrap();
+            *next += 1;
+            Ok(*next)
+        }
+        fn follow(&self) -> Option<mpsc::Receiver<StoreEvent>> {
+            self.events.lock().unwrap().take()
+        }
+    }
+
+    fn record(id: &str, key: &str, revision: u64) -> TenantRecord {
+        TenantRecord {
+            id: id.into(),
+            display_name: String::new(),
+            connections: Connections {
+                miradore: Some(MiradoreConn {
+                    site: "acme1".into(),
+                    api_key: Some(Secret::new(key)),
+                }),
+                ..Connections::default()
+            },
+            revision,
+            create_time: SystemTime::UNIX_EPOCH,
+            update_time: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    async fn fed(
+        load: Result<StoredState, StoreError>,
+    ) -> (Arc<Catalog>, mpsc::Sender<StoreEvent>) {
+        let (tx, rx) = mpsc::channel(16);
+        let store = Fed {
+            events: StdMutex::new(Some(rx)),
+            load: StdMutex::new(Some(load)),
+            next: StdMutex::new(99),
+        };
+        (Catalog::open(Arc::new(store)).await.unwrap(), tx)
+    }
+
+    fn key(catalog: &Catalog, id: &str) -> Option<String> {
+        let snapshot = catalog.snapshot().load();
+        let tenant = snapshot.tenant(id)?;
+        Some(tenant.miradore.as_ref()?.api_key.expose().to_owned())
+    }
+
+    /// Applies `event` as the follow task does, without the task.
+    async fn feed(catalog: &Catalog, _: &mpsc::Sender<StoreEvent>, event: StoreEvent) {
+        catalog.apply_event(event).await;
+    }
+
+    fn put(revision: u64, r: TenantRecord) -> StoreEvent {
+        StoreEvent::Changed {
+            revision,
+            change: Change::PutTenant(r),
+        }
+    }
+
+    #[tokio::test]
+    async fn changes_apply_one_record_and_stale_ones_are_skipped() {
+        let stored = StoredState {
+            tenants: vec![record("acme", "k1", 5), record("beta", "b1", 6)],
+            partner: PartnerRecord::default(),
+            revision: 6,
+        };
+        let (catalog, tx) = fed(Ok(stored)).await;
+        assert_eq!(key(&catalog, "acme").as_deref(), Some("k1"));
+
+        feed(&catalog, &tx, put(7, record("acme", "k2", 7))).await;
+        assert_eq!(key(&catalog, "acme").as_deref(), Some("k2"));
+        assert_eq!(catalog.get("acme").await.unwrap().revision, 7);
+        // beta's entry is the same Arc: nothing else was rebuilt.
+        let before = catalog.snapshot().load().tenant("beta").cloned().unwrap();
+        feed(&catalog, &tx, put(8, record("gamma", "g1", 8))).await;
+        let after = catalog.snapshot().load().tenant("beta").cloned().unwrap();
+        assert!(Arc::ptr_eq(&before, &after));
+
+        // An older change than the record held (our own write echoed late) is skipped.
+        feed(&catalog, &tx, put(6, record("acme", "old", 6))).await;
+        assert_eq!(key(&catalog, "acme").as_deref(), Some("k2"));
+        let removed = StoreEvent::Changed {
+            revision: 7,
+            change: Change::RemoveTenant("gamma".into()),
+        };
+        feed(&catalog, &tx, removed).await;
+        assert_eq!(key(&catalog, "gamma").as_deref(), Some("g1"));
+
+        let removed = StoreEvent::Changed {
+            revision: 9,
+            change: Change::RemoveTenant("beta".into()),
+        };
+        feed(&catalog, &tx, removed).await;
+        assert!(key(&catalog, "beta").is_none());
+        assert!(matches!(
+            catalog.get("beta").await,
+            Err(CatalogError::NotFound(_))
+        ));
+        assert_eq!(catalog.snapshot().load().revision(), 9);
+
+        // The follow task applies what the store sends.
+        let mut changes = catalog.snapshot().changes();
+        changes.borrow_and_update();
+        tx.send(put(10, record("delta", "d1", 10))).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), changes.changed())
+            .await
+            .expect("applied within the deadline")
+            .unwrap();
+        assert_eq!(key(&catalog, "delta").as_deref(), Some("d1"));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_store_starts_not_loaded_refusing_writes_until_reloaded() {
+        let (catalog, tx) = fed(Err(StoreError::Unavailable("etcd down".into()))).await;
+        assert!(!*catalog.loaded().borrow());
+        let refused = catalog
+            .create(
+                "acme".into(),
+                String::new(),
+                record("acme", "k", 0).connections,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, CatalogError::Store(StoreError::Unavailable(_))),
+            "{refused:?}"
+        );
+        let stored = StoredState {
+            tenants: vec![record("acme", "k1", 3)],
+            partner: PartnerRecord::default(),
+            revision: 3,
+        };
+        feed(&catalog, &tx, StoreEvent::Reloaded(stored)).await;
+        assert!(*catalog.loaded().borrow());
+        assert_eq!(key(&catalog, "acme").as_deref(), Some("k1"));
+        catalog
+            .update("acme", Some(3), |r| r.display_name = "Acme".into())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn other_load_errors_still_fail_the_start() {
+        let store = Fed {
+            events: StdMutex::new(None),
+            load: StdMutex::new(Some(Err(StoreError::Unavailable("down".into())))),
+            next: StdMutex::new(0),
+        };
+        // A store nobody else writes to cannot catch up later: unreachable is fatal.
+        assert!(Catalog::open(Arc::new(store)).await.is_err());
+        let (tx, rx) = mpsc::channel(1);
+        drop(tx);
+        let store = Fed {
+            events: StdMutex::new(Some(rx)),
+            load: StdMutex::new(Some(Err(StoreError::Key("wrong key".into())))),
+            next: StdMutex::new(0),
+        };
+        assert!(Catalog::open(Arc::new(store)).await.is_err());
+    }
+}

@@ -13,11 +13,53 @@ use std::time::Duration;
 const START_DEADLINE: Duration = Duration::from_secs(30);
 pub const ETCD_BIN: &str = "/usr/bin/etcd";
 
-/// TLS material for an etcd serving https (client certificates required).
+/// TLS material for an etcd serving https (client certificates required): a fresh CA, a
+/// server certificate for 127.0.0.1 and a client certificate, as PEM files.
 pub struct EtcdTls {
     pub ca: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdTls {
+    pub fn generate() -> EtcdTls {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().expect("tls dir");
+        let write = |name: &str, pem: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).expect("write pem");
+            path
+        };
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "etcd test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
+        let ca = write("ca.pem", ca_cert.pem());
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>, cn: &str| {
+            let key = KeyPair::generate().expect("leaf key");
+            let mut params = CertificateParams::new(names).expect("leaf params");
+            params.distinguished_name.push(DnType::CommonName, cn);
+            let cert = params.signed_by(&key, &issuer).expect("sign leaf");
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()], "etcd");
+        let (client_cert, client_key) = leaf(Vec::new(), "sidekey");
+        EtcdTls {
+            ca,
+            server_cert: write("server.pem", server_cert),
+            server_key: write("server-key.pem", server_key),
+            client_cert: write("client.pem", client_cert),
+            client_key: write("client-key.pem", client_key),
+            _dir: dir,
+        }
+    }
 }
 
 pub struct Etcd {
@@ -76,10 +118,34 @@ impl Etcd {
         self.spawn(&addr);
     }
 
+    /// A client as root (with the test's client certificate on a TLS etcd).
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.endpoint()], None)
+        self.client_with(None).await
+    }
+
+    pub async fn client_with(&self, user: Option<(&str, &str)>) -> etcd_client::Client {
+        let mut options = etcd_client::ConnectOptions::new();
+        if let Some(tls) = &self.tls {
+            let read = |p: &Path| std::fs::read(p).expect("read pem");
+            options = options.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)))
+                    .identity(etcd_client::Identity::from_pem(
+                        read(&tls.client_cert),
+                        read(&tls.client_key),
+                    )),
+            );
+        }
+        if let Some((user, password)) = user {
+            options = options.with_user(user, password);
+        }
+        etcd_client::Client::connect([self.endpoint()], Some(options))
             .await
             .expect("etcd client")
+    }
+
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
     }
 
     fn spawn(&mut self, client_addr: &str) {
