@@ -238,11 +238,8 @@ fn apply(shared: &Shared, mirror: &SharedMirror, response: &WatchResponse) -> Ve
             events.push(StoreEvent::Changed { revision, change });
         }
     }
-    if let Some(header) = response.header() {
-        mirror.revision = mirror
-            .revision
-            .max(u64::try_from(header.revision()).unwrap_or(0));
-    }
+    // Only events move the revision followed: a response's header revision is etcd's current
+    // one, and the events a new watch still has to deliver from its start revision follow it.
     events
 }
 
