@@ -71,6 +71,56 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDEKEY_STORE", value_enum, default_value_t = StoreKind::Embedded)]
     pub store: StoreKind,
 
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+
+    /// File holding the master key(s) that seal secrets at rest. Without it and without
+    /// SIDEKEY_MASTER_KEY, a key is generated into the data directory (with a warning).
+    #[arg(long, env = "SIDEKEY_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+
+    /// File holding the bearer token control calls must carry. Without it the control
+    /// plane accepts any caller that can reach its listener.
+    #[arg(long, env = "SIDEKEY_GRPC_TOKEN_FILE")]
+    pub grpc_token_file: Option<PathBuf>,
+
+    /// PEM file of CA certificates trusted for vendor connections, in addition to the
+    /// public web roots. Repeatable (comma-separated in the environment variable).
+    #[arg(long, env = "SIDEKEY_UPSTREAM_CA", value_delimiter = ',')]
+    pub upstream_ca: Vec<PathBuf>,
+
+    /// HOST:PORT:ADDR:PORT: dial ADDR:PORT whenever the upstream is HOST:PORT, keeping SNI,
+    /// certificate name and Host as HOST. HOST may be *.suffix. Repeatable
+    /// (comma-separated in the environment variable).
+    #[arg(long, env = "SIDEKEY_CONNECT_TO", value_delimiter = ',')]
+    pub connect_to: Vec<ConnectTo>,
+    /// YAML file declaring tenants (and optionally partner defaults), e.g. a mounted
+    /// Kubernetes Secret: applied before sidekey turns ready, then whenever it changes.
+    #[arg(long, env = "SIDEKEY_TENANTS_FILE")]
+    pub tenants_file: Option<PathBuf>,
+
+    /// How often the tenants file (and the secret files it references) is re-read.
+    #[arg(long, env = "SIDEKEY_TENANTS_FILE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub tenants_file_interval: Duration,
+
+    /// Also count proxied requests per tenant (sidekey_proxy_requests_by_tenant_total), for
+    /// at most 100 tenants; the rest are counted as "other".
+    #[arg(long, env = "SIDEKEY_METRICS_TENANT_LABEL")]
+    pub metrics_tenant_label: bool,
+
+    /// Log line format. Filter with RUST_LOG (default: info).
+    #[arg(long, env = "SIDEKEY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "SIDEKEY_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// How to reach etcd: flags of `serve --store etcd` and of `store copy`. Every flag also
+/// reads its `SIDEKEY_ETCD_*` variable.
+#[derive(Args, Clone, Debug)]
+pub struct EtcdArgs {
     /// etcd endpoints, http://HOST:PORT or https://HOST:PORT (comma-separated in the
     /// environment variable). Required with --store etcd.
     #[arg(long, env = "SIDEKEY_ETCD_ENDPOINTS", value_delimiter = ',')]
@@ -109,49 +159,25 @@ pub struct ServeArgs {
     /// after which a silent etcd counts as lost.
     #[arg(long, env = "SIDEKEY_ETCD_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub etcd_timeout: Duration,
+}
 
-    /// File holding the master key(s) that seal secrets at rest. Without it and without
-    /// SIDEKEY_MASTER_KEY, a key is generated into the data directory (with a warning).
-    #[arg(long, env = "SIDEKEY_MASTER_KEY_FILE")]
-    pub master_key_file: Option<PathBuf>,
-
-    /// File holding the bearer token control calls must carry. Without it the control
-    /// plane accepts any caller that can reach its listener.
-    #[arg(long, env = "SIDEKEY_GRPC_TOKEN_FILE")]
-    pub grpc_token_file: Option<PathBuf>,
-
-    /// PEM file of CA certificates trusted for vendor connections, in addition to the
-    /// public web roots. Repeatable (comma-separated in the environment variable).
-    #[arg(long, env = "SIDEKEY_UPSTREAM_CA", value_delimiter = ',')]
-    pub upstream_ca: Vec<PathBuf>,
-
-    /// HOST:PORT:ADDR:PORT: dial ADDR:PORT whenever the upstream is HOST:PORT, keeping SNI,
-    /// certificate name and Host as HOST. HOST may be *.suffix. Repeatable
-    /// (comma-separated in the environment variable).
-    #[arg(long, env = "SIDEKEY_CONNECT_TO", value_delimiter = ',')]
-    pub connect_to: Vec<ConnectTo>,
-
-    /// YAML file declaring tenants (and optionally partner defaults), e.g. a mounted
-    /// Kubernetes Secret: applied before sidekey turns ready, then whenever it changes.
-    #[arg(long, env = "SIDEKEY_TENANTS_FILE")]
-    pub tenants_file: Option<PathBuf>,
-
-    /// How often the tenants file (and the secret files it references) is re-read.
-    #[arg(long, env = "SIDEKEY_TENANTS_FILE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub tenants_file_interval: Duration,
-
-    /// Also count proxied requests per tenant (sidekey_proxy_requests_by_tenant_total), for
-    /// at most 100 tenants; the rest are counted as "other".
-    #[arg(long, env = "SIDEKEY_METRICS_TENANT_LABEL")]
-    pub metrics_tenant_label: bool,
-
-    /// Log line format. Filter with RUST_LOG (default: info).
-    #[arg(long, env = "SIDEKEY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-
-    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
-    #[arg(long, env = "SIDEKEY_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
+impl EtcdArgs {
+    /// The settings, with the password from `password_env` (SIDEKEY_ETCD_PASSWORD) if set;
+    /// `--etcd-password-file` is returned apart, to be read when the store is opened.
+    pub fn into_config(self, password_env: Option<String>) -> (EtcdConfig, Option<PathBuf>) {
+        let config = EtcdConfig {
+            endpoints: self.etcd_endpoints,
+            prefix: self.etcd_prefix,
+            ca: self.etcd_ca,
+            cert: self.etcd_cert,
+            key: self.etcd_key,
+            user: self.etcd_user,
+            password: password_env.filter(|v| !v.is_empty()).map(Secret::new),
+            max_txn_ops: self.etcd_max_txn_ops,
+            timeout: self.etcd_timeout,
+        };
+        (config, self.etcd_password_file)
+    }
 }
 
 /// Everything `serve` needs, resolved.
@@ -186,20 +212,13 @@ impl ServeArgs {
     ) -> ServeConfig {
         let store = match self.store {
             StoreKind::Embedded => StoreChoice::Embedded,
-            StoreKind::Etcd => StoreChoice::Etcd {
-                config: Box::new(EtcdConfig {
-                    endpoints: self.etcd_endpoints,
-                    prefix: self.etcd_prefix,
-                    ca: self.etcd_ca,
-                    cert: self.etcd_cert,
-                    key: self.etcd_key,
-                    user: self.etcd_user,
-                    password: etcd_password_env.filter(|v| !v.is_empty()).map(Secret::new),
-                    max_txn_ops: self.etcd_max_txn_ops,
-                    timeout: self.etcd_timeout,
-                }),
-                password_file: self.etcd_password_file,
-            },
+            StoreKind::Etcd => {
+                let (config, password_file) = self.etcd.into_config(etcd_password_env);
+                StoreChoice::Etcd {
+                    config: Box::new(config),
+                    password_file,
+                }
+            }
         };
         ServeConfig {
             proxy_listen: self.proxy_listen,

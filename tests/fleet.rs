@@ -907,3 +907,66 @@ fn serve_refuses_fleet_settings_that_cannot_work() {
     }
     assert!(refused(c).contains("not both"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_store_is_copied_into_etcd_and_existing_tenants_are_kept_unless_told() {
+    use sidekey::store::copy::{CopyError, copy};
+    use sidekey::store::embedded::EmbeddedStore;
+    use sidekey::store::etcd::EtcdStore;
+    use sidekey::store::{Expect, Mutation, Store};
+    let etcd = Etcd::start();
+    let dirs = tempfile::tempdir().unwrap();
+    let embedded = EmbeddedStore::open(&dirs.path().join("embedded"), keys()).unwrap();
+    for i in 0..5 {
+        let id = format!("t{i}");
+        embedded
+            .commit(
+                Mutation::PutTenant(record(&id, &format!("key-{id}"))),
+                Expect::Absent,
+            )
+            .await
+            .unwrap();
+    }
+    let etcd_store = EtcdStore::new(EtcdConfig::new(vec![etcd.endpoint()]), keys(), None).unwrap();
+
+    // Batches of 2: three transactions for five tenants.
+    let report = copy(&embedded, &etcd_store, false, 2).await.unwrap();
+    assert_eq!((report.created, report.replaced), (5, 0));
+    let vendor = Vendor::start().await;
+    let fleet = vendor
+        .sidekey(&dirs.path().join("fleet"), &etcd.endpoint())
+        .await;
+    for i in 0..5 {
+        let id = format!("t{i}");
+        assert_eq!(vendor.injected(&fleet, &id).await, Ok(format!("key-{id}")));
+    }
+
+    // A tenant changed in etcd since: a second copy refuses and writes nothing.
+    let mut c = client(&fleet).await;
+    set_key(&mut c, "t0", "changed-in-etcd", "").await.unwrap();
+    embedded
+        .commit(Mutation::PutTenant(record("t9", "key-t9")), Expect::Absent)
+        .await
+        .unwrap();
+    let err = copy(&embedded, &etcd_store, false, 2).await.unwrap_err();
+    assert!(
+        matches!(&err, CopyError::Exists { ids } if ids.len() == 5),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--overwrite"), "{err}");
+    assert_eq!(
+        vendor.injected(&fleet, "t9").await,
+        Err("unknown_tenant".into())
+    );
+    assert_eq!(
+        vendor.injected(&fleet, "t0").await,
+        Ok("changed-in-etcd".into())
+    );
+
+    // Told to: replaced, and the new one created.
+    let report = copy(&embedded, &etcd_store, true, 128).await.unwrap();
+    assert_eq!((report.created, report.replaced), (1, 5));
+    vendor.wait_for(&fleet, "t0", Ok("key-t0")).await;
+    vendor.wait_for(&fleet, "t9", Ok("key-t9")).await;
+    fleet.shutdown().await;
+}

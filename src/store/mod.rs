@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod codec;
+pub mod copy;
 pub mod embedded;
 pub mod etcd;
 mod etcd_cache;
