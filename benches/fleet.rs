@@ -205,7 +205,9 @@ async fn run(scale: Scale) {
     for chunk in records.chunks(128) {
         store.commit_batch(chunk.to_vec()).await.expect("fill etcd");
     }
-    println!("fleet: {SIDEKEYS} sidekeys on one etcd (etcd-server 3.4, loopback), TOKIO_WORKER_THREADS=1 each");
+    println!(
+        "fleet: {SIDEKEYS} sidekeys on one etcd (etcd-server 3.4, loopback), TOKIO_WORKER_THREADS=1 each"
+    );
     println!(
         "  tenants in etcd              {} (written in {:?})",
         scale.tenants,
@@ -215,7 +217,12 @@ async fn run(scale: Scale) {
     let ca_file = ca.pem_file();
     let mut fleet = Vec::new();
     for i in 0..SIDEKEYS {
-        let sidekey = spawn(&etcd, &dir.path().join(format!("s{i}")), &ca_file, mock.port());
+        let sidekey = spawn(
+            &etcd,
+            &dir.path().join(format!("s{i}")),
+            &ca_file,
+            mock.port(),
+        );
         println!(
             "  sidekey {i} start-up          {:>9.3?}  RSS when ready {:>6.1} MiB",
             sidekey.startup,

@@ -476,7 +476,7 @@ impl Store for EtcdStore {
                 let Some(cache) = &self.cache else {
                     return Err(e);
                 };
-                let cached = cache.read(&self.shared.keys).await?;
+                let cached = cache.read(self.shared.keys.clone()).await?;
                 let Some(mirror) = cached else {
                     return Err(StoreError::Unavailable(format!(
                         "{e}; and no snapshot cache in the data directory yet (one is kept \

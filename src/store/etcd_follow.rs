@@ -28,13 +28,15 @@ use crate::tenants::PartnerRecord;
 /// drawn at random from its upper half so that a fleet does not reconnect in step.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// Changes are written to the snapshot cache at most this often.
-pub const CACHE_DELAY: Duration = Duration::from_secs(1);
+/// Changes are written to the snapshot cache at most this often: each write is the whole
+/// snapshot (about 1 KiB per tenant), so a burst of changes costs one write per interval.
+pub const CACHE_DELAY: Duration = Duration::from_secs(5);
 
 /// The sealed values under the prefix as etcd last sent them, and the revision they reflect.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Mirror {
-    records: BTreeMap<String, (Arc<[u8]>, u64)>,
+    /// Shared keys and values: a copy for the cache costs one reference count per record.
+    records: BTreeMap<Arc<str>, (Arc<[u8]>, u64)>,
     pub(crate) revision: u64,
 }
 
@@ -43,14 +45,12 @@ impl Mirror {
     pub(crate) fn insert(&mut self, key: Vec<u8>, value: Vec<u8>, mod_revision: i64) {
         if let Ok(key) = String::from_utf8(key) {
             let revision = u64::try_from(mod_revision).unwrap_or(0);
-            self.records.insert(key, (value.into(), revision));
+            self.records.insert(key.into(), (value.into(), revision));
         }
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &[u8], u64)> {
-        self.records
-            .iter()
-            .map(|(k, (v, r))| (k.as_str(), &**v, *r))
+        self.records.iter().map(|(k, (v, r))| (&**k, &**v, *r))
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -260,7 +260,7 @@ async fn keep_cache(
 ) {
     while wanted.recv().await.is_some() {
         let snapshot = lock(&mirror).clone();
-        if let Err(e) = cache.write(&shared.keys, snapshot).await {
+        if let Err(e) = cache.write(shared.keys.clone(), snapshot).await {
             tracing::warn!(error = %e, "cannot write the etcd snapshot cache; will retry on the next change");
         }
         tokio::time::sleep(CACHE_DELAY).await;
