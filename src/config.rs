@@ -155,8 +155,8 @@ pub struct EtcdArgs {
     #[arg(long, env = "SIDEKEY_ETCD_MAX_TXN_OPS", default_value_t = etcd::DEFAULT_MAX_TXN_OPS)]
     pub etcd_max_txn_ops: usize,
 
-    /// Deadline of each etcd request and connection attempt; also the keep-alive interval
-    /// after which a silent etcd counts as lost.
+    /// Deadline of each etcd request and connection attempt; also how long an HTTP/2 ping
+    /// (every 10 s) may go unanswered before a silent etcd counts as lost.
     #[arg(long, env = "SIDEKEY_ETCD_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub etcd_timeout: Duration,
 }

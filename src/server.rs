@@ -230,10 +230,14 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         // Ready with the first load; `drain` raises `stop` before clearing readiness, so
         // whichever runs last, a draining sidekey stays not ready.
         let readiness = readiness.clone();
-        let stopping = stop.subscribe();
+        let mut stopping = stop.subscribe();
         let snapshot = catalog.snapshot();
         tasks.spawn(async move {
-            if loaded.wait_for(|l| *l).await.is_ok() {
+            let first_load = tokio::select! {
+                loaded = loaded.wait_for(|l| *l) => loaded.is_ok(),
+                _ = stopping.wait_for(|s| *s) => false,
+            };
+            if first_load {
                 readiness.set(true);
                 if *stopping.borrow() {
                     readiness.set(false);

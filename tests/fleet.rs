@@ -970,3 +970,20 @@ async fn an_embedded_store_is_copied_into_etcd_and_existing_tenants_are_kept_unl
     vendor.wait_for(&fleet, "t9", Ok("key-t9")).await;
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidekey_that_never_reached_etcd_is_not_ready_and_drains_at_once() {
+    let vendor = Vendor::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on the discard port: every attempt is refused.
+    let mut config = vendor.config(dir.path(), "http://127.0.0.1:9");
+    config.shutdown_grace = Duration::from_secs(2);
+    let sidekey = server::start(config).await.unwrap();
+    let (status, body) = vendor.admin(&sidekey, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("etcd unreachable since"), "{body}");
+    let (_, metrics) = vendor.admin(&sidekey, "/metrics").await;
+    assert_eq!(metric(&metrics, "sidekey_store_connected"), Some(0.0));
+    // Nothing waits for a first load that will not come.
+    assert!(sidekey.shutdown().await, "drained within the grace period");
+}

@@ -43,6 +43,8 @@ pub const DEFAULT_PREFIX: &str = "/sidekey/";
 pub const DEFAULT_MAX_TXN_OPS: usize = 128;
 /// `--etcd-timeout` default: the deadline of every etcd request and of connecting.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 ping interval on the connection to etcd.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Keys fetched per page by a full load.
 const PAGE: i64 = 500;
 
@@ -154,8 +156,10 @@ impl EtcdConfig {
     fn connect_options(&self) -> Result<ConnectOptions, StoreError> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(self.timeout)
-            // A silent peer (partition, not a reset) is noticed within two intervals.
-            .with_keep_alive(self.timeout, self.timeout)
+            // A silent peer (partition, not a reset) is noticed within an interval and the
+            // timeout. The interval stays above etcd's --grpc-keepalive-min-time (5 s by
+            // default), below which etcd answers pings with GOAWAY.
+            .with_keep_alive(KEEPALIVE_INTERVAL, self.timeout)
             .with_keep_alive_while_idle(true)
             .with_auto_token_refresh(true);
         if let (Some(user), Some(password)) = (&self.user, &self.password) {

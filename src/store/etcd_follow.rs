@@ -5,7 +5,7 @@
 //! - Compaction: when etcd has compacted past the revision followed (the watch answers with
 //!   a `compact_revision`), or its revision went back (a cluster restored from a backup), the
 //!   follower loads everything again and hands over a [`StoreEvent::Reloaded`].
-//! - Outages: a broken watch (etcd down, or silent for two keep-alive intervals) marks the
+//! - Outages: a broken watch (etcd down, or a keep-alive ping unanswered) marks the
 //!   store disconnected ([`super::etcd::Link`]) and is re-established with jittered
 //!   exponential backoff, [`BACKOFF_MIN`] to [`BACKOFF_MAX`]. It resumes from the last
 //!   revision seen, so every change made meanwhile is caught up.
