@@ -13,37 +13,66 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use crate::proxy::ConnectionSlots;
+use crate::proxy::connection::first_bytes;
+use crate::proxy::listener::AcceptBackoff;
 use crate::store::health::StoreHealth;
 
 /// Readiness as `/readyz` reports it: set once every listener is bound and the initial
-/// tenants are loaded, cleared the moment a drain starts.
+/// tenants are loaded, cleared the moment a drain starts; and, once the proxy's connection
+/// slots are attached, not ready while every slot is taken (new app connections would wait
+/// in the accept backlog).
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>, Option<StoreHealth>);
+pub struct Readiness(Arc<ReadinessInner>);
+
+#[derive(Default)]
+struct ReadinessInner {
+    ready: AtomicBool,
+    proxy_slots: OnceLock<ConnectionSlots>,
+    store_health: OnceLock<StoreHealth>,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+        self.0.ready.store(ready, Ordering::SeqCst);
     }
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.not_ready_because().is_none()
+    }
+    /// Makes `/readyz` answer 503 while every one of `slots` is taken.
+    pub fn watch_proxy_slots(&self, slots: ConnectionSlots) {
+        let _ = self.0.proxy_slots.set(slots);
+    }
+    /// Why `/readyz` answers 503, or `None` when it answers 200.
+    pub fn not_ready_because(&self) -> Option<String> {
+        if !self.0.ready.load(Ordering::SeqCst) {
+            return Some("not ready: starting or draining".to_owned());
+        }
+        let slots = self.0.proxy_slots.get()?;
+        slots.is_full().then(|| {
+            format!(
+                "not ready: all {} proxy connections are in use (the connection cap)",
+                slots.limit()
+            )
+        })
     }
 
     /// Adds the store's health to `/readyz`'s body. A failing store does not make `/readyz`
     /// fail: the proxy keeps serving the last saved credentials, and only control-plane
     /// writes are refused until the store recovers by itself.
-    pub fn with_store_health(mut self, health: StoreHealth) -> Self {
-        self.1 = Some(health);
+    pub fn with_store_health(self, health: StoreHealth) -> Self {
+        let _ = self.0.store_health.set(health);
         self
     }
 
     /// The body's line about the store, if a store is attached.
     fn store_line(&self) -> String {
-        match self.1.as_ref().map(StoreHealth::failure) {
+        match self.0.store_health.get().map(StoreHealth::failure) {
             None => String::new(),
             Some(None) => "store: ok\n".into(),
             Some(Some(reason)) => format!("store: failing, writes refused: {reason}\n"),
@@ -106,13 +135,13 @@ fn respond(
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if ready.is_ready() => {
-            text(StatusCode::OK, format!("ready\n{}", ready.store_line()))
-        }
-        "/readyz" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready\n{}", ready.store_line()),
-        ),
+        "/readyz" => match ready.not_ready_because() {
+            None => text(StatusCode::OK, format!("ready\n{}", ready.store_line())),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{why}\n{}", ready.store_line()),
+            ),
+        },
         "/metrics" => {
             let body = metrics.map(|h| h.render()).unwrap_or_default();
             let mut res = text(StatusCode::OK, body);
@@ -134,13 +163,38 @@ fn respond(
 /// traffic whenever nobody scrapes `/metrics`.
 pub const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Deadline on an admin connection's first bytes, on each request head, and on a write the
+/// peer does not read: probes and scrapes send their request at once, so anything slower is
+/// a stuck or hostile client.
+pub const ADMIN_IO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the admin endpoints until `shutdown` resolves, and keeps the recorder's memory
 /// bounded meanwhile.
 pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: impl Future<Output = ()>) {
+    serve_with_timeout(listener, ready, shutdown, ADMIN_IO_TIMEOUT).await;
+}
+
+async fn serve_with_timeout(
+    listener: TcpListener,
+    ready: Readiness,
+    shutdown: impl Future<Output = ()>,
+    io_timeout: Duration,
+) {
     let metrics = metrics_handle();
     let graceful = GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(io_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(io_timeout))
+        .keep_alive_timeout(io_timeout);
+    let builder = Arc::new(builder);
     tokio::pin!(shutdown);
+    let mut backoff = AcceptBackoff::default();
     let mut upkeep = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
     upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -151,17 +205,32 @@ pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: impl Futur
                 }
             }
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => {
+                        backoff.reset();
+                        stream
+                    }
+                    Err(e) => {
+                        backoff.after(&e, "admin").await;
+                        continue;
+                    }
+                };
                 let ready = ready.clone();
                 let metrics = metrics.clone();
                 let svc = service_fn(move |req| {
                     let res = respond(&req, &ready, metrics.as_ref());
                     async move { Ok::<_, Infallible>(res) }
                 });
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
+                let builder = builder.clone();
+                // Watched from the start, so a shutdown waits at most `io_timeout` for a
+                // connection still sending its first bytes.
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    let Ok(io) = first_bytes(stream, io_timeout, io_timeout).await else {
+                        return;
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(io), svc);
+                    let _ = watcher.watch(conn).await;
                 });
             }
             () = &mut shutdown => break,
@@ -169,4 +238,51 @@ pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: impl Futur
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn silent_or_partial_admin_connections_are_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ready = Readiness::default();
+        ready.set(true);
+        tokio::spawn(serve_with_timeout(
+            listener,
+            ready,
+            std::future::pending(),
+            Duration::from_millis(200),
+        ));
+        for sent in [
+            &b""[..],
+            b"P",
+            b"PRI * HTTP/2.0\r\n",
+            b"GET /readyz HTTP/1.1\r\n",
+        ] {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(sent).await.unwrap();
+            let mut buf = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf));
+            assert!(
+                read.await.is_ok(),
+                "an admin connection that sent {sent:?} was kept"
+            );
+        }
+        // A real probe is answered.
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        assert!(
+            buf.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
 }

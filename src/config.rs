@@ -54,7 +54,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDEKEY_PROXY_LISTEN", default_value = "127.0.0.1:8080")]
     pub proxy_listen: SocketAddr,
 
-    /// Control plane (gRPC): HOST:PORT, or unix:/path for a socket (made mode 0600).
+    /// Control plane (gRPC): HOST:PORT, or unix:/path for a socket (mode 0600 from the
+    /// start; only a stale socket at the path is replaced, any other file is refused).
     #[arg(long, env = "SIDEKEY_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: GrpcListen,
 
@@ -103,10 +104,25 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDEKEY_TENANTS_FILE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub tenants_file_interval: Duration,
 
+    /// Largest share, in percent, of the tenants the tenants file declared that one new
+    /// version of it may delete (deleting one tenant is always allowed). A version deleting
+    /// more is refused and the state before it kept: raise this (100 = no limit) to delete
+    /// that many on purpose, e.g. for `tenants: []`.
+    #[arg(long, env = "SIDEKEY_TENANTS_FILE_MAX_DELETE", default_value_t = crate::tenants_file::DEFAULT_MAX_DELETE_PERCENT,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub tenants_file_max_delete: u8,
+
     /// Also count proxied requests per tenant (sidekey_proxy_requests_by_tenant_total), for
     /// at most 100 tenants; the rest are counted as "other".
     #[arg(long, env = "SIDEKEY_METRICS_TENANT_LABEL")]
     pub metrics_tenant_label: bool,
+
+    /// Bytes of request bodies held in memory at once, over all requests (Mailkit bodies
+    /// being rewritten, m3ter bodies kept for replay): a number of bytes, or with a KiB, MiB
+    /// or GiB suffix. A Mailkit body that does not fit is refused with 503
+    /// body_budget_exhausted; an m3ter body that does not fit streams without replay.
+    #[arg(long, env = "SIDEKEY_BODY_MEMORY_BUDGET", default_value = "64MiB", value_parser = parse_byte_size)]
+    pub body_memory_budget: usize,
 
     /// Log line format. Filter with RUST_LOG (default: info).
     #[arg(long, env = "SIDEKEY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -196,7 +212,9 @@ pub struct ServeConfig {
     pub connect_to: Vec<ConnectTo>,
     pub tenants_file: Option<PathBuf>,
     pub tenants_file_interval: Duration,
+    pub tenants_file_max_delete: u8,
     pub metrics_tenant_label: bool,
+    pub body_memory_budget: usize,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
 }
@@ -233,7 +251,9 @@ impl ServeArgs {
             connect_to: self.connect_to,
             tenants_file: self.tenants_file,
             tenants_file_interval: self.tenants_file_interval,
+            tenants_file_max_delete: self.tenants_file_max_delete,
             metrics_tenant_label: self.metrics_tenant_label,
+            body_memory_budget: self.body_memory_budget,
             log_format: self.log_format,
             shutdown_grace: self.shutdown_grace,
         }
@@ -258,9 +278,65 @@ impl ServeConfig {
             connect_to: Vec::new(),
             tenants_file: None,
             tenants_file_interval: crate::tenants_file::DEFAULT_POLL,
+            tenants_file_max_delete: crate::tenants_file::DEFAULT_MAX_DELETE_PERCENT,
             metrics_tenant_label: false,
+            body_memory_budget: crate::proxy::DEFAULT_BODY_MEMORY_BUDGET,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// A byte count as `--body-memory-budget` takes it: digits, optionally followed by `KiB`,
+/// `MiB` or `GiB` (powers of 1024), nothing else; at least 1.
+pub fn parse_byte_size(value: &str) -> Result<usize, String> {
+    let invalid = || format!("{value:?} is not a byte size (e.g. 268435456, 512KiB, 256MiB, 1GiB)");
+    let digits_end = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (digits, unit) = value.split_at(digits_end);
+    let scale: usize = match unit {
+        "" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(invalid()),
+    };
+    let n: usize = digits.parse().map_err(|_| invalid())?;
+    match n.checked_mul(scale) {
+        Some(bytes) if bytes > 0 => Ok(bytes),
+        _ => Err(invalid()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_byte_size;
+
+    #[test]
+    fn byte_sizes_have_one_grammar() {
+        assert_eq!(parse_byte_size("1024"), Ok(1024));
+        assert_eq!(parse_byte_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_byte_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_byte_size("1GiB"), Ok(1 << 30));
+        for bad in [
+            "",
+            "0",
+            "0MiB",
+            "MiB",
+            "-1",
+            "+1",
+            "1.5MiB",
+            "1 MiB",
+            "1mib",
+            "1MB",
+            "1M",
+            "1KiBx",
+            " 1",
+            "99999999999999999999",
+            "18446744073709551615GiB",
+        ] {
+            assert!(parse_byte_size(bad).is_err(), "{bad:?} should be refused");
         }
     }
 }

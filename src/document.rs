@@ -38,7 +38,223 @@ impl<F: Fn(&str) -> Option<String>> Sources for F {
         self(name)
     }
     fn file(&self, path: &Path) -> std::io::Result<String> {
-        std::fs::read_to_string(path)
+        read_regular_file(path, MAX_SECRET_FILE_BYTES)
+    }
+}
+
+/// Largest tenant document or tenants file, in bytes: a few thousand tenants. Larger files
+/// are refused before they are read.
+pub const MAX_DOCUMENT_BYTES: u64 = 4 << 20;
+/// Largest file a secret is read from (`valueFrom: { file }`), in bytes. A secret is at most
+/// 4096 bytes; the rest allows surrounding whitespace.
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
+/// Deepest nesting accepted in a document, counting indentation columns, `- `/`? ` block
+/// indicators and open `[`/`{` (even inside quotes). A valid document nests about 6 levels;
+/// YAML parsing time grows with the square of the depth, so depth is bounded before parsing.
+pub const MAX_NESTING: usize = 64;
+/// How long reading and parsing a document, with the secret files it references, may take.
+/// It runs on the blocking pool; past this the caller gives up (a read stuck on a dead
+/// network file system is left behind, the caller is not).
+pub const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The content of `path` if it is a regular file (symlinks followed) of at most `max` bytes.
+/// Anything else (a FIFO, a device such as /dev/zero, a directory, a socket) is refused
+/// without being opened, so a read can neither block waiting for a writer nor grow without
+/// end. The type is checked again on the opened file, in case the path was swapped between
+/// the two checks; opening a FIFO swapped in at that instant could still block, which is why
+/// callers also run this on the blocking pool under a deadline.
+pub fn read_regular_file(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    let check = |meta: std::fs::Metadata| {
+        if !meta.is_file() {
+            return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+        }
+        if meta.len() > max {
+            return Err(Error::new(
+                ErrorKind::InvalidData,
+                format!("larger than {max} bytes"),
+            ));
+        }
+        Ok(())
+    };
+    check(std::fs::metadata(path)?)?;
+    let file = std::fs::File::open(path)?;
+    check(file.metadata()?)?;
+    let mut bytes = Vec::new();
+    // One byte more than allowed tells a file that grew after the check from one that fits.
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("larger than {max} bytes"),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| Error::new(ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
+/// Parses one YAML (or JSON) document into `T`, after bounding its size and nesting depth.
+/// Errors name the field path and the line, never a value: serde's messages quote the
+/// offending value (`invalid type: string "s3cret"`), which may be a secret.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    if text.len() as u64 > MAX_DOCUMENT_BYTES {
+        return Err(format!("larger than {MAX_DOCUMENT_BYTES} bytes"));
+    }
+    if let Some(line) = too_deep(text) {
+        return Err(format!(
+            "nested more than {MAX_NESTING} levels deep at line {line}"
+        ));
+    }
+    serde_yaml_ng::from_str(text).map_err(|e| describe_yaml_error(&e))
+}
+
+/// The first line (1-based) at which an upper bound of the nesting depth passes
+/// [`MAX_NESTING`]. The bound over-counts (brackets in quoted text, deep indentation of a
+/// block scalar) so that it can never under-count: too deep a valid file is refused, never
+/// too deep a hostile one accepted.
+fn too_deep(text: &str) -> Option<usize> {
+    let mut flow = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches([' ', '\t']).len();
+        let mut block = indent;
+        let mut rest = &line[indent..];
+        while let Some(after) = rest
+            .strip_prefix("- ")
+            .or_else(|| rest.strip_prefix("? "))
+            .or_else(|| rest.strip_prefix("-\t"))
+        {
+            block += 1;
+            rest = after.trim_start_matches([' ', '\t']);
+        }
+        if block + flow > MAX_NESTING {
+            return Some(n + 1);
+        }
+        for b in line.bytes() {
+            match b {
+                b'[' | b'{' => {
+                    flow += 1;
+                    if block + flow > MAX_NESTING {
+                        return Some(n + 1);
+                    }
+                }
+                b']' | b'}' => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    None
+}
+
+/// Every field name a document may hold: only these may appear in an error's path.
+const FIELD_NAMES: &[&str] = &[
+    "partnerDefaults",
+    "partner_defaults",
+    "tenants",
+    "id",
+    "displayName",
+    "display_name",
+    "miradore",
+    "m3ter",
+    "mailkit",
+    "site",
+    "apiKey",
+    "api_key",
+    "accessKeyId",
+    "access_key_id",
+    "apiSecret",
+    "api_secret",
+    "orgId",
+    "org_id",
+    "environment",
+    "clientId",
+    "client_id",
+    "clientMd5",
+    "client_md5",
+    "value",
+    "valueFrom",
+    "value_from",
+    "fingerprint",
+    "file",
+    "env",
+    "etag",
+    "createTime",
+    "create_time",
+    "updateTime",
+    "update_time",
+];
+
+/// Whether `path` is a serde_yaml_ng path made only of known field names and indices, e.g.
+/// `tenants[3].miradore.apiKey`.
+fn is_field_path(path: &str) -> bool {
+    !path.is_empty()
+        && path.split('.').all(|segment| {
+            let name_end = segment.find('[').unwrap_or(segment.len());
+            let (name, indices) = segment.split_at(name_end);
+            (FIELD_NAMES.contains(&name) || (name.is_empty() && !indices.is_empty()))
+                && indices.split_terminator(']').all(|i| {
+                    i.strip_prefix('[')
+                        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                })
+        })
+}
+
+/// A YAML error as a fixed sentence, with the field path (when it is made of known field
+/// names) and the line and column. Nothing of the document's own text is repeated.
+pub fn describe_yaml_error(e: &serde_yaml_ng::Error) -> String {
+    let text = e.to_string();
+    let (path, problem) = match text.split_once(": ") {
+        Some((path, rest)) if is_field_path(path) => (Some(path), rest),
+        _ => (None, text.as_str()),
+    };
+    let named = |prefix: &str| {
+        problem
+            .strip_prefix(prefix)
+            .and_then(|r| r.split('`').next())
+            .filter(|name| FIELD_NAMES.contains(name))
+    };
+    // A predicate about the field at `path` (or the document), or a whole sentence.
+    let predicate = |p: &str| (true, p.to_owned());
+    let (is_predicate, sentence) = if problem.starts_with("invalid type") {
+        let expected = problem
+            .rsplit_once(", expected ")
+            .map(|(_, e)| e)
+            .unwrap_or("");
+        let kind = if expected.starts_with("struct") || expected.starts_with("a map") {
+            "a mapping ({ ... })"
+        } else if expected.starts_with("a sequence") {
+            "a list"
+        } else if expected.starts_with("a string") {
+            "a string"
+        } else {
+            "another type"
+        };
+        predicate(&format!("has the wrong type (expected {kind})"))
+    } else if problem.starts_with("invalid value") {
+        predicate("has an invalid value")
+    } else if problem.starts_with("invalid length") {
+        predicate("has the wrong number of entries")
+    } else if problem.starts_with("unknown field") {
+        predicate("has a field that is not allowed here (check its name and indentation)")
+    } else if let Some(name) = named("missing field `") {
+        (false, format!("{name} is required"))
+    } else if let Some(name) = named("duplicate field `") {
+        (false, format!("{name} is given twice"))
+    } else if problem.starts_with("recursion limit exceeded") {
+        predicate("is nested too deeply")
+    } else if problem.starts_with("unknown anchor") {
+        predicate("refers to an unknown anchor")
+    } else if problem.starts_with("repetition limit exceeded") {
+        predicate("expands aliases too many times")
+    } else {
+        predicate("is not valid YAML")
+    };
+    let at = e
+        .location()
+        .map(|l| format!(" at line {} column {}", l.line(), l.column()))
+        .unwrap_or_default();
+    match (path, is_predicate) {
+        (Some(path), _) => format!("{path}: {sentence}{at}"),
+        (None, true) => format!("the document {sentence}{at}"),
+        (None, false) => format!("{sentence}{at}"),
     }
 }
 
@@ -178,10 +394,11 @@ impl PartnerDefaultsDoc {
 impl TenantDoc {
     /// Reads a YAML or JSON document (JSON is YAML).
     pub fn from_file(path: &Path) -> Result<Self, DocumentError> {
-        let text = std::fs::read_to_string(path).map_err(|source| DocumentError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            read_regular_file(path, MAX_DOCUMENT_BYTES).map_err(|source| DocumentError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
         Self::parse(&text).map_err(|message| DocumentError::Parse {
             path: path.to_owned(),
             message,
@@ -189,8 +406,7 @@ impl TenantDoc {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
-        // The parser's message names a line and column, never a value.
-        serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+        parse_yaml(text)
     }
 
     /// The tenant message, with every referenced secret read from `sources`.
@@ -341,6 +557,80 @@ mod tests {
             "{err}"
         );
         assert!(TenantDoc::parse("id: a\nmiradore: { sight: x }").is_err());
+    }
+
+    #[test]
+    fn parse_errors_name_the_field_and_line_never_the_value() {
+        let cases = [
+            (
+                "id: a\nmiradore: { apiKey: \"s3cret\" }",
+                "miradore.apiKey: has the wrong type (expected a mapping ({ ... })) at line 2",
+            ),
+            (
+                "id: a\nmiradore: { s3cret: x }",
+                "miradore: has a field that is not allowed here",
+            ),
+            (
+                "id: a\nmailkit: { clientMd5: { value: [s3cret] } }",
+                "mailkit.clientMd5.value: has the wrong type (expected a string)",
+            ),
+            (
+                "id: a\nmailkit: { clientMd5: { value: 's3cret",
+                "the document is not valid YAML at line",
+            ),
+            ("displayName: s3cret", "id is required"),
+            ("id: a\nid: s3cret", "id is given twice"),
+            (
+                "id: a\ncreateTime: { s3cret: [1, 2] }\netag: { s3cret: 1 }",
+                "etag: has the wrong type",
+            ),
+            ("s3cret", "the document has the wrong type"),
+        ];
+        for (text, expected) in cases {
+            let err = TenantDoc::parse(text).unwrap_err();
+            assert!(err.starts_with(expected), "{text:?}: {err}");
+            assert!(!err.contains("s3cret"), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn nesting_is_bounded_before_parsing() {
+        let started = std::time::Instant::now();
+        for hostile in [
+            format!("id: {}{}", "[".repeat(60_000), "]".repeat(60_000)),
+            format!("id: a\netag:\n{}", "- ".repeat(60_000)),
+            format!("id: a\netag:\n{}", "{a: ".repeat(60_000)),
+        ] {
+            let err = TenantDoc::parse(&hostile).unwrap_err();
+            assert!(err.contains("nested more than 64 levels"), "{err}");
+        }
+        let huge = format!(
+            "id: a\netag: \"{}\"",
+            "x".repeat(MAX_DOCUMENT_BYTES as usize)
+        );
+        assert!(TenantDoc::parse(&huge).unwrap_err().contains("larger than"));
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        // The usual shapes, and brackets in values, are well within the bound.
+        TenantDoc::parse("id: a\nmiradore: { site: x, apiKey: { value: \"[{[{]}]}\" } }").unwrap();
+    }
+
+    #[test]
+    fn secret_files_must_be_small_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'a'; MAX_SECRET_FILE_BYTES as usize + 1]).unwrap();
+        let fits = dir.path().join("fits");
+        std::fs::write(&fits, "k\n").unwrap();
+        let env = |_: &str| None;
+        assert_eq!(Sources::file(&env, &fits).unwrap(), "k\n");
+        for (path, why) in [
+            (big.as_path(), "larger than"),
+            (Path::new("/dev/zero"), "not a regular file"),
+            (dir.path(), "not a regular file"),
+        ] {
+            let err = Sources::file(&env, path).unwrap_err().to_string();
+            assert!(err.contains(why), "{path:?}: {err}");
+        }
     }
 
     #[test]

@@ -30,6 +30,10 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // With a log collector gone (stderr a closed pipe), tracing-subscriber would report
+        // the failed write with `eprintln!`, which panics on the same closed stderr and takes
+        // the proxy down with it. Lost log lines are the lesser harm.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -126,6 +130,22 @@ fn main() -> ExitCode {
         }
         Command::Tenants { client, command } => (client, ClientCommand::Tenants(command)),
         Command::Partner { client, command } => (client, ClientCommand::Partner(command)),
+        Command::Store { command } => {
+            let env = sidekey::cli::store::StoreEnv {
+                master_key: std::env::var("SIDEKEY_MASTER_KEY").ok(),
+                etcd_password: std::env::var(sidekey::config::ETCD_PASSWORD_ENV).ok(),
+            };
+            return match sidekey::cli::store::run(command, env) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("sidekey: {message}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -23,8 +23,12 @@ impl Secret {
         &self.0
     }
 
-    /// `sha256:` and the first 12 hex digits of the SHA-256 of the value: enough for an
-    /// operator to tell two values apart, too little to recover even a short one.
+    /// `sha256:` and the first 12 hex digits of the unkeyed SHA-256 of the value: enough for
+    /// an operator to tell two values apart, and to check a key locally with `sha256sum`.
+    /// It is not a secret-preserving digest: anyone who sees it can test guesses offline, so
+    /// a short or guessable value (a 6-digit PIN, a dictionary word) is recovered in seconds.
+    /// Vendor keys are long random strings, for which guessing is hopeless; that, not the
+    /// truncation, is what keeps them safe.
     pub fn fingerprint(&self) -> String {
         let digest = digest::digest(&digest::SHA256, self.0.as_bytes());
         let mut out = String::with_capacity(19);

@@ -16,7 +16,6 @@ use crate::admin::{self, Readiness};
 use crate::config::{ServeConfig, StoreChoice};
 use crate::control::{self, ControlToken, GrpcListener, TenantApi};
 use crate::proxy::{self, Proxy, ProxyConfig};
-use crate::secret::Secret;
 use crate::store::Store;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::etcd::EtcdStore;
@@ -126,15 +125,19 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     })
     .await
     .map_err(|e| StartError::Config(format!("start-up task failed: {e}")))??;
-    let catalog = Catalog::open(store).await.map_err(|e| StartError::Store {
+    let catalog = Arc::new(Catalog::open(store).await.map_err(|e| StartError::Store {
         dir: store_place,
         message: e.to_string(),
-    })?;
+    })?);
+    catalog.follow();
     // Declared tenants are in force before any listener accepts a request.
     let mut tenants_file = match &config.tenants_file {
         Some(path) => {
-            let mut file = TenantsFile::new(path.clone(), &config.data_dir, catalog.clone());
-            file.apply_now().await.map_err(StartError::TenantsFile)?;
+            let mut file = TenantsFile::new(path.clone(), &config.data_dir, catalog.clone())
+                .max_delete_percent(config.tenants_file_max_delete);
+            file.apply_at_start(config.tenants_file_interval)
+                .await
+                .map_err(StartError::TenantsFile)?;
             Some(file)
         }
         None => None,
@@ -191,9 +194,11 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         broker.clone(),
         ProxyConfig {
             tenant_metrics: config.metrics_tenant_label,
+            body_memory_budget: config.body_memory_budget,
             ..ProxyConfig::default()
         },
     );
+    readiness.watch_proxy_slots(proxy.connection_slots());
     tasks.spawn(proxy::serve(proxy_listener, proxy, on_stop()));
 
     let tester = Tester {
@@ -291,23 +296,11 @@ fn resolve_store(config: &ServeConfig, key: &MasterKeySource) -> Result<StoreCho
                 .into(),
         ));
     }
-    let mut etcd = etcd.as_ref().clone();
-    if let Some(path) = password_file {
-        if etcd.password.is_some() {
-            return Err(StartError::Config(
-                "give the etcd password with --etcd-password-file or SIDEKEY_ETCD_PASSWORD, not \
-                 both"
-                    .into(),
-            ));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            StartError::Config(format!(
-                "cannot read --etcd-password-file {}: {e}",
-                path.display()
-            ))
-        })?;
-        etcd.password = Some(Secret::new(text.trim_end_matches(['\r', '\n'])));
-    }
+    let etcd = etcd
+        .as_ref()
+        .clone()
+        .with_password_file(password_file.as_deref())
+        .map_err(StartError::Config)?;
     etcd.validate().map_err(StartError::Config)?;
     Ok(StoreChoice::Etcd {
         config: Box::new(etcd),

@@ -10,10 +10,19 @@
 //! The file is re-read every poll interval rather than watched with inotify: Kubernetes
 //! updates a mounted Secret by swapping a symlink, which a re-read by path always follows,
 //! and a secret referenced with `valueFrom: { file }` can change without the file changing.
+//! Each poll first stats the file and the secret files it references; only when one of them
+//! changed are they read (on the blocking pool, size-capped) and hashed.
 //!
-//! Tenants the file declared before and no longer declares are deleted. The ids the file
-//! last declared are kept in `<data-dir>/tenants-file.applied` (ids only, no secret), so a
-//! removal made while sidekey was down is applied at the next start.
+//! A file being written is never applied half-way: a new version is applied only once two
+//! reads one poll apart found the same content (so at start-up, once one poll interval has
+//! passed), and an empty declaration must be explicit (`tenants: []`): an empty file, a
+//! comment, or `tenants:` alone is refused.
+//!
+//! Tenants the file declared before and no longer declares are deleted, but a version that
+//! would delete more than `max_delete_percent` of them at once (more than one tenant) is
+//! refused: that is a truncated or mistaken file far more often than an intent. The ids the
+//! file last declared are kept in `<data-dir>/tenants-file.applied` (ids only, no secret), so
+//! a removal made while sidekey was down is applied at the next start.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,11 +32,22 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::control::convert::connections_in;
-use crate::document::{PartnerDefaultsDoc, Sources, TenantDoc, kept_secrets};
+use crate::document::{
+    MAX_DOCUMENT_BYTES, MAX_SECRET_FILE_BYTES, PartnerDefaultsDoc, READ_DEADLINE, Sources,
+    TenantDoc, kept_secrets, read_regular_file,
+};
 use crate::tenants::{ApplyReport, Catalog, CatalogError, Declared, DeclaredTenant};
 
 /// How often the file is re-read when no interval is configured.
 pub const DEFAULT_POLL: Duration = Duration::from_secs(5);
+
+/// Largest share of the previously declared tenants, in percent, one version of the file may
+/// delete when no other share is configured (`--tenants-file-max-delete`). Deleting a
+/// single tenant is always allowed.
+pub const DEFAULT_MAX_DELETE_PERCENT: u8 = 50;
+
+/// At start-up, how many polls the file may keep changing before sidekey gives up.
+const START_ATTEMPTS: u32 = 10;
 
 /// Name of the file in the data directory listing the ids the tenants file last declared.
 pub const APPLIED_IDS_FILE: &str = "tenants-file.applied";
@@ -37,8 +57,10 @@ pub const APPLIED_IDS_FILE: &str = "tenants-file.applied";
 struct FileDoc {
     #[serde(default, alias = "partner_defaults")]
     partner_defaults: Option<PartnerDefaultsDoc>,
+    /// Required, even when empty: `tenants: []`. An absent or null list is refused, so that
+    /// a truncated file cannot read as "no tenants".
     #[serde(default)]
-    tenants: Vec<TenantDoc>,
+    tenants: Option<Vec<TenantDoc>>,
 }
 
 /// What the watcher has done so far; the error is the last rejection's reason.
@@ -53,8 +75,14 @@ pub struct TenantsFileStatus {
 
 /// The declaration `text` states (without `removed`), secrets read through `sources`.
 fn parse_declared(path: &Path, text: &str, sources: &dyn Sources) -> Result<Declared, String> {
-    let doc: FileDoc = serde_yaml_ng::from_str(text)
+    let doc: FileDoc = crate::document::parse_yaml(text)
         .map_err(|e| format!("{} is not a valid tenants file: {e}", path.display()))?;
+    let Some(declared_tenants) = doc.tenants else {
+        return Err(format!(
+            "{}: tenants is missing or empty; to declare no tenants, write `tenants: []`",
+            path.display()
+        ));
+    };
     let env = sources;
     // A fingerprint names a value without carrying it; a file has no stored value to keep.
     let refuse_kept = |prefix: &str, kept: Vec<(&str, &str)>| match kept.first() {
@@ -75,16 +103,11 @@ fn parse_declared(path: &Path, text: &str, sources: &dyn Sources) -> Result<Decl
         )?;
     }
     let partner = partner.map(|p| connections_in(&p.miradore, &p.m3ter, &p.mailkit));
-    let mut tenants = Vec::with_capacity(doc.tenants.len());
-    for t in doc.tenants {
-        let id = t.id.clone();
-        let t = t
-            .into_proto(env)
-            .map_err(|e| format!("tenants[{id}].{e}"))?;
-        refuse_kept(
-            &format!("tenants[{id}]"),
-            kept_secrets(&t.miradore, &t.m3ter, &t.mailkit),
-        )?;
+    let mut tenants = Vec::with_capacity(declared_tenants.len());
+    for (index, t) in declared_tenants.into_iter().enumerate() {
+        let at = crate::tenants::validate::declared_tenant_path(index, &t.id);
+        let t = t.into_proto(env).map_err(|e| format!("{at}.{e}"))?;
+        refuse_kept(&at, kept_secrets(&t.miradore, &t.m3ter, &t.mailkit))?;
         tenants.push(DeclaredTenant {
             connections: connections_in(&t.miradore, &t.m3ter, &t.mailkit),
             id: t.id,
@@ -116,11 +139,12 @@ fn explain(e: CatalogError) -> String {
     }
 }
 
-/// The process environment, and files read from disk and remembered, so the next poll can
-/// tell whether anything the declaration came from has changed.
+/// The process environment, and files read from disk (size-capped, regular files only) and
+/// remembered, so the next poll can tell whether anything the declaration came from has
+/// changed.
 #[derive(Default)]
 struct RecordingSources {
-    files: std::cell::RefCell<Vec<(PathBuf, String)>>,
+    files: std::cell::RefCell<Vec<(PathBuf, Option<Stamp>, String)>>,
 }
 
 impl Sources for RecordingSources {
@@ -128,62 +152,103 @@ impl Sources for RecordingSources {
         std::env::var(name).ok()
     }
     fn file(&self, path: &Path) -> std::io::Result<String> {
-        let content = std::fs::read_to_string(path)?;
+        // Stamped before the read: a change during the read shows at the next poll. A file
+        // that cannot be read is recorded too (with no stamp, so it is read again at every
+        // poll): its appearance is a change.
+        let stamp = Stamp::of(path);
+        let result = read_regular_file(path, MAX_SECRET_FILE_BYTES);
+        let (stamp, content) = match &result {
+            Ok(content) => (stamp, content.clone()),
+            Err(_) => (None, String::new()),
+        };
         self.files
             .borrow_mut()
-            .push((path.to_owned(), content.clone()));
-        Ok(content)
+            .push((path.to_owned(), stamp, content));
+        result
     }
 }
 
-/// What a declaration was made from: the tenants file's bytes and the secret files it
-/// referenced (the environment does not change under a running process). Kept as a
-/// SHA-256, never as the secrets themselves.
-#[derive(Clone, PartialEq, Eq)]
-struct Inputs {
+/// What `stat` says of a file (symlinks followed): if none of it changed, the content has
+/// not either, and the file need not be read and hashed again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
+    }
+}
+
+/// One read of the file: the declaration it states, what it was made from, and the stamps
+/// of the files read.
+struct Reading {
+    declared: Result<Declared, String>,
+    /// SHA-256 of the file's bytes and of every secret file it referenced (never the
+    /// secrets themselves).
     digest: [u8; 32],
-    files: Vec<PathBuf>,
+    stamps: Vec<(PathBuf, Option<Stamp>)>,
 }
 
-impl Inputs {
-    fn of(text: &str, files: &[(PathBuf, String)]) -> Self {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        ctx.update(&(text.len() as u64).to_be_bytes());
-        ctx.update(text.as_bytes());
-        for (path, content) in files {
-            let path = path.as_os_str().as_encoded_bytes();
-            ctx.update(&(path.len() as u64).to_be_bytes());
-            ctx.update(path);
-            ctx.update(&(content.len() as u64).to_be_bytes());
-            ctx.update(content.as_bytes());
-        }
-        let mut digest = [0u8; 32];
-        digest.copy_from_slice(ctx.finish().as_ref());
-        Self {
-            digest,
-            files: files.iter().map(|(p, _)| p.clone()).collect(),
-        }
+fn digest_of(text: &str, files: &[(PathBuf, Option<Stamp>, String)]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(&(text.len() as u64).to_be_bytes());
+    ctx.update(text.as_bytes());
+    for (path, _, content) in files {
+        let path = path.as_os_str().as_encoded_bytes();
+        ctx.update(&(path.len() as u64).to_be_bytes());
+        ctx.update(path);
+        ctx.update(&(content.len() as u64).to_be_bytes());
+        ctx.update(content.as_bytes());
     }
-
-    /// Whether `text` and the current content of the same secret files are what this
-    /// digest was made from. A secret file that cannot be read now counts as a change.
-    fn unchanged(&self, text: &str) -> bool {
-        let mut files = Vec::with_capacity(self.files.len());
-        for path in &self.files {
-            match std::fs::read_to_string(path) {
-                Ok(content) => files.push((path.clone(), content)),
-                Err(_) => return false,
-            }
-        }
-        Self::of(text, &files).digest == self.digest
-    }
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(ctx.finish().as_ref());
+    digest
 }
 
-enum Seen {
-    /// The file could not be read (reported once until it can be).
-    Unreadable,
-    /// The inputs of the declaration last applied or rejected.
-    Read(Inputs),
+/// Reads and parses the file and its secret files. Blocking: run on the blocking pool.
+fn read(path: &Path) -> Result<Reading, String> {
+    let stamp = Stamp::of(path);
+    let text = read_regular_file(path, MAX_DOCUMENT_BYTES)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let sources = RecordingSources::default();
+    let declared = parse_declared(path, &text, &sources);
+    let files = sources.files.into_inner();
+    let digest = digest_of(&text, &files);
+    let mut stamps = vec![(path.to_owned(), stamp)];
+    stamps.extend(files.into_iter().map(|(p, s, _)| (p, s)));
+    Ok(Reading {
+        declared,
+        digest,
+        stamps,
+    })
+}
+
+/// Where the watcher stands after a poll.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Poll {
+    /// Nothing new: the version in force (applied or rejected) is still the file's.
+    Unchanged,
+    /// A new version was read; it is applied at the next poll if it is still the same.
+    Settling,
+    /// A settled version was applied.
+    Applied(ApplyReport),
+    /// A settled version was rejected, or the file could not be read; the state before it
+    /// stays in force.
+    Rejected(String),
 }
 
 /// Applies the tenants file and keeps applying it as it changes.
@@ -191,9 +256,15 @@ pub struct TenantsFile {
     path: PathBuf,
     applied_ids: PathBuf,
     catalog: Arc<Catalog>,
-    /// What the last poll saw, so an unchanged file is neither parsed, re-applied nor
-    /// re-reported every poll.
-    last_seen: Option<Seen>,
+    max_delete_percent: u8,
+    /// The stamps of the files last read, so that an unchanged file is not read again.
+    stamps: Vec<(PathBuf, Option<Stamp>)>,
+    /// The digest of the version last applied or rejected: not applied or reported again.
+    settled: Option<[u8; 32]>,
+    /// The digest of a version read once, waiting for a second read to confirm it.
+    pending: Option<[u8; 32]>,
+    /// The last poll could not read the file (reported once until it can).
+    unreadable: bool,
     status: watch::Sender<TenantsFileStatus>,
 }
 
@@ -203,54 +274,119 @@ impl TenantsFile {
             path,
             applied_ids: data_dir.join(APPLIED_IDS_FILE),
             catalog,
-            last_seen: None,
+            max_delete_percent: DEFAULT_MAX_DELETE_PERCENT,
+            stamps: Vec::new(),
+            settled: None,
+            pending: None,
+            unreadable: false,
             status: watch::Sender::new(TenantsFileStatus::default()),
         }
+    }
+
+    /// Largest share (percent, 0-100) of the previously declared tenants one version may
+    /// delete; more than one tenant beyond it is refused. Default [`DEFAULT_MAX_DELETE_PERCENT`].
+    pub fn max_delete_percent(mut self, percent: u8) -> Self {
+        self.max_delete_percent = percent.min(100);
+        self
     }
 
     pub fn status(&self) -> watch::Receiver<TenantsFileStatus> {
         self.status.subscribe()
     }
 
-    /// Reads and applies the file once. At start-up an error here stops sidekey.
-    pub async fn apply_now(&mut self) -> Result<Option<ApplyReport>, String> {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(text) => text,
-            Err(e) => {
-                // Reported once per outage, like any other rejection.
-                let e = format!("cannot read {}: {e}", self.path.display());
-                if matches!(self.last_seen, Some(Seen::Unreadable)) {
-                    return Ok(None);
-                }
-                self.last_seen = Some(Seen::Unreadable);
-                self.report(&Err(e.clone()));
-                return Err(e);
+    /// Applies the file at start-up: polls every `poll` until a version has settled (two
+    /// equal reads) and is applied or rejected. An error here stops sidekey.
+    pub async fn apply_at_start(&mut self, poll: Duration) -> Result<Option<ApplyReport>, String> {
+        for attempt in 0..START_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(poll).await;
+            }
+            match self.poll().await {
+                Poll::Applied(report) => return Ok(Some(report)),
+                Poll::Rejected(e) => return Err(e),
+                Poll::Unchanged => return Ok(None),
+                Poll::Settling => {}
+            }
+        }
+        Err(format!(
+            "{} kept changing for {START_ATTEMPTS} polls; it is applied once two reads one poll apart agree",
+            self.path.display()
+        ))
+    }
+
+    /// One poll: stat, read if anything changed, apply a version read twice the same.
+    pub async fn poll(&mut self) -> Poll {
+        if self.pending.is_none()
+            && self.settled.is_some()
+            && !self.stamps.is_empty()
+            && self
+                .stamps
+                .iter()
+                .all(|(p, s)| s.is_some() && Stamp::of(p) == *s)
+        {
+            return Poll::Unchanged;
+        }
+        let path = self.path.clone();
+        let job = tokio::task::spawn_blocking(move || read(&path));
+        let reading = match tokio::time::timeout(READ_DEADLINE, job).await {
+            Ok(Ok(Ok(reading))) => reading,
+            Ok(Ok(Err(e))) => return self.unreadable(e),
+            Ok(Err(e)) => {
+                return self.unreadable(format!("reading {} failed: {e}", self.path.display()));
+            }
+            Err(_) => {
+                return self.unreadable(format!(
+                    "reading {} and its secret files took longer than {READ_DEADLINE:?}",
+                    self.path.display()
+                ));
             }
         };
-        if let Some(Seen::Read(inputs)) = &self.last_seen
-            && inputs.unchanged(&text)
-        {
-            return Ok(None);
+        self.unreadable = false;
+        self.stamps = reading.stamps;
+        if self.settled == Some(reading.digest) {
+            self.pending = None;
+            return Poll::Unchanged;
         }
-        let sources = RecordingSources::default();
-        let declared = parse_declared(&self.path, &text, &sources);
-        self.last_seen = Some(Seen::Read(Inputs::of(&text, &sources.files.borrow())));
-        drop(text);
-        let result = match declared {
+        if self.pending != Some(reading.digest) {
+            // First sight of this version: it may be half written. Apply it only if the
+            // next poll reads the same.
+            self.pending = Some(reading.digest);
+            return Poll::Settling;
+        }
+        self.pending = None;
+        self.settled = Some(reading.digest);
+        let result = match reading.declared {
             Ok(declared) => match self.apply(declared).await {
                 Ok(report) => Ok(report),
                 Err(Rejection::Invalid(e)) => Err(e),
                 Err(Rejection::Transient(e)) => {
-                    // Not the file's fault (a concurrent write, the store): try it again at
-                    // the next poll.
-                    self.last_seen = None;
+                    // Not the file's fault (a concurrent write, the store): the same version
+                    // is tried again at the next poll.
+                    self.settled = None;
+                    self.pending = Some(reading.digest);
                     Err(e)
                 }
             },
             Err(e) => Err(e),
         };
         self.report(&result);
-        result.map(Some)
+        match result {
+            Ok(report) => Poll::Applied(report),
+            Err(e) => Poll::Rejected(e),
+        }
+    }
+
+    /// The file cannot be read: reported once per outage, like any other rejection; the
+    /// next readable version is read afresh.
+    fn unreadable(&mut self, e: String) -> Poll {
+        self.stamps.clear();
+        self.pending = None;
+        self.settled = None;
+        if !self.unreadable {
+            self.unreadable = true;
+            self.report(&Err(e.clone()));
+        }
+        Poll::Rejected(e)
     }
 
     fn report(&self, result: &Result<ApplyReport, String>) {
@@ -282,10 +418,19 @@ impl TenantsFile {
 
     async fn apply(&self, mut declared: Declared) -> Result<ApplyReport, Rejection> {
         let previous = self.read_applied_ids();
+        let before = previous.len();
         declared.removed = previous
             .into_iter()
             .filter(|id| !declared.tenants.iter().any(|t| &t.id == id))
             .collect();
+        let removed = declared.removed.len();
+        if removed > 1 && removed * 100 > before * usize::from(self.max_delete_percent) {
+            return Err(Rejection::Invalid(format!(
+                "this version would delete {removed} of the {before} tenants the file declared, more than {}%; \
+                 if that is intended, allow it with --tenants-file-max-delete (SIDEKEY_TENANTS_FILE_MAX_DELETE)",
+                self.max_delete_percent
+            )));
+        }
         let ids: Vec<String> = declared.tenants.iter().map(|t| t.id.clone()).collect();
         let report = self
             .catalog
@@ -328,12 +473,14 @@ impl TenantsFile {
     pub async fn watch(mut self, poll: Duration, stop: impl std::future::Future<Output = ()>) {
         let mut ticks = tokio::time::interval(poll);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is immediate; start-up has just polled.
+        ticks.tick().await;
         tokio::pin!(stop);
         loop {
             tokio::select! {
                 _ = ticks.tick() => {
-                    // Errors are logged and counted by apply_now; the loop goes on.
-                    let _ = self.apply_now().await;
+                    // Rejections are logged and counted by poll; the loop goes on.
+                    let _ = self.poll().await;
                 }
                 () = &mut stop => break,
             }

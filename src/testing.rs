@@ -1,23 +1,51 @@
 //! Helpers shared by the unit tests of several modules.
 
+use std::cell::RefCell;
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Once};
 
-/// Collects everything a tracing subscriber writes at TRACE level, so a test can search the
-/// log for secrets.
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::dynamic_filter_fn;
+use tracing_subscriber::layer::SubscriberExt;
+
+thread_local! {
+    /// Where this thread's events go while a [`LogCapture::capture`] guard lives.
+    static CURRENT: RefCell<Option<LogCapture>> = const { RefCell::new(None) };
+}
+
+/// Collects everything logged at any level on one thread, so a test can search the log for
+/// secrets.
+///
+/// Why one process-wide subscriber rather than a scoped one per test: tracing caches each
+/// callsite's interest. A callsite first reached on another test's thread, while no scoped
+/// subscriber existed, can be cached as "never" and then stays silent for a scoped subscriber
+/// registered a moment later, which made the positive log assertions flaky under `cargo test`
+/// (all unit tests in one process). The global subscriber below is installed once and asks
+/// per event ("sometimes") whether the emitting thread is capturing.
 #[derive(Clone, Default)]
 pub(crate) struct LogCapture(Arc<Mutex<Vec<u8>>>);
 
+/// Captures this thread's events until dropped.
+pub(crate) struct CaptureGuard(());
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.borrow_mut().take());
+    }
+}
+
 impl LogCapture {
-    /// A TRACE-level subscriber (no colours) writing here, for
-    /// `tracing::subscriber::set_default` or `with_default`.
-    pub(crate) fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + 'static {
-        let writer = self.clone();
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish()
+    /// Routes every event emitted on this thread, at every level, here until the guard drops.
+    pub(crate) fn capture(&self) -> CaptureGuard {
+        install_global_subscriber();
+        CURRENT.with(|c| *c.borrow_mut() = Some(self.clone()));
+        CaptureGuard(())
+    }
+
+    /// Runs `f` with this thread's events captured here.
+    pub(crate) fn during<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _guard = self.capture();
+        f()
     }
 
     /// Everything written so far.
@@ -26,9 +54,30 @@ impl LogCapture {
     }
 }
 
-impl Write for LogCapture {
+fn install_global_subscriber() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let capturing = dynamic_filter_fn(|_, _| CURRENT.with(|c| c.borrow().is_some()));
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(|| ThreadWriter)
+            .with_filter(capturing);
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other global subscriber in the unit tests");
+    });
+}
+
+/// Writes into the emitting thread's capture, if any.
+struct ThreadWriter;
+
+impl Write for ThreadWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        CURRENT.with(|c| {
+            if let Some(capture) = c.borrow().as_ref() {
+                capture.0.lock().unwrap().extend_from_slice(buf);
+            }
+        });
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {

@@ -18,6 +18,8 @@ struct Server {
     child: Child,
     socket: PathBuf,
     log: mpsc::Receiver<String>,
+    /// Reads the server's stderr into `log` until `log` is dropped or stderr ends.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Starts `sidekey serve` and waits for its ready line (or its exit).
@@ -59,7 +61,7 @@ fn serve_with_env(
         .expect("spawn sidekey serve");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
                 break;
@@ -76,6 +78,7 @@ fn serve_with_env(
                 child,
                 socket,
                 log: rx,
+                reader: Some(reader),
             });
         }
     }
@@ -114,6 +117,40 @@ impl Server {
         let log = std::mem::replace(&mut self.log, mpsc::channel().1);
         log.iter().collect::<Vec<_>>().join("\n")
     }
+}
+
+/// A log collector that goes away (the read end of serve's stderr closed) must not take the
+/// proxy or the control plane down with it: every later log line fails with EPIPE.
+#[test]
+fn serve_keeps_working_after_its_stderr_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = serve_with(dir.path(), KEY, &[], "debug").unwrap();
+    let create = |server: &Server, id: &str| {
+        server.cli_with_stdin(
+            &[
+                "tenants",
+                "create",
+                id,
+                "--miradore-site",
+                "acme",
+                "--miradore-api-key-file",
+                "-",
+            ],
+            Some("1_AaDf234sdf8!4"),
+        )
+    };
+    // Stop collecting: the reader thread ends at the next line it cannot hand over, and its
+    // end closes the pipe's read end.
+    drop(std::mem::replace(&mut server.log, mpsc::channel().1));
+    stdout(&create(&server, "first"));
+    server.reader.take().unwrap().join().unwrap();
+    for id in ["second", "third", "fourth"] {
+        stdout(&create(&server, id));
+    }
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "serve exited after its stderr closed"
+    );
 }
 
 /// A server a test did not crash itself must not outlive the test.
@@ -480,4 +517,253 @@ fn get_json_edited_and_applied_keeps_secrets_it_shows_by_fingerprint() {
     std::fs::write(&file, doc.to_string()).unwrap();
     let err = stderr(&server.cli(&["tenants", "apply", "-f", file.to_str().unwrap()]));
     assert!(err.contains("tenant.m3ter.api_secret"), "{err}");
+}
+
+#[test]
+fn apply_errors_name_the_field_and_line_never_a_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), KEY).unwrap();
+    let file = dir.path().join("bad.yaml");
+    let fifo = dir.path().join("fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let cases = [
+        (
+            "id: acme\nmiradore:\n  site: acme\n  apiKey: \"s3cret-key-1\"\n".to_owned(),
+            "miradore.apiKey: has the wrong type",
+            "line 4",
+        ),
+        (
+            "id: acme\nmailkit: { clientId: \"1\", clientMd5: { value: [s3cret-key-2] } }\n"
+                .to_owned(),
+            "mailkit.clientMd5.value",
+            "line 2",
+        ),
+        (
+            "id: acme\nmiradore: { site: acme, apiKey: { value: 's3cret-key-3\n".to_owned(),
+            "not valid YAML",
+            "line",
+        ),
+        (
+            "id: acme\nmiradore: { s3cret-key-4: x }\n".to_owned(),
+            "miradore: has a field that is not allowed here",
+            "line 2",
+        ),
+        (
+            format!(
+                "id: acme\nmiradore: {{ site: acme, apiKey: {{ valueFrom: {{ file: {} }} }} }}\n",
+                fifo.display()
+            ),
+            "not a regular file",
+            "miradore.apiKey",
+        ),
+        (
+            "id: acme\nmiradore: { site: acme, apiKey: { valueFrom: { file: /dev/zero } } }\n"
+                .to_owned(),
+            "not a regular file",
+            "miradore.apiKey",
+        ),
+    ];
+    for (text, what, where_) in cases {
+        std::fs::write(&file, &text).unwrap();
+        let out = server.cli(&["tenants", "apply", "-f", file.to_str().unwrap()]);
+        let err = stderr(&out);
+        let all = format!("{}{err}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            err.contains(what) && err.contains(where_),
+            "{text:?}: {err}"
+        );
+        assert!(!all.contains("s3cret"), "{text:?}: {all}");
+    }
+    // Through standard input too.
+    let out = server.cli_with_stdin(
+        &["tenants", "apply", "-f", "-"],
+        Some("id: acme\nmiradore: { site: acme, apiKey: \"s3cret-key-5\" }\n"),
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("miradore.apiKey") && !err.contains("s3cret"),
+        "{err}"
+    );
+}
+
+/// `sidekey store backup` beside a live server, `store verify` of the backup and of the live
+/// store, and a restore: stop, copy the backup into place, start.
+#[test]
+fn backup_of_a_live_store_verifies_and_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = serve(dir.path(), KEY).unwrap();
+    let create = |server: &Server, id: &str| {
+        stdout(&server.cli_with_stdin(
+            &[
+                "tenants",
+                "create",
+                id,
+                "--miradore-site",
+                "Site",
+                "--miradore-api-key-file",
+                "-",
+            ],
+            Some("miradore-key-for-backup-test\n"),
+        ))
+    };
+    create(&server, "acme");
+    create(&server, "beta");
+
+    let backup = dir.path().join("backup.redb");
+    let out = bin()
+        .args(["store", "backup", "--data-dir"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&backup)
+        .output()
+        .unwrap();
+    let line = stdout(&out);
+    assert!(line.contains("2 tenants"), "{line}");
+    let mode = std::fs::metadata(&backup).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let raw = std::fs::read(&backup).unwrap();
+    assert!(
+        !contains(&raw, b"miradore-key-for-backup-test"),
+        "the backup holds a secret in the clear"
+    );
+
+    // A second backup to the same file is refused, not overwritten.
+    let again = bin()
+        .args(["store", "backup", "--data-dir"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&backup)
+        .output()
+        .unwrap();
+    assert!(stderr(&again).contains("already exists"));
+
+    let verify = |file: &Path, key: &str| {
+        bin()
+            .args(["store", "verify", "--data-dir"])
+            .arg(&data)
+            .arg("--file")
+            .arg(file)
+            .env("SIDEKEY_MASTER_KEY", key)
+            .output()
+            .unwrap()
+    };
+    let line = stdout(&verify(&backup, KEY));
+    assert!(
+        line.contains("every record authenticates") && line.contains("2 tenants"),
+        "{line}"
+    );
+    // The live store verifies too, while the server runs.
+    stdout(&verify(&data.join("sidekey.redb"), KEY));
+    // Under another key, verify fails non-zero and says why.
+    let err = stderr(&verify(&backup, OTHER_KEY));
+    assert!(err.contains("master key does not match"), "{err}");
+
+    // Writes after the backup are lost by a restore, as they should be.
+    create(&server, "gamma");
+    drop(server);
+    std::fs::copy(&backup, data.join("sidekey.redb")).unwrap();
+    let server = serve(dir.path(), KEY).unwrap();
+    let list = stdout(&server.cli(&["tenants", "list"]));
+    assert!(list.contains("acme") && list.contains("beta"), "{list}");
+    assert!(!list.contains("gamma"), "{list}");
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// After `kill -9` the file needs the repair redb makes when serve opens it: `store verify`
+/// says so (exit 1) instead of guessing; after a start and a clean stop it verifies.
+#[test]
+fn verify_after_a_crash_asks_for_a_start_then_passes_after_a_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let verify = || {
+        bin()
+            .args(["store", "verify", "--data-dir"])
+            .arg(&data)
+            .env("SIDEKEY_MASTER_KEY", KEY)
+            .output()
+            .unwrap()
+    };
+    let server = serve(dir.path(), KEY).unwrap();
+    stdout(
+        &server.cli_with_stdin(
+            &["tenants", "create", "acme", "--miradore-site", "S"]
+                .into_iter()
+                .chain(["--miradore-api-key-file", "-"])
+                .collect::<Vec<_>>(),
+            Some("key-value-for-crash-test\n"),
+        ),
+    );
+    server.crash();
+    let err = stderr(&verify());
+    assert!(
+        err.contains("not closed cleanly") && err.contains("start sidekey"),
+        "{err}"
+    );
+
+    let mut server = serve(dir.path(), KEY).unwrap();
+    let term = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(server.child.wait().unwrap().success());
+    let line = stdout(&verify());
+    assert!(line.contains("1 tenant,"), "{line}");
+}
+
+/// `truncate -s 0 sidekey.redb` on a store with tenants: serve refuses to start, says what it
+/// found and what to do, exits 1, and leaves the file as it was (never a new, empty store).
+#[test]
+fn an_emptied_store_file_stops_serve_instead_of_starting_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), KEY).unwrap();
+    stdout(&server.cli_with_stdin(
+        &[
+            "tenants",
+            "create",
+            "acme",
+            "--miradore-site",
+            "S",
+            "--miradore-api-key-file",
+            "-",
+        ],
+        Some("key-value-for-truncate-test\n"),
+    ));
+    server.crash();
+    let file = dir.path().join("data").join("sidekey.redb");
+    std::fs::File::create(&file).unwrap(); // truncate -s 0
+    let out = bin()
+        .args([
+            "serve",
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--grpc-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("SIDEKEY_MASTER_KEY", KEY)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("store file is corrupted") && err.contains("is empty (0 bytes)"),
+        "{err}"
+    );
+    assert!(!err.contains("created a new store"), "{err}");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 0);
 }

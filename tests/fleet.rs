@@ -605,6 +605,28 @@ async fn etcd_holds_no_secret_and_a_value_copied_to_another_key_is_refused() {
             Ok(secrets[0].into())
         );
     }
+    // Counted where an operator looks: one gauge, back down once a bad value is gone.
+    let unreadable = |want: f64| {
+        let vendor = &vendor;
+        let a = &a;
+        async move {
+            eventually(&format!("{want} unreadable records"), || async {
+                let (_, metrics) = vendor.admin(a, "/metrics").await;
+                (metric(&metrics, "sidekey_store_unreadable_records") == Some(want)).then_some(())
+            })
+            .await;
+        }
+    };
+    unreadable(2.0).await;
+    raw.delete(format!("{PREFIX}tenants/gamma"), None)
+        .await
+        .unwrap();
+    unreadable(1.0).await;
+    raw.put(format!("{PREFIX}tenants/gamma"), alpha.clone(), None)
+        .await
+        .unwrap();
+    unreadable(2.0).await;
+
     // A sidekey loading the tampered store skips them too, and serves the rest.
     let c = vendor
         .sidekey(&dirs.path().join("c"), &etcd.endpoint())
@@ -986,4 +1008,131 @@ async fn a_sidekey_that_never_reached_etcd_is_not_ready_and_drains_at_once() {
     assert_eq!(metric(&metrics, "sidekey_store_connected"), Some(0.0));
     // Nothing waits for a first load that will not come.
     assert!(sidekey.shutdown().await, "drained within the grace period");
+}
+
+/// `sidekey store copy ...` with `key` in SIDEKEY_MASTER_KEY: (success, stdout, stderr).
+fn store_copy(args: &[&str], key: &str) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sidekey"))
+        .args(["store", "copy"])
+        .args(args)
+        .env("SIDEKEY_MASTER_KEY", key)
+        .output()
+        .expect("run sidekey store copy");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_copy_moves_an_embedded_store_into_etcd_and_reseals_under_a_new_key() {
+    use sidekey::store::embedded::EmbeddedStore;
+    use sidekey::store::{Expect, Mutation, Store};
+    let etcd = Etcd::start();
+    let dirs = tempfile::tempdir().unwrap();
+    let data = dirs.path().join("embedded");
+    {
+        let embedded = EmbeddedStore::open(&data, keys()).unwrap();
+        for id in ["acme", "beta"] {
+            let record = record(id, &format!("secret-of-{id}"));
+            embedded
+                .commit(Mutation::PutTenant(record), Expect::Absent)
+                .await
+                .unwrap();
+        }
+    }
+    let from = format!("embedded:{}", data.display());
+    let endpoint = etcd.endpoint();
+    let etcd_flags = ["--etcd-endpoints", endpoint.as_str()];
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["--from", from.as_str(), "--to", "etcd"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(etcd_flags.iter().map(|s| s.to_string()));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |extra: &[&str], key: &str| {
+        let a = args(extra);
+        store_copy(&a.iter().map(String::as_str).collect::<Vec<_>>(), key)
+    };
+
+    let (ok, out, err) = run(&[], MASTER_KEY);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "copied 2 tenants (2 created, 0 replaced)");
+    // Again: refused, naming the tenants and the way out; nothing changes.
+    let (ok, _, err) = run(&[], MASTER_KEY);
+    assert!(!ok);
+    assert!(
+        err.contains("acme, beta") && err.contains("--overwrite"),
+        "{err}"
+    );
+    let (ok, out, err) = run(&["--overwrite"], MASTER_KEY);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "copied 2 tenants (0 created, 2 replaced)");
+
+    // Rotation across the fleet: a new key first, the old one second; etcd onto itself.
+    const NEW_KEY: &str = "1f1e1d1c1b1a191817161514131211100f0e0d0c0b0a09080706050403020100";
+    let ring = format!("{NEW_KEY},{MASTER_KEY}");
+    let reseal = [
+        "--from",
+        "etcd",
+        "--to",
+        "etcd",
+        "--etcd-endpoints",
+        &endpoint,
+    ];
+    let (ok, _, err) = store_copy(&reseal, &ring);
+    assert!(!ok, "etcd onto itself needs --overwrite");
+    assert!(err.contains("--overwrite"), "{err}");
+    let mut with_overwrite = reseal.to_vec();
+    with_overwrite.push("--overwrite");
+    let (ok, out, err) = store_copy(&with_overwrite, &ring);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "copied 2 tenants (0 created, 2 replaced)");
+    let new_id = sidekey::store::master_key::MasterKeys::parse(NEW_KEY, "t")
+        .unwrap()
+        .active()
+        .id();
+    let mut raw = etcd.client().await;
+    let values = raw
+        .get(PREFIX, Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(values.kvs().len(), 2);
+    for kv in values.kvs() {
+        assert_eq!(sidekey::store::record::key_id(kv.value()), Some(new_id));
+        assert!(!String::from_utf8_lossy(kv.value()).contains("secret-of-"));
+    }
+    // The new key alone now opens everything.
+    let vendor = Vendor::start().await;
+    let mut config = vendor.config(&dirs.path().join("fleet"), &endpoint);
+    config.master_key = Some(Secret::new(NEW_KEY));
+    let fleet = server::start(config).await.unwrap();
+    assert_eq!(
+        vendor.injected(&fleet, "beta").await,
+        Ok("secret-of-beta".into())
+    );
+    fleet.shutdown().await;
+
+    // Malformed sides are refused before anything is opened.
+    let (ok, _, err) = store_copy(&["--from", "redis", "--to", "etcd"], MASTER_KEY);
+    assert!(!ok);
+    assert!(err.contains("expected embedded:DIR or etcd"), "{err}");
+    let missing = format!("embedded:{}", dirs.path().join("nothing").display());
+    let (ok, _, err) = store_copy(
+        &[
+            "--from",
+            &missing,
+            "--to",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoint,
+        ],
+        MASTER_KEY,
+    );
+    assert!(!ok);
+    assert!(err.contains("no store in"), "{err}");
 }

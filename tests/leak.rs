@@ -1,7 +1,8 @@
 //! No secret in any log line at any level: the real binary runs at RUST_LOG=trace while
 //! every flow goes through it (control plane, tenants file, Miradore v1 and v2, m3ter token
-//! exchange and replay, Mailkit JSON and XML-RPC, TestTenant), and the captured log is
-//! searched for every secret in raw, base64 and percent-encoded forms.
+//! exchange and replay, Mailkit JSON and XML-RPC, TestTenant, malformed tenants files and
+//! `tenants apply` documents quoting the secrets), and the captured log (with the CLI's
+//! output) is searched for every secret in raw, base64 and percent-encoded forms.
 
 mod support;
 
@@ -85,6 +86,7 @@ async fn no_secret_reaches_the_log_at_trace_level() {
         .arg(dir.path().join("data"))
         .arg("--tenants-file")
         .arg(&tenants)
+        .args(["--tenants-file-interval", "50ms"])
         .arg("--grpc-token-file")
         .arg(&token_file)
         .arg("--upstream-ca")
@@ -126,6 +128,53 @@ async fn no_secret_reaches_the_log_at_trace_level() {
             break addr.to_owned();
         }
     };
+    // Malformed documents quoting every secret where the parser trips: the tenants file
+    // (logged by serve) ...
+    std::fs::write(
+        &tenants,
+        format!(
+            "tenants:\n  - id: acme\n    miradore: {{ site: acme, apiKey: \"{MIRADORE_KEY}\" }}\n"
+        ),
+    )
+    .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains("tenants file rejected") {
+                return;
+            }
+        }
+        panic!("sidekey exited");
+    })
+    .await
+    .expect("the malformed tenants file is rejected");
+    // ... and `tenants apply -f` (its output is searched like the log).
+    let bad_doc = dir.path().join("bad.yaml");
+    for text in [
+        format!("id: acme\nm3ter: {{ accessKeyId: AK1, apiSecret: \"{M3TER_SECRET}\" }}\n"),
+        format!(
+            "id: acme\nmailkit: {{ clientId: \"42\", clientMd5: {{ value: [{MAILKIT_MD5}] }} }}\n"
+        ),
+        format!("id: acme\nmailkit: {{ {MAILKIT_MD5}: x }}\n"),
+        format!("id: acme\nm3ter: {{ apiSecret: {{ value: '{M3TER_SECRET}\n"),
+        format!("id: acme\nmiradore: {{ apiKey: {{ value: {{ {TOKEN}: 1 }} }} }}\n"),
+    ] {
+        std::fs::write(&bad_doc, &text).unwrap();
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sidekey"))
+            .args(["tenants", "apply", "-f"])
+            .arg(&bad_doc)
+            .args(["--server", &server_url])
+            .arg("--token-file")
+            .arg(&token_file)
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{text:?} was applied");
+        log.push_str(&String::from_utf8_lossy(&out.stdout));
+        log.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+
     let reader = tokio::spawn(async move {
         let mut rest = String::new();
         while let Ok(Some(line)) = lines.next_line().await {

@@ -579,3 +579,82 @@ async fn test_tenant_reports_the_vendors_verdict() {
     assert!(!revoked.message.contains(SECRET));
     env.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Canonical paths (issue 10, finding 4)
+
+/// Sends `head` (a complete HTTP/1.1 request head, `Connection: close`) over a raw socket, so
+/// no client library normalises the path first, and returns the status and the whole answer.
+async fn raw_request(env: &Env, head: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(env.running.proxy_addr)
+        .await
+        .expect("connect");
+    s.write_all(head.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let status = out
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {out:?}"));
+    (status, out)
+}
+
+#[tokio::test]
+async fn shared_token_never_reaches_another_organisation_through_a_non_canonical_path() {
+    // t1 and t2 share the partner's credentials, hence one token: the organisation check is
+    // all that keeps t1 out of t2's organisation.
+    let env = Env::start(Behaviour::default()).await;
+    env.running
+        .catalog
+        .update_partner(None, |p| {
+            p.connections.m3ter = Some(own("partner-key", ""));
+        })
+        .await
+        .expect("partner defaults");
+    for (id, org) in [("t1", ORG_A), ("t2", ORG_B)] {
+        let inherit = M3terConn {
+            api_secret: None,
+            ..own("", org)
+        };
+        env.tenant(id, inherit).await;
+    }
+    let paths = [
+        format!("//organizations/{ORG_B}/meters"),
+        format!("/organizations;v=1/{ORG_B}/meters"),
+        format!("/organizations/{ORG_A}/..;/{ORG_B}/meters"),
+        format!("/organizations/{ORG_A}/..;/..;/organizations/{ORG_B}/meters"),
+        format!("/organizations/{ORG_A}/..%2f..%2forganizations/{ORG_B}/meters"),
+        format!("/organizations/{ORG_A}/%2e%2e/{ORG_B}/meters"),
+        format!("/%6Frganizations/{ORG_B}/meters"),
+        format!("/Organizations/{ORG_B}/meters"),
+    ];
+    for path in &paths {
+        for (prefix, host) in [
+            ("/m3ter", "api.m3ter.com"),
+            ("/m3ter-ingest", "ingest.m3ter.com"),
+        ] {
+            for target in [format!("{prefix}{path}"), format!("http://{host}{path}")] {
+                let head = format!(
+                    "GET {target} HTTP/1.1\r\nHost: {host}\r\nx-sidekey-tenant: t1\r\nConnection: close\r\n\r\n"
+                );
+                let (status, out) = raw_request(&env, &head).await;
+                assert_eq!(status, 400, "{target}: {out}");
+                assert!(
+                    out.to_ascii_lowercase()
+                        .contains("x-sidekey-error: bad_request"),
+                    "{target}: {out}"
+                );
+            }
+        }
+    }
+    assert!(
+        env.mock.requests().is_empty(),
+        "a non-canonical path reached m3ter: {:#?}",
+        env.mock.requests()
+    );
+    // The canonical path to t1's own organisation still works, on both prefixes.
+    assert_eq!(env.get("t1", &meters(ORG_A)).await.status(), 200);
+    env.stop().await;
+}

@@ -14,6 +14,11 @@ use sidekey::tenants::{Connections, MiradoreConn};
 use support::{MockResponse, MockVendor, TestCa, connect_to_rules};
 use tokio::sync::Notify;
 
+/// The metrics recorder is process-wide. Under `cargo test` every test of this file runs on a
+/// thread of one process, so one test's traffic would move the counters another test reads;
+/// each test holds this lock for its whole run (nextest runs a process per test anyway).
+static ONE_TEST_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn start(dir: &std::path::Path, ca: &TestCa, mock: &MockVendor) -> Running {
     start_with(dir, ca, mock, false).await
 }
@@ -62,6 +67,7 @@ fn metric(text: &str, series: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_finishes_in_flight_requests_and_refuses_new_connections() {
+    let _serial = ONE_TEST_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("drain test CA");
     let gate = Arc::new(Notify::new());
@@ -130,6 +136,7 @@ async fn drain_finishes_in_flight_requests_and_refuses_new_connections() {
 
 #[tokio::test]
 async fn metrics_move_with_traffic() {
+    let _serial = ONE_TEST_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("metrics test CA");
     let mock = MockVendor::builder(&ca)
@@ -186,6 +193,7 @@ async fn metrics_move_with_traffic() {
 
 #[tokio::test]
 async fn the_opt_in_tenant_label_is_capped() {
+    let _serial = ONE_TEST_AT_A_TIME.lock().await;
     use sidekey::proxy::MAX_TENANT_LABELS;
     use sidekey::tenants::{Declared, DeclaredTenant};
     let dir = tempfile::tempdir().unwrap();
@@ -248,4 +256,66 @@ async fn the_opt_in_tenant_label_is_capped() {
         !text.contains("unknown-tenant"),
         "callers must not mint labels"
     );
+}
+
+#[tokio::test]
+async fn readyz_reports_a_proxy_whose_connection_slots_are_all_taken() {
+    use sidekey::admin::{self, Readiness};
+    use sidekey::proxy::{Proxy, ProxyConfig};
+    use sidekey::tenants::SnapshotReader;
+
+    let client = sidekey::upstream::Client::new(Default::default()).unwrap();
+    let proxy = Proxy::new(
+        SnapshotReader::fixed(Vec::new()),
+        client,
+        Arc::new(support::tokens::Fixed("t")),
+        ProxyConfig {
+            max_connections: 2,
+            ..ProxyConfig::default()
+        },
+    );
+    let readiness = Readiness::default();
+    readiness.set(true);
+    readiness.watch_proxy_slots(proxy.connection_slots());
+    let proxy_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = proxy_listener.local_addr().unwrap();
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin_listener.local_addr().unwrap();
+    tokio::spawn(sidekey::proxy::serve(
+        proxy_listener,
+        proxy,
+        std::future::pending(),
+    ));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        readiness,
+        std::future::pending(),
+    ));
+
+    let until = |want: u16| async move {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (status, body) = get(admin_addr, "/readyz").await;
+            if status == want {
+                return body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/readyz stayed {status}: {body}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    assert_eq!(until(200).await, "ready\n");
+    // Two connections that send nothing take both slots.
+    let idle = [
+        tokio::net::TcpStream::connect(proxy_addr).await.unwrap(),
+        tokio::net::TcpStream::connect(proxy_addr).await.unwrap(),
+    ];
+    let why = until(503).await;
+    assert!(why.contains("all 2 proxy connections are in use"), "{why}");
+    // `/healthz` is about the process, which is fine.
+    assert_eq!(get(admin_addr, "/healthz").await.0, 200);
+    drop(idle);
+    until(200).await;
 }

@@ -857,3 +857,93 @@ async fn a_failing_store_recovers_in_the_background() {
     }
     assert!(ids(&store).await.is_empty());
 }
+
+/// Through the catalog, as the control plane uses it: a full disk turns an update into
+/// UNAVAILABLE with the cause, the proxy's snapshot keeps the last saved credentials (never
+/// the refused ones), `/readyz` and the `sidekey_store_healthy` gauge report the failure, and
+/// all recover by themselves once space is free.
+#[tokio::test]
+async fn a_full_disk_is_reported_to_clients_probes_and_metrics_then_clears() {
+    use sidekey::admin::{self, Readiness};
+    use sidekey::tenants::Catalog;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let metrics = admin::metrics_handle().expect("recorder");
+    let dir = tempfile::tempdir().unwrap();
+    let switch = Switch::default();
+    let store = open_faulty(dir.path(), &switch);
+    let health = store.health();
+    let catalog = Catalog::open(Arc::new(store)).await.unwrap();
+    let mut m = tenant("acme", "a").connections;
+    m.m3ter = None;
+    m.mailkit = None;
+    catalog
+        .create("acme".into(), "Acme".into(), m.clone())
+        .await
+        .unwrap();
+    let key_of = |catalog: &Catalog| {
+        let snap = catalog.snapshot().load();
+        let t = snap.tenant("acme").unwrap().clone();
+        t.miradore.as_ref().unwrap().api_key.expose().to_owned()
+    };
+    let saved = key_of(&catalog);
+
+    let readiness = Readiness::default().with_store_health(health.clone());
+    readiness.set(true);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_task = tokio::spawn(admin::serve(listener, readiness, async move {
+        let _ = stopped.await;
+    }));
+    let get = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut body = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut body))
+            .await
+            .unwrap()
+            .unwrap();
+        body
+    };
+    assert!(get("/readyz").await.contains("store: ok"));
+
+    switch.set(Fault::Writes(ENOSPC));
+    let mut changed = m.clone();
+    changed.miradore.as_mut().unwrap().api_key = Some(Secret::new("refused-new-key"));
+    let err = catalog
+        .update("acme", None, |r| r.connections = changed.clone())
+        .await
+        .unwrap_err();
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status.message().contains("not saved") && status.message().contains("No space left"),
+        "{status:?}"
+    );
+    assert_eq!(key_of(&catalog), saved, "the proxy must keep the saved key");
+    let ready = get("/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(
+        ready.contains("store: failing, writes refused") && ready.contains("No space left"),
+        "{ready}"
+    );
+    assert!(
+        metrics.render().contains("sidekey_store_healthy 0"),
+        "{}",
+        metrics.render()
+    );
+
+    switch.set(Fault::None);
+    catalog
+        .update("acme", None, |r| r.connections = changed.clone())
+        .await
+        .unwrap();
+    assert_eq!(key_of(&catalog), "refused-new-key");
+    assert!(get("/readyz").await.contains("store: ok"));
+    assert!(metrics.render().contains("sidekey_store_healthy 1"));
+    let _ = stop.send(());
+    admin_task.await.unwrap();
+}

@@ -265,3 +265,221 @@ async fn a_fingerprint_without_a_value_is_refused_in_a_tenants_file() {
         "{msg}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Half-written files, explicit emptiness, the deletion guard, bounded reads (issue 18).
+// The watcher is driven poll by poll: no clock, no sleep.
+
+use std::sync::Arc;
+
+use sidekey::store::embedded::EmbeddedStore;
+use sidekey::store::master_key::MasterKeys;
+use sidekey::tenants::Catalog;
+use sidekey::tenants_file::{Poll, TenantsFile};
+
+async fn catalog(dir: &Path) -> Arc<Catalog> {
+    let keys = MasterKeys::parse("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=", "test").unwrap();
+    let store = EmbeddedStore::open(&dir.join("data"), keys).unwrap();
+    Arc::new(Catalog::open(Arc::new(store)).await.unwrap())
+}
+
+fn plain(n: usize) -> String {
+    let mut out = String::from("tenants:\n");
+    for i in 0..n {
+        out.push_str(&format!(
+            "  - id: t{i}\n    miradore: {{ site: s{i}, apiKey: {{ value: key-{i} }} }}\n"
+        ));
+    }
+    out
+}
+
+/// Two polls: the first sees a new version, the second confirms and applies it.
+async fn settle(w: &mut TenantsFile) -> Poll {
+    assert_eq!(w.poll().await, Poll::Settling);
+    w.poll().await
+}
+
+fn count(catalog: &Catalog) -> usize {
+    catalog.snapshot().load().len()
+}
+
+#[tokio::test]
+async fn a_half_written_file_is_not_applied_until_two_reads_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tenants.yaml");
+    let catalog = catalog(dir.path()).await;
+    let full = plain(20);
+    std::fs::write(&path, &full).unwrap();
+    let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone());
+    assert!(matches!(settle(&mut w).await, Poll::Applied(_)));
+    assert_eq!(count(&catalog), 20);
+    // Unchanged: nothing read, nothing applied.
+    assert_eq!(w.poll().await, Poll::Unchanged);
+
+    // Truncate-and-rewrite caught in the middle, at every kind of cut: seen once, never
+    // applied, and the rewritten file is the version already in force.
+    for cut in [0, 1, 9, full.len() / 3, full.len() / 2, full.len() - 20] {
+        std::fs::write(&path, &full[..cut]).unwrap();
+        assert_eq!(w.poll().await, Poll::Settling, "cut at {cut}");
+        assert_eq!(count(&catalog), 20);
+        std::fs::write(&path, &full).unwrap();
+        assert_eq!(w.poll().await, Poll::Unchanged, "cut at {cut}");
+        assert_eq!(count(&catalog), 20);
+    }
+}
+
+#[tokio::test]
+async fn an_empty_declaration_must_be_explicit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tenants.yaml");
+    let catalog = catalog(dir.path()).await;
+    std::fs::write(&path, plain(1)).unwrap();
+    let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone());
+    assert!(matches!(settle(&mut w).await, Poll::Applied(_)));
+
+    for text in [
+        "",
+        "\n",
+        "# all tenants moved\n",
+        "tenants:\n",
+        "tenants: ~\n",
+        "partnerDefaults: {}\n",
+    ] {
+        std::fs::write(&path, text).unwrap();
+        match settle(&mut w).await {
+            Poll::Rejected(e) => assert!(e.contains("tenants: []"), "{text:?}: {e}"),
+            other => panic!("{text:?}: {other:?}"),
+        }
+        assert_eq!(count(&catalog), 1, "{text:?}");
+    }
+    std::fs::write(&path, "tenants: []\n").unwrap();
+    assert!(matches!(settle(&mut w).await, Poll::Applied(r) if r.deleted == 1));
+    assert_eq!(count(&catalog), 0);
+}
+
+#[tokio::test]
+async fn deleting_more_than_the_allowed_share_needs_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tenants.yaml");
+    let catalog = catalog(dir.path()).await;
+    std::fs::write(&path, plain(10)).unwrap();
+    let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone());
+    assert!(matches!(settle(&mut w).await, Poll::Applied(_)));
+
+    // 6 of 10 is more than the default 50 %: refused, all ten kept.
+    std::fs::write(&path, plain(4)).unwrap();
+    match settle(&mut w).await {
+        Poll::Rejected(e) => {
+            assert!(e.contains("delete 6 of the 10"), "{e}");
+            assert!(e.contains("--tenants-file-max-delete"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(count(&catalog), 10);
+    // 5 of 10 is within it.
+    std::fs::write(&path, plain(5)).unwrap();
+    assert!(matches!(settle(&mut w).await, Poll::Applied(r) if r.deleted == 5));
+    // With the setting raised, a large deletion goes through.
+    let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone())
+        .max_delete_percent(100);
+    std::fs::write(&path, "tenants: []\n").unwrap();
+    assert!(matches!(settle(&mut w).await, Poll::Applied(r) if r.deleted == 5));
+}
+
+#[tokio::test]
+async fn secret_references_and_the_file_itself_are_read_with_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tenants.yaml");
+    let catalog = catalog(dir.path()).await;
+    let fifo = dir.path().join("fifo");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let huge = dir.path().join("huge");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+
+    for (source, why) in [
+        (Path::new("/dev/zero"), "not a regular file"),
+        (fifo.as_path(), "not a regular file"),
+        (huge.as_path(), "larger than"),
+        (dir.path(), "not a regular file"),
+    ] {
+        std::fs::write(
+            &path,
+            format!(
+                "tenants:\n  - id: a\n    miradore: {{ site: a, apiKey: {{ valueFrom: {{ file: {} }} }} }}\n",
+                source.display()
+            ),
+        )
+        .unwrap();
+        let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone());
+        // Bounded by the test itself: a read that blocked would fail here, not hang.
+        let polled = tokio::time::timeout(BOUND, settle(&mut w))
+            .await
+            .expect("no hang");
+        match polled {
+            Poll::Rejected(e) => assert!(e.contains(why), "{source:?}: {e}"),
+            other => panic!("{source:?}: {other:?}"),
+        }
+    }
+
+    // The tenants file itself: a FIFO, and a file over the size cap (not read at all).
+    for (file, why) in [
+        (fifo.as_path(), "not a regular file"),
+        (huge.as_path(), "larger than"),
+    ] {
+        let mut w = TenantsFile::new(file.to_owned(), &dir.path().join("data"), catalog.clone());
+        match tokio::time::timeout(BOUND, w.poll())
+            .await
+            .expect("no hang")
+        {
+            Poll::Rejected(e) => assert!(e.contains(why), "{file:?}: {e}"),
+            other => panic!("{file:?}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn deeply_nested_yaml_is_refused_before_parsing_and_never_quotes_a_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tenants.yaml");
+    let catalog = catalog(dir.path()).await;
+    let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone());
+    std::fs::write(
+        &path,
+        format!("tenants: {}{}\n", "[".repeat(60_000), "]".repeat(60_000)),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    match settle(&mut w).await {
+        Poll::Rejected(e) => assert!(e.contains("nested more than"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A string where `{ value: ... }` is expected: the error names the field and the line.
+    std::fs::write(
+        &path,
+        "tenants:\n  - id: a\n    miradore: { site: a, apiKey: \"s3cret-value\" }\n",
+    )
+    .unwrap();
+    match settle(&mut w).await {
+        Poll::Rejected(e) => {
+            assert!(
+                e.contains("tenants[0].miradore.apiKey") && e.contains("line 3"),
+                "{e}"
+            );
+            assert!(!e.contains("s3cret"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod flags;
 pub mod render;
+pub mod store;
 
 use std::path::PathBuf;
 
@@ -12,7 +13,7 @@ use prost_types::FieldMask;
 use tonic::Code;
 
 use crate::config::ServeArgs;
-use crate::document::{TenantDoc, kept_secrets};
+use crate::document::{self, TenantDoc, kept_secrets};
 use crate::proto;
 use client::{ClientArgs, explain};
 use flags::ConnectionFlags;
@@ -46,6 +47,11 @@ pub enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: PartnerCommand,
+    },
+    /// Back up or verify the embedded store's file (safe beside a running sidekey).
+    Store {
+        #[command(subcommand)]
+        command: store::StoreCommand,
     },
 }
 
@@ -323,17 +329,7 @@ pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<()
                 }
             }
             TenantsCommand::Apply { file, output } => {
-                let doc = if file.as_os_str() == "-" {
-                    let mut text = String::new();
-                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                        .map_err(|e| format!("cannot read standard input: {e}"))?;
-                    TenantDoc::parse(&text).map_err(|e| {
-                        format!("standard input is not a valid tenant document: {e}")
-                    })?
-                } else {
-                    TenantDoc::from_file(&file).map_err(|e| e.to_string())?
-                };
-                let tenant = doc.into_proto(&env_var).map_err(|e| e.to_string())?;
+                let tenant = read_document(file).await?;
                 let t = apply(&mut api, tenant).await?;
                 print_tenant(&t, output);
             }
@@ -388,6 +384,37 @@ pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<()
         },
     }
     Ok(())
+}
+
+/// Reads, parses and resolves the document of `tenants apply -f FILE` (`-`: standard input)
+/// on the blocking pool, within [`document::READ_DEADLINE`]: a secret file on a dead mount
+/// cannot hang the command.
+async fn read_document(file: PathBuf) -> Result<proto::Tenant, String> {
+    let read = tokio::task::spawn_blocking(move || {
+        let doc = if file.as_os_str() == "-" {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(std::io::stdin(), document::MAX_DOCUMENT_BYTES + 1),
+                &mut bytes,
+            )
+            .map_err(|e| format!("cannot read standard input: {e}"))?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| "standard input is not UTF-8 text".to_owned())?;
+            TenantDoc::parse(&text)
+                .map_err(|e| format!("standard input is not a valid tenant document: {e}"))?
+        } else {
+            TenantDoc::from_file(&file).map_err(|e| e.to_string())?
+        };
+        doc.into_proto(&env_var).map_err(|e| e.to_string())
+    });
+    match tokio::time::timeout(document::READ_DEADLINE, read).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(format!("reading the document failed: {e}")),
+        Err(_) => Err(format!(
+            "reading the document and its secret files took longer than {:?}",
+            document::READ_DEADLINE
+        )),
+    }
 }
 
 /// Creates the tenant, or replaces it when it exists: the document is the whole desired

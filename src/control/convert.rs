@@ -5,6 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::proto;
 use crate::secret::Secret;
+use crate::tenants::validate::echo;
 use crate::tenants::{
     Connections, FieldViolation, M3terConn, MailkitConn, MiradoreConn, PartnerRecord, TenantRecord,
 };
@@ -18,13 +19,19 @@ pub fn etag(revision: u64) -> String {
 #[derive(Debug)]
 pub struct ForeignEtag;
 
-/// Parses an etag sent by a client; `Ok(None)` when none was sent.
+/// Parses an etag sent by a client; `Ok(None)` when none was sent. Only the canonical form
+/// sidekey issues (decimal digits, no sign, no leading zero) matches: `+7` and `07` are
+/// foreign, even though `u64::from_str` would read them as 7.
 pub fn parse_etag(etag: &str) -> Result<Option<u64>, ForeignEtag> {
     if etag.is_empty() {
-        Ok(None)
-    } else {
-        etag.parse().map(Some).map_err(|_| ForeignEtag)
+        return Ok(None);
     }
+    let canonical =
+        etag.bytes().all(|b| b.is_ascii_digit()) && (etag == "0" || !etag.starts_with('0'));
+    if !canonical {
+        return Err(ForeignEtag);
+    }
+    etag.parse().map(Some).map_err(|_| ForeignEtag)
 }
 
 pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
@@ -144,22 +151,45 @@ const CONNECTION_PATHS: &[&str] = &[
     "mailkit.client_md5",
 ];
 
+/// Most paths an update mask may name: there are 12 updatable paths, so a longer mask
+/// repeats or invents paths.
+pub const MAX_MASK_PATHS: usize = 32;
+
 /// Checks that every path of `mask` is updatable; `extra` lists further accepted paths.
+/// The updatable paths are stated once, first, then each bad path by its index.
 pub fn check_mask(paths: &[String], extra: &[&str]) -> Result<(), Vec<FieldViolation>> {
-    let bad: Vec<_> = paths
+    if paths.len() > MAX_MASK_PATHS {
+        return Err(vec![FieldViolation::new(
+            "update_mask",
+            format!(
+                "names {} paths; at most {MAX_MASK_PATHS} are accepted",
+                paths.len()
+            ),
+        )]);
+    }
+    let mut bad = paths
         .iter()
-        .filter(|p| !CONNECTION_PATHS.contains(&p.as_str()) && !extra.contains(&p.as_str()))
-        .map(|p| {
+        .enumerate()
+        .filter(|(_, p)| !CONNECTION_PATHS.contains(&p.as_str()) && !extra.contains(&p.as_str()))
+        .map(|(i, p)| {
             FieldViolation::new(
-                "update_mask",
-                format!(
-                    "{p:?} cannot be updated; updatable paths: {}",
-                    [extra, CONNECTION_PATHS].concat().join(", ")
-                ),
+                format!("update_mask.paths[{i}]"),
+                format!("{} is not an updatable path", echo(p)),
             )
         })
-        .collect();
-    if bad.is_empty() { Ok(()) } else { Err(bad) }
+        .peekable();
+    if bad.peek().is_none() {
+        return Ok(());
+    }
+    let mut out = vec![FieldViolation::new(
+        "update_mask",
+        format!(
+            "updatable paths: {}",
+            [extra, CONNECTION_PATHS].concat().join(", ")
+        ),
+    )];
+    out.extend(bad);
+    Err(out)
 }
 
 /// Applies the connection paths of `paths` from `req` onto `target`. Naming a whole
@@ -302,9 +332,39 @@ mod tests {
     #[test]
     fn unknown_paths_are_named() {
         let err = check_mask(&["display_name".into(), "m3ter.nope".into()], &[]).unwrap_err();
-        assert_eq!(err.len(), 2);
-        assert!(err[1].description.contains("m3ter.nope"));
+        assert_eq!(err.len(), 3);
+        assert_eq!(err[0].field, "update_mask");
+        assert!(err[0].description.contains("m3ter.api_secret"));
+        assert_eq!(err[2].field, "update_mask.paths[1]");
+        assert!(err[2].description.contains("m3ter.nope"));
+        // The valid paths are stated once, not per bad path.
+        assert!(
+            err[1..]
+                .iter()
+                .all(|v| !v.description.contains("m3ter.api_secret"))
+        );
+        let long = vec!["x".to_owned(); MAX_MASK_PATHS + 1];
+        assert_eq!(check_mask(&long, &[]).unwrap_err().len(), 1);
         assert!(check_mask(&["display_name".into()], &["display_name"]).is_ok());
+    }
+
+    #[test]
+    fn only_canonical_etags_parse() {
+        assert_eq!(parse_etag("").unwrap(), None);
+        assert_eq!(parse_etag("0").unwrap(), Some(0));
+        assert_eq!(parse_etag("17").unwrap(), Some(17));
+        for foreign in [
+            "+17",
+            "017",
+            "00",
+            "-1",
+            " 17",
+            "17 ",
+            "1_7",
+            "99999999999999999999",
+        ] {
+            assert!(parse_etag(foreign).is_err(), "{foreign:?}");
+        }
     }
 
     #[test]

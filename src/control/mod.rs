@@ -7,94 +7,83 @@
 
 pub mod auth;
 pub mod convert;
+pub mod listener;
 pub mod service;
 pub mod status;
 
 use std::future::Future;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::str::FromStr;
+use std::time::Duration;
 
-use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 pub use auth::ControlToken;
+pub use listener::{GrpcListen, GrpcListener, Limits};
 pub use service::TenantApi;
 
+/// Largest request message accepted, in bytes. A tenant with three 4 KiB secrets is under
+/// 16 KiB; a larger message is refused with RESOURCE_EXHAUSTED before it is decoded.
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+/// HTTP/2 streams a connection may have open at once.
+pub const MAX_CONCURRENT_STREAMS: u32 = 16;
+/// Calls of one connection served at once; the others wait, their bytes held back by flow
+/// control.
+pub const MAX_CALLS_PER_CONNECTION: usize = 8;
+/// HTTP/2 flow-control windows: bytes a client may send ahead, per stream and per
+/// connection. Request bytes in flight are thus bounded by MAX_CONNECTIONS x 256 KiB.
+const STREAM_WINDOW: u32 = 64 << 10;
+const CONNECTION_WINDOW: u32 = 256 << 10;
+/// Longest header block accepted.
+const MAX_HEADER_LIST: u32 = 16 << 10;
+/// Longest a call may take (TestTenant included) before it ends with CANCELLED.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// An idle connection is pinged this often, and closed when a ping goes unanswered for
+/// KEEPALIVE_TIMEOUT: a peer that vanished does not hold a connection slot.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Rewrites the two statuses tonic itself produces with codes gRPC does not specify for
+/// them: a request body that is not the method's protobuf message (tonic: INTERNAL;
+/// INVALID_ARGUMENT is the client's fault) and one over [`MAX_REQUEST_BYTES`] (tonic:
+/// OUT_OF_RANGE; gRPC specifies RESOURCE_EXHAUSTED). Both are answered before the service
+/// runs, as trailers-only responses, so the status is in the response headers. The
+/// service itself never answers INTERNAL or OUT_OF_RANGE.
+fn canonical_codes<B>(mut response: http::Response<B>) -> http::Response<B> {
+    const DECODE_ERROR: &[u8] = b"failed%20to%20decode%20Protobuf%20message";
+    let headers = response.headers_mut();
+    let code = match headers.get("grpc-status").map(|v| v.as_bytes()) {
+        Some(b"13")
+            if headers
+                .get("grpc-message")
+                .is_some_and(|m| m.as_bytes().starts_with(DECODE_ERROR)) =>
+        {
+            tonic::Code::InvalidArgument
+        }
+        Some(b"11") => tonic::Code::ResourceExhausted,
+        _ => return response,
+    };
+    headers.insert("grpc-status", http::HeaderValue::from(code as i32));
+    response
+}
+
 use crate::proto::tenant_service_server::TenantServiceServer;
-
-/// Where the control plane listens: `HOST:PORT`, or `unix:/path` for a socket.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum GrpcListen {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl FromStr for GrpcListen {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err("unix: needs a socket path, e.g. unix:/run/sidekey/grpc.sock".into());
-            }
-            Ok(Self::Unix(PathBuf::from(path)))
-        } else {
-            s.parse()
-                .map(Self::Tcp)
-                .map_err(|_| format!("{s:?} is neither HOST:PORT (an IP address) nor unix:/path"))
-        }
-    }
-}
-
-/// A bound control-plane listener.
-pub enum GrpcListener {
-    Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
-}
-
-impl GrpcListener {
-    /// Binds `listen`. A Unix socket file left by a sidekey that died is replaced; one that
-    /// a live process answers on is not. The socket is made owner-only (0600).
-    pub async fn bind(listen: &GrpcListen) -> std::io::Result<Self> {
-        match listen {
-            GrpcListen::Tcp(addr) => Ok(Self::Tcp(TcpListener::bind(addr).await?)),
-            GrpcListen::Unix(path) => {
-                if path.exists() {
-                    if tokio::net::UnixStream::connect(path).await.is_ok() {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::AddrInUse,
-                            format!("{} is in use by a running process", path.display()),
-                        ));
-                    }
-                    std::fs::remove_file(path)?;
-                }
-                let listener = UnixListener::bind(path)?;
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-                Ok(Self::Unix(listener, path.clone()))
-            }
-        }
-    }
-
-    /// The address a client dials: `http://IP:PORT` or `unix:/path`.
-    pub fn client_url(&self) -> String {
-        match self {
-            Self::Tcp(l) => match l.local_addr() {
-                Ok(a) => format!("http://{a}"),
-                Err(_) => String::from("http://<unbound>"),
-            },
-            Self::Unix(_, p) => format!("unix:{}", p.display()),
-        }
-    }
-}
 
 /// Serves the control plane until `shutdown` resolves, then finishes in-flight calls.
 pub async fn serve(
     listener: GrpcListener,
     api: TenantApi,
     token: Option<ControlToken>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    serve_with(listener, api, token, Limits::default(), shutdown).await
+}
+
+/// [`serve`] with the listener's bounds given.
+pub async fn serve_with(
+    listener: GrpcListener,
+    api: TenantApi,
+    token: Option<ControlToken>,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -122,9 +111,22 @@ pub async fn serve(
         }
         None => Ok(req),
     };
+    let tenants = TenantServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES);
     let mut router = Server::builder()
+        .timeout(CALL_TIMEOUT)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_max_header_list_size(MAX_HEADER_LIST)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(tower::util::MapResponseLayer::new(canonical_codes))
         .add_service(health_service)
-        .add_service(TenantServiceServer::with_interceptor(api, check.clone()));
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            tenants,
+            check.clone(),
+        ));
     if let Ok(reflection) = reflection {
         router = router.add_service(tonic::service::interceptor::InterceptedService::new(
             reflection, check,
@@ -140,12 +142,12 @@ pub async fn serve(
     match listener {
         GrpcListener::Tcp(l) => {
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(l), shutdown)
+                .serve_with_incoming_shutdown(listener::incoming(l, limits), shutdown)
                 .await
         }
         GrpcListener::Unix(l, path) => {
             let result = router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
+                .serve_with_incoming_shutdown(listener::incoming(l, limits), shutdown)
                 .await;
             let _ = std::fs::remove_file(path);
             result

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use super::convert::{self, parse_etag};
 use super::status::{invalid, invalid_field, stale_etag};
 use crate::proto::{self, tenant_service_server::TenantService};
+use crate::tenants::validate::echo;
 use crate::tenants::{Catalog, VendorKind};
 use crate::vendors::VendorTester;
 
@@ -151,12 +152,15 @@ impl TenantApi {
         // The effective credentials are those the proxy would use right now.
         let snapshot = self.catalog.snapshot().load();
         let Some(tenant) = snapshot.tenant(&req.id) else {
-            return Err(Status::not_found(format!("tenant {:?} not found", req.id)));
+            return Err(Status::not_found(format!(
+                "tenant {} not found",
+                echo(&req.id)
+            )));
         };
         if !tenant.has(vendor) {
             return Err(Status::failed_precondition(format!(
-                "tenant {:?} has no {} connection",
-                req.id,
+                "tenant {} has no {} connection",
+                echo(&req.id),
                 vendor.as_str()
             )));
         }

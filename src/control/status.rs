@@ -5,24 +5,67 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::tenants::{CatalogError, FieldViolation};
 
-/// `INVALID_ARGUMENT` with a `google.rpc.BadRequest` naming every offending field; the
+/// At most this many field violations are reported; the message says how many there were.
+pub const MAX_REPORTED_VIOLATIONS: usize = 4;
+/// Longest field path reported, in bytes; longer ones are cut.
+const MAX_FIELD_LEN: usize = 96;
+/// Longest violation description reported, in bytes; longer ones are cut.
+const MAX_DESCRIPTION_LEN: usize = 240;
+
+/// `INVALID_ARGUMENT` with a `google.rpc.BadRequest` naming the offending fields; the
 /// message repeats them for clients that do not decode details.
+///
+/// Both travel in response metadata (`grpc-message`, `grpc-status-details-bin`), which
+/// clients cap (grpcio: 8 KiB for all of it; a larger status surfaces as
+/// RESOURCE_EXHAUSTED instead of the field errors). So only the first
+/// [`MAX_REPORTED_VIOLATIONS`] are reported, each cut to a bounded length, and the message
+/// states the total: the whole status stays under 4 KiB however many fields are wrong.
 pub fn invalid(violations: Vec<FieldViolation>) -> Status {
-    let summary: Vec<String> = violations
-        .iter()
-        .map(|v| format!("{}: {}", v.field, v.description))
+    let total = violations.len();
+    let reported: Vec<FieldViolation> = violations
+        .into_iter()
+        .take(MAX_REPORTED_VIOLATIONS)
+        .map(|v| {
+            FieldViolation::new(
+                cut(v.field, MAX_FIELD_LEN),
+                cut(v.description, MAX_DESCRIPTION_LEN),
+            )
+        })
         .collect();
+    let mut message = format!(
+        "invalid request: {}",
+        reported
+            .iter()
+            .map(|v| format!("{}: {}", v.field, v.description))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    if total > reported.len() {
+        message.push_str(&format!(
+            " (and {} more; {total} field violations in all)",
+            total - reported.len()
+        ));
+    }
     let details = ErrorDetails::with_bad_request(
-        violations
+        reported
             .into_iter()
             .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
             .collect::<Vec<_>>(),
     );
-    Status::with_error_details(
-        Code::InvalidArgument,
-        format!("invalid request: {}", summary.join("; ")),
-        details,
-    )
+    Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, marked with "...".
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max - 3;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
 }
 
 pub fn invalid_field(field: &str, description: &str) -> Status {
@@ -41,8 +84,11 @@ impl From<CatalogError> for Status {
             CatalogError::Aborted => stale_etag(),
             CatalogError::Invalid(v) => invalid(v),
             CatalogError::Store(e) => {
-                // Store errors carry no secret; the details help an operator.
-                tracing::error!(error = %e, "store write failed");
+                // Store errors carry no secret; the details help an operator. A failing disk
+                // is logged by the store once per change of state, not here per write.
+                if !matches!(e, crate::store::StoreError::Io(_)) {
+                    tracing::error!(error = %e, "store write failed");
+                }
                 Status::unavailable(format!("the write was not saved: {e}"))
             }
         }

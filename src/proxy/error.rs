@@ -6,7 +6,7 @@
 //! app itself sent or that are not credentials.
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, PROXY_AUTHENTICATE};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, PROXY_AUTHENTICATE, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
@@ -55,7 +55,17 @@ pub enum ProxyError {
     },
     #[error("{host} did not answer in time")]
     UpstreamTimeout { host: String },
+    /// Bodies held in memory for rewrite or replay already fill `--body-memory-budget`.
+    #[error(
+        "sidekey is holding as many request bodies in memory as its budget allows; \
+         retry shortly"
+    )]
+    BodyBudgetExhausted,
 }
+
+/// `Retry-After` of a `body_budget_exhausted` refusal, in seconds: bodies in flight are
+/// usually sent on within that.
+pub const BODY_BUDGET_RETRY_AFTER_SECS: u32 = 1;
 
 impl ProxyError {
     /// The contract's error code, also used as the `outcome` metrics label.
@@ -74,6 +84,7 @@ impl ProxyError {
             ProxyError::TokenExchangeFailed(_) => "token_exchange_failed",
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::BodyBudgetExhausted => "body_budget_exhausted",
         }
     }
 
@@ -93,6 +104,7 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BodyBudgetExhausted => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -138,6 +150,9 @@ impl ProxyError {
                 HeaderValue::from_static("Basic realm=\"sidekey\""),
             );
         }
+        if matches!(self, ProxyError::BodyBudgetExhausted) {
+            h.insert(RETRY_AFTER, HeaderValue::from(BODY_BUDGET_RETRY_AFTER_SECS));
+        }
         resp
     }
 }
@@ -164,6 +179,14 @@ mod tests {
     }
 
     #[test]
+    fn budget_refusal_says_when_to_retry() {
+        let resp = ProxyError::BodyBudgetExhausted.to_response();
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()["retry-after"], "1");
+        assert_eq!(resp.headers()["x-sidekey-error"], "body_budget_exhausted");
+    }
+
+    #[test]
     fn every_code_has_its_status() {
         let cases = [
             (ProxyError::bad_request("x"), 400, "bad_request"),
@@ -180,6 +203,11 @@ mod tests {
                 ProxyError::UpstreamTimeout { host: "h".into() },
                 504,
                 "upstream_timeout",
+            ),
+            (
+                ProxyError::BodyBudgetExhausted,
+                503,
+                "body_budget_exhausted",
             ),
         ];
         for (e, status, code) in cases {

@@ -10,19 +10,91 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 use super::Proxy;
+use super::connection::{self, InFlight, Tracked};
 
 /// hyper refuses an HTTP/1 read buffer smaller than this.
 const MIN_H1_BUF: usize = 8192;
+
+/// The connection cap, shared by the accept loop (which takes a slot per connection) and
+/// `/readyz` (which reports a proxy whose every slot is taken as not ready). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ConnectionSlots {
+    free: Arc<Semaphore>,
+    limit: usize,
+}
+
+impl ConnectionSlots {
+    pub(crate) fn new(limit: usize) -> Self {
+        // At least one; at most what a shutdown can wait for in one acquire.
+        let limit = limit.clamp(1, u32::MAX as usize);
+        Self {
+            free: Arc::new(Semaphore::new(limit)),
+            limit,
+        }
+    }
+
+    /// The cap: `ProxyConfig::max_connections`.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Connections being served now.
+    pub fn in_use(&self) -> usize {
+        self.limit.saturating_sub(self.free.available_permits())
+    }
+
+    /// Every slot is taken: a new connection waits in the accept backlog.
+    pub fn is_full(&self) -> bool {
+        self.free.available_permits() == 0
+    }
+}
+
+/// Paces an accept loop after `accept` fails (typically EMFILE or ENFILE: out of file
+/// descriptors), which would otherwise fail again at once and spin a core: waits 10 ms,
+/// doubling with each consecutive failure up to 1 s; a successful accept resets it.
+#[derive(Debug, Default)]
+pub(crate) struct AcceptBackoff {
+    failures: u32,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    /// The wait after one more consecutive failure.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let delay = Self::FIRST
+            .saturating_mul(1u32 << self.failures.min(16))
+            .min(Self::MAX);
+        self.failures = self.failures.saturating_add(1);
+        delay
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Logs the failure and waits before the next accept.
+    pub(crate) async fn after(&mut self, error: &std::io::Error, listener: &'static str) {
+        let delay = self.next_delay();
+        tracing::warn!(%error, listener, ?delay, "accept failed; backing off");
+        tokio::time::sleep(delay).await;
+    }
+}
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting, asks every open
 /// connection to finish its in-flight requests (HTTP/1 closes after the current response,
 /// HTTP/2 sends GOAWAY), and returns once they have. The caller bounds that wait with its
 /// grace deadline (e.g. `tokio::time::timeout(grace, serve(...))`).
+///
+/// Each connection must send its first bytes within `header_read_timeout` (HTTP/1 then has
+/// that long again for the rest of its head); one with no request in flight for that long is
+/// closed (HTTP/2 included); and a write that the app does not read for `write_timeout`
+/// closes it.
 pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Output = ()>) {
     let cfg = proxy.config().clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -39,9 +111,13 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Ou
         .max_concurrent_streams(cfg.h2_max_concurrent_streams)
         .keep_alive_interval(Some(cfg.h2_keep_alive_interval))
         .keep_alive_timeout(cfg.h2_keep_alive_timeout);
+    let builder = Arc::new(builder);
 
-    let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
+    // Set when the listener stops: connections still in protocol detection are dropped at
+    // once, the others are asked to finish their requests and close.
+    let (stopping, _) = watch::channel(false);
+    let slots = proxy.connection_slots();
+    let mut backoff = AcceptBackoff::default();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         // Take a slot before accepting, so excess connections wait in the backlog rather than
@@ -49,7 +125,7 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Ou
         let permit = tokio::select! {
             biased;
             _ = &mut shutdown => break,
-            permit = slots.clone().acquire_owned() => match permit {
+            permit = slots.free.clone().acquire_owned() => match permit {
                 Ok(p) => p,
                 Err(_) => break,
             },
@@ -60,30 +136,116 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Ou
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Typically EMFILE: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    backoff.after(&e, "proxy").await;
                     continue;
                 }
             },
         };
+        backoff.reset();
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req).await) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let mut stopping = stopping.subscribe();
+        let (idle_timeout, write_timeout) = (cfg.header_read_timeout, cfg.write_timeout);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let detected = tokio::select! {
+                d = connection::first_bytes(stream, idle_timeout, write_timeout) => d,
+                _ = stopping.wait_for(|s| *s) => return,
+            };
+            let io = match detected {
+                Ok(io) => io,
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "app connection closed before a request");
+                    return;
+                }
+            };
+            // hyper closes an idle HTTP/1 connection itself (its head timeout), so only an
+            // HTTP/2 connection pays for counting its requests.
+            let in_flight = io.is_http2().then(InFlight::new);
+            let counted = in_flight.clone();
+            let service = service_fn(move |req| {
+                let proxy = proxy.clone();
+                let guard = counted.as_ref().map(InFlight::start);
+                async move {
+                    let resp = proxy.handle(req).await;
+                    Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, guard)))
+                }
+            });
+            let conn = builder.serve_connection(TokioIo::new(io), service);
+            let mut conn = std::pin::pin!(conn);
+            enum Close {
+                Ended(Result<(), Box<dyn std::error::Error + Send + Sync>>),
+                Stopping,
+                Idle,
+            }
+            let close = tokio::select! {
+                ended = conn.as_mut() => Close::Ended(ended),
+                _ = stopping.wait_for(|s| *s) => Close::Stopping,
+                () = async {
+                    match &in_flight {
+                        Some(in_flight) => in_flight.idle_for(idle_timeout).await,
+                        None => std::future::pending().await,
+                    }
+                } => Close::Idle,
+            };
+            let ended = match close {
+                Close::Ended(ended) => ended,
+                Close::Stopping => {
+                    // HTTP/1 closes after the response in progress, HTTP/2 sends GOAWAY and
+                    // lets its streams finish; the caller bounds this with its grace period.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                Close::Idle => {
+                    // Nothing in flight: HTTP/2's GOAWAY handshake waits for a PING answer,
+                    // which an unresponsive client never sends, so it gets one more idle
+                    // timeout before the connection is simply dropped.
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(idle_timeout, conn)
+                        .await
+                        .unwrap_or(Ok(()))
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "app connection ended with an error");
             }
             drop(permit);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    stopping.send_replace(true);
+    // Every connection holds a slot until it has closed.
+    let all = u32::try_from(slots.limit).unwrap_or(u32::MAX);
+    let _ = slots.free.acquire_many(all).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_backoff_doubles_to_its_cap_and_resets() {
+        let mut b = AcceptBackoff::default();
+        let delays: Vec<u128> = (0..9).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(delays, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        for _ in 0..100 {
+            assert_eq!(b.next_delay(), AcceptBackoff::MAX);
+        }
+        b.reset();
+        assert_eq!(b.next_delay(), AcceptBackoff::FIRST);
+    }
+
+    #[test]
+    fn slots_report_use_and_exhaustion() {
+        let slots = ConnectionSlots::new(2);
+        assert_eq!(
+            (slots.limit(), slots.in_use(), slots.is_full()),
+            (2, 0, false)
+        );
+        let a = slots.free.clone().try_acquire_owned().unwrap();
+        let _b = slots.free.clone().try_acquire_owned().unwrap();
+        assert_eq!((slots.in_use(), slots.is_full()), (2, true));
+        drop(a);
+        assert_eq!((slots.in_use(), slots.is_full()), (1, false));
+    }
 }

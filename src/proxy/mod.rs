@@ -2,7 +2,10 @@
 //! rule and forwards it over TLS through [`crate::upstream`].
 //!
 //! - [`listener`]: the accept loop, connection limits and graceful shutdown.
+//! - `connection`: deadlines on an app connection's first bytes and on its writes.
+//! - [`budget`]: the byte budget of request bodies held in memory.
 //! - [`route`]: request form, tenant, vendor and host, in the documented order of checks.
+//! - [`canonical`]: the one path form forwarded, so rules check what vendors read.
 //! - [`error`]: the refusals sidekey answers itself.
 //! - the rules themselves live in [`crate::vendors`].
 //!
@@ -14,6 +17,9 @@
 //! sidekey::proxy::serve(listener, proxy, shutdown_signal).await;
 //! ```
 
+pub mod budget;
+pub(crate) mod canonical;
+pub(crate) mod connection;
 pub mod error;
 mod headers;
 pub mod listener;
@@ -27,12 +33,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, EXPECT, HOST, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
-use http_body::Body as _;
-use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
+pub use budget::BodyBudget;
 pub use error::ProxyError;
-pub use listener::serve;
+pub use listener::{ConnectionSlots, serve};
 
 use crate::tenants::{EffectiveTenant, SnapshotReader, VendorKind};
 use crate::upstream;
@@ -52,7 +58,7 @@ pub type ResponseBody = Either<upstream::VendorBody, Full<Bytes>>;
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     /// Connections served at once; further connections wait in the kernel's accept backlog
-    /// until one closes. Default: 1024.
+    /// until one closes, and `/readyz` answers 503 while all are taken. Default: 1024.
     pub max_connections: usize,
     /// Bound on a request head: HTTP/1 read buffer (hence request line plus headers; hyper
     /// answers 431 past it, and never goes below 8 KiB) and HTTP/2 header list size.
@@ -60,8 +66,12 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     /// HTTP/1: time allowed to receive a complete request head, counted from when the
     /// connection is ready for the next request, so it is also the keep-alive idle timeout.
-    /// Past it the connection is closed. Default: 30 s.
+    /// Past it the connection is closed. A new connection (HTTP/1 or h2c) must also send its
+    /// first bytes, enough to tell the two apart, within it. Default: 30 s.
     pub header_read_timeout: Duration,
+    /// A write to the app that makes no progress for this long (the app stopped reading a
+    /// response) closes the connection. Default: 30 s.
+    pub write_timeout: Duration,
     /// HTTP/2: interval of keep-alive pings on an idle connection; a peer that does not answer
     /// one within `h2_keep_alive_timeout` is disconnected. Default: 30 s.
     pub h2_keep_alive_interval: Duration,
@@ -81,12 +91,23 @@ pub struct ProxyConfig {
     /// refused token; bigger or unknown-length bodies stream and are not replayed.
     /// Default: 1 MiB (m3ter ingest accepts at most 512 KB).
     pub replay_body_limit: usize,
+    /// Bytes of request bodies held in memory at once, over all requests: Mailkit bodies
+    /// being rewritten and m3ter bodies kept for replay (`--body-memory-budget`). A Mailkit
+    /// body that does not fit is refused with 503 `body_budget_exhausted` and
+    /// `Retry-After: 1`; an m3ter body that does not fit is streamed without replay.
+    /// Default: 64 MiB ([`DEFAULT_BODY_MEMORY_BUDGET`]).
+    pub body_memory_budget: usize,
     /// Count requests per tenant too, in `sidekey_proxy_requests_by_tenant_total{tenant,
     /// vendor}` (`--metrics-tenant-label`). Off by default: one series per tenant can swamp
     /// a Prometheus server. At most [`MAX_TENANT_LABELS`] tenants get their own series; the
     /// rest are counted as `tenant="other"`.
     pub tenant_metrics: bool,
 }
+
+/// Default of [`ProxyConfig::body_memory_budget`]: 64 MiB, four Mailkit bodies at the
+/// default rewrite limit or sixty-four m3ter bodies at the replay limit; it keeps a sidecar
+/// with a few hundred MiB of memory limit clear of the OOM killer.
+pub const DEFAULT_BODY_MEMORY_BUDGET: usize = 64 * 1024 * 1024;
 
 /// The hard cap on distinct `tenant` label values of the per-tenant request counter.
 pub const MAX_TENANT_LABELS: usize = 100;
@@ -97,12 +118,14 @@ impl Default for ProxyConfig {
             max_connections: 1024,
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
             h2_keep_alive_interval: Duration::from_secs(30),
             h2_keep_alive_timeout: Duration::from_secs(20),
             h2_max_concurrent_streams: 256,
             request_timeout: Duration::from_secs(120),
             rewrite_body_limit: 16 * 1024 * 1024,
             replay_body_limit: 1024 * 1024,
+            body_memory_budget: DEFAULT_BODY_MEMORY_BUDGET,
             tenant_metrics: false,
         }
     }
@@ -119,6 +142,8 @@ struct Inner {
     client: upstream::Client,
     tokens: Arc<dyn TokenSource>,
     config: ProxyConfig,
+    slots: ConnectionSlots,
+    budget: BodyBudget,
     next_id: AtomicU64,
     /// Tenants with their own label, when per-tenant metrics are on.
     tenant_labels: Option<Mutex<HashSet<Arc<str>>>>,
@@ -230,6 +255,8 @@ impl Proxy {
                 tokens,
                 tenant_labels: config.tenant_metrics.then(Default::default),
                 metrics: HotMetrics::new(),
+                slots: ConnectionSlots::new(config.max_connections),
+                budget: BodyBudget::new(config.body_memory_budget),
                 config,
                 next_id: AtomicU64::new(1),
             }),
@@ -238,6 +265,11 @@ impl Proxy {
 
     pub fn config(&self) -> &ProxyConfig {
         &self.inner.config
+    }
+
+    /// The connection cap's slots, for `/readyz` to report a proxy with none free.
+    pub fn connection_slots(&self) -> ConnectionSlots {
+        self.inner.slots.clone()
     }
 
     /// Serves one request: never fails, refusals become sidekey's error responses.
@@ -330,8 +362,8 @@ impl Proxy {
         let path_and_query = match &mut plan {
             Plan::Miradore(rw) => Bytes::from(std::mem::take(&mut rw.path_and_query)),
             _ => match target.query {
-                Some(q) => Bytes::from(format!("{}?{q}", target.path)),
-                None => Bytes::copy_from_slice(target.path.as_bytes()),
+                Some(q) => Bytes::from(format!("{}?{q}", target.path.as_str())),
+                None => Bytes::copy_from_slice(target.path.as_str().as_bytes()),
             },
         };
         let uri = upstream_uri(host, path_and_query)?;
@@ -365,13 +397,26 @@ impl Proxy {
                 }
                 // Boxed: a body read is a state machine the header-only rules need not carry.
                 let limit = self.inner.config.rewrite_body_limit;
-                let raw = Box::pin(read_limited(body, limit)).await?;
+                let (raw, mut held) = Box::pin(self.inner.budget.read(body, limit)).await?;
                 let rewritten = mailkit::rewrite(endpoint, &raw, creds)?;
+                // The rewritten body replaces the raw one in the reservation; it is longer by
+                // the credentials spliced in.
+                let grown = rewritten.len().saturating_sub(raw.len());
                 drop(raw);
+                self.inner.budget.grow(&mut held, grown)?;
                 parts
                     .headers
                     .insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
-                Request::from_parts(parts, upstream::full_body(rewritten))
+                let req = Request::from_parts(parts, upstream::full_body(rewritten));
+                let resp = self
+                    .inner
+                    .client
+                    .send(req)
+                    .await
+                    .map_err(|e| ProxyError::upstream(vendor_label(log.vendor), host, e))?;
+                // The body has been sent by the time the vendor answers.
+                drop(held);
+                return Ok(to_app(resp));
             }
             Plan::M3ter(_) => {
                 let creds = tenant.m3ter.as_ref().ok_or_else(not_configured)?;
@@ -381,6 +426,7 @@ impl Proxy {
                     creds,
                     host,
                     replay_limit: self.inner.config.replay_body_limit,
+                    budget: &self.inner.budget,
                 };
                 // Boxed for the same reason: token exchange and replay.
                 let resp = Box::pin(m3ter_rule::send(ctx, parts, body)).await?;
@@ -432,9 +478,10 @@ fn plan<B>(
             target.path,
             c,
         )?)),
-        (Some(VendorKind::Mailkit), _, _, Some(_)) => {
-            Ok(Plan::Mailkit(mailkit::endpoint(req.method(), target.path)?))
-        }
+        (Some(VendorKind::Mailkit), _, _, Some(_)) => Ok(Plan::Mailkit(mailkit::endpoint(
+            req.method(),
+            target.path.as_str(),
+        )?)),
         _ => Err(not_configured()),
     }
 }
@@ -464,16 +511,4 @@ fn upstream_uri(host: &str, path_and_query: Bytes) -> Result<Uri, ProxyError> {
     let path_and_query =
         http::uri::PathAndQuery::from_maybe_shared(path_and_query).map_err(|_| invalid())?;
     upstream::https_uri(authority, path_and_query).map_err(|_| invalid())
-}
-
-/// Reads a body that a rule must rewrite, refusing it past `limit` without reading further.
-async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
-    if body.size_hint().lower() > limit as u64 {
-        return Err(ProxyError::BodyTooLarge { limit });
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
-        Err(_) => Err(ProxyError::bad_request("reading the request body failed")),
-    }
 }

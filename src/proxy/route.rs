@@ -9,11 +9,15 @@
 //!    Over HTTP/2 every request carries an authority, so there the forward-proxy form is
 //!    recognised by an authority that is a vendor host. An absolute-form URL to a loopback
 //!    host (`http://127.0.0.1:8080/m3ter/...`, what a client with `HTTP_PROXY` set sends for
-//!    sidekey's own prefix URLs) is read as the prefix form. Dot segments (`.`, `..`, also
-//!    percent-encoded) → 400 `bad_request`, so a path cannot climb out of the site or
-//!    organisation it names.
+//!    sidekey's own prefix URLs) is read as the prefix form. An authority (absolute-form or
+//!    h2 `:authority`) or `Host` header that is not `host[:port]` with a port in 1..=65535
+//!    (userinfo, `:`, `:-1`, `:65536`), or a second `Host` → 400 `bad_request`. A path that
+//!    is not canonical ([`CanonicalPath`]: no empty, dot or `;` segments, no needless or
+//!    separator escapes) → 400 `bad_request`, so a path cannot name one site or organisation
+//!    to sidekey and another to the vendor.
 //! 3. Tenant named (`x-sidekey-tenant` or `Proxy-Authorization: Basic`) → else 407
-//!    `tenant_required`; both present and different → 400 `bad_request`.
+//!    `tenant_required`; either header twice, or both present and naming different tenants
+//!    → 400 `bad_request`.
 //! 4. Tenant exists in the snapshot → else 403 `unknown_tenant`.
 //! 5. Absolute-form host is a vendor host → else 403 `host_not_allowed`.
 //! 6. The tenant has that vendor → else 403 `vendor_not_configured`.
@@ -25,11 +29,12 @@
 use std::borrow::Cow;
 
 use base64::Engine as _;
-use http::header::PROXY_AUTHORIZATION;
+use http::header::{HOST, PROXY_AUTHORIZATION};
 use http::{HeaderMap, Method, Request, Uri, Version};
 use percent_encoding::percent_decode_str;
 
 use super::TENANT_HEADER;
+use super::canonical::CanonicalPath;
 use super::error::ProxyError;
 use crate::tenants::{EffectiveTenant, VendorKind};
 
@@ -73,8 +78,8 @@ impl Endpoint<'_> {
 #[derive(Debug)]
 pub(crate) struct Target<'a> {
     pub endpoint: Endpoint<'a>,
-    /// The path as the vendor will see it (prefix removed), always starting with `/`.
-    pub path: &'a str,
+    /// The path as the vendor will see it (prefix removed), canonical.
+    pub path: CanonicalPath<'a>,
     pub query: Option<&'a str>,
 }
 
@@ -84,7 +89,11 @@ pub(crate) fn classify<B>(req: &Request<B>) -> Result<Target<'_>, ProxyError> {
         return Err(ProxyError::ConnectUnsupported);
     }
     let uri = req.uri();
-    let target = if is_forward_form(uri, req.version()) {
+    if let Some(authority) = uri.authority() {
+        check_authority(authority.as_str())?;
+    }
+    check_host_header(req.headers())?;
+    let (endpoint, path) = if is_forward_form(uri, req.version()) {
         match uri.scheme_str() {
             Some("http") | Some("https") => {}
             _ => return Err(ProxyError::bad_request("only http:// URLs can be proxied")),
@@ -97,11 +106,7 @@ pub(crate) fn classify<B>(req: &Request<B>) -> Result<Target<'_>, ProxyError> {
             // Upstream is always port 443; a URL naming another port is not a vendor host.
             Some(_) => Endpoint::Foreign(host),
         };
-        Target {
-            endpoint,
-            path: uri.path(),
-            query: uri.query(),
-        }
+        (endpoint, uri.path())
     } else {
         let path = uri.path();
         let (prefix, rest) = match path[1.min(path.len())..].find('/') {
@@ -121,18 +126,65 @@ pub(crate) fn classify<B>(req: &Request<B>) -> Result<Target<'_>, ProxyError> {
                 ));
             }
         };
-        Target {
-            endpoint,
-            path: rest,
-            query: uri.query(),
-        }
+        (endpoint, rest)
     };
-    if has_dot_segment(target.path) {
+    Ok(Target {
+        endpoint,
+        path: CanonicalPath::new(path)?,
+        query: uri.query(),
+    })
+}
+
+/// `host[:port]` and nothing else: no userinfo (RFC 9110 §4.2.4), and a port that is a port,
+/// since one that does not parse would otherwise read as no port at all.
+fn check_authority(text: &str) -> Result<(), ProxyError> {
+    if text.contains('@') {
         return Err(ProxyError::bad_request(
-            "paths with '.' or '..' segments are refused",
+            "a URL with userinfo (user@host) is refused; name the tenant in a header",
         ));
     }
-    Ok(target)
+    // The port follows the last ':' outside an IPv6 literal's brackets.
+    let after_host = match text.rfind(']') {
+        Some(i) => &text[i + 1..],
+        None => text,
+    };
+    if let Some((_, port)) = after_host.rsplit_once(':') {
+        let valid = !port.is_empty()
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && port.parse::<u16>().is_ok_and(|p| p != 0);
+        if !valid {
+            return Err(ProxyError::bad_request(
+                "the port is not a number from 1 to 65535",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// At most one `Host`, and a valid one (RFC 9112 §3.2 asks for 400 otherwise); empty is
+/// allowed, as for a target with no authority.
+fn check_host_header(headers: &HeaderMap) -> Result<(), ProxyError> {
+    let mut values = headers.get_all(HOST).iter();
+    let Some(host) = values.next() else {
+        return Ok(());
+    };
+    if values.next().is_some() {
+        return Err(ProxyError::bad_request("more than one Host header"));
+    }
+    if host.is_empty() {
+        return Ok(());
+    }
+    // Checked in place (no parse into an `Authority`, which would copy it): routing never
+    // reads `Host`, so its shape is all that matters.
+    let invalid = || ProxyError::bad_request("the Host header is not a valid host[:port]");
+    let host = host.to_str().map_err(|_| invalid())?;
+    if host
+        .bytes()
+        .any(|b| !b.is_ascii_graphic() || b"/?#\\".contains(&b))
+    {
+        return Err(invalid());
+    }
+    check_authority(host)
 }
 
 fn is_forward_form(uri: &Uri, version: Version) -> bool {
@@ -184,19 +236,17 @@ fn endpoint_of_host(host: &str) -> Endpoint<'_> {
     Endpoint::Foreign(host)
 }
 
-fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|seg| {
-        if seg.contains('%') {
-            let d = percent_decode_str(seg).collect::<Vec<u8>>();
-            d == b"." || d == b".."
-        } else {
-            seg == "." || seg == ".."
-        }
-    })
-}
-
 /// Step 3: the tenant id the app named, if any.
 pub(crate) fn tenant_id(headers: &HeaderMap) -> Result<Option<Cow<'_, str>>, ProxyError> {
+    // A repeated header has no single meaning (some readers take the first, some the last,
+    // some join them): refuse it rather than pick one.
+    for name in [&TENANT_HEADER, &PROXY_AUTHORIZATION] {
+        if headers.get_all(name).iter().nth(1).is_some() {
+            return Err(ProxyError::bad_request(format!(
+                "{name} appears more than once; name one tenant"
+            )));
+        }
+    }
     let from_header = match headers.get(TENANT_HEADER) {
         Some(v) => Some(
             v.to_str()
@@ -306,10 +356,10 @@ mod tests {
         let r = req("GET", "/m3ter-ingest/organizations/o/measurements?x=1");
         let t = classify(&r).unwrap();
         assert_eq!(t.endpoint, Endpoint::M3terIngest);
-        assert_eq!(t.path, "/organizations/o/measurements");
+        assert_eq!(t.path.as_str(), "/organizations/o/measurements");
         assert_eq!(t.query, Some("x=1"));
         let r = req("GET", "/mailkit");
-        assert_eq!(classify(&r).unwrap().path, "/");
+        assert_eq!(classify(&r).unwrap().path.as_str(), "/");
         let r = req("GET", "/other/x");
         assert_eq!(classify(&r).unwrap_err().code(), "unknown_route");
         let r = req("GET", "/");
@@ -360,7 +410,7 @@ mod tests {
             let r = req("GET", uri);
             let t = classify(&r).unwrap();
             assert_eq!(t.endpoint, Endpoint::M3terApi, "{uri}");
-            assert_eq!(t.path, "/x");
+            assert_eq!(t.path.as_str(), "/x");
         }
     }
 
@@ -372,11 +422,99 @@ mod tests {
             "/miradore/acme/API/../other/API/Device",
             "/m3ter/organizations/o/%2e%2E/x",
             "http://api.m3ter.com/./x",
+            "/m3ter//organizations/o/x",
+            "/m3ter-ingest/organizations/o/..;/p/measurements",
+            "http://ingest.m3ter.com/%6Frganizations/o",
+            "/mailkit/json.fcgi;x",
         ] {
             assert_eq!(
                 classify(&req("GET", p)).unwrap_err().code(),
                 "bad_request",
                 "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_ports_userinfo_and_hosts_are_refused() {
+        // Issue 10, finding 6: a port that does not parse used to read as no port.
+        for uri in [
+            "http://api.m3ter.com:65536/x",
+            "http://api.m3ter.com:99999/x",
+            "http://api.m3ter.com:-1/x",
+            "http://api.m3ter.com:/x",
+            "http://api.m3ter.com:0/x",
+            "http://api.m3ter.com:44x/x",
+            "http://acme@api.m3ter.com/x",
+            "http://127.0.0.1:99999/m3ter/x",
+            "http://[::1]:/m3ter/x",
+        ] {
+            assert_eq!(
+                classify(&req("GET", uri)).unwrap_err().code(),
+                "bad_request",
+                "{uri}"
+            );
+        }
+        for (uri, want) in [
+            (
+                "http://api.m3ter.com:443/x",
+                Endpoint::M3terHost("api.m3ter.com"),
+            ),
+            (
+                "http://api.m3ter.com:8443/x",
+                Endpoint::Foreign("api.m3ter.com"),
+            ),
+            ("http://[::1]:8080/m3ter/x", Endpoint::M3terApi),
+        ] {
+            assert_eq!(classify(&req("GET", uri)).unwrap().endpoint, want, "{uri}");
+        }
+        let with_hosts = |hosts: &[&str]| {
+            let mut r = req("GET", "/m3ter/x");
+            for h in hosts {
+                r.headers_mut().append(HOST, h.parse().unwrap());
+            }
+            classify(&r)
+                .map(|t| t.endpoint.vendor())
+                .map_err(|e| e.code())
+        };
+        for ok in [
+            &[][..],
+            &[""],
+            &["127.0.0.1:8080"],
+            &["localhost"],
+            &["[::1]:8080"],
+        ] {
+            assert_eq!(with_hosts(ok), Ok(Some(VendorKind::M3ter)), "{ok:?}");
+        }
+        for bad in [
+            &["a", "b"][..],
+            &["localhost", "localhost"],
+            &["localhost:99999"],
+            &["localhost:"],
+            &["u@localhost"],
+            &["local host"],
+        ] {
+            assert_eq!(with_hosts(bad), Err("bad_request"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_repeated_tenant_header_is_refused() {
+        // Issue 10, finding 6: the first of two used to win silently.
+        for (name, a, b) in [
+            (TENANT_HEADER, "acme", "other"),
+            (TENANT_HEADER, "acme", "acme"),
+            (PROXY_AUTHORIZATION, "Basic YWNtZTp4", "Basic b3RoZXI6eA=="),
+            (PROXY_AUTHORIZATION, "Basic YWNtZTp4", "Bearer x"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.append(&name, a.parse().unwrap());
+            assert!(tenant_id(&h).is_ok());
+            h.append(&name, b.parse().unwrap());
+            assert_eq!(
+                tenant_id(&h).unwrap_err().code(),
+                "bad_request",
+                "{name}: {a}, {b}"
             );
         }
     }

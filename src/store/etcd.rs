@@ -52,6 +52,8 @@ const PAGE: i64 = 500;
 pub const CONNECTED_GAUGE: &str = "sidekey_store_connected";
 /// The gauge: Unix time at which etcd was lost, 0 while connected.
 pub const DISCONNECTED_SINCE_GAUGE: &str = "sidekey_store_disconnected_since_seconds";
+/// The gauge: records under the prefix that do not open, and so are not served.
+pub const UNREADABLE_GAUGE: &str = "sidekey_store_unreadable_records";
 
 /// How to reach etcd, as `sidekey serve` and `sidekey store copy` take it.
 #[derive(Clone, Debug)]
@@ -84,6 +86,23 @@ impl EtcdConfig {
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
             timeout: DEFAULT_TIMEOUT,
         }
+    }
+
+    /// Takes the password from `file` (`--etcd-password-file`; one line, its line end
+    /// dropped), refusing a password given both ways.
+    pub fn with_password_file(mut self, file: Option<&Path>) -> Result<Self, String> {
+        let Some(path) = file else { return Ok(self) };
+        if self.password.is_some() {
+            return Err(
+                "give the etcd password with --etcd-password-file or SIDEKEY_ETCD_PASSWORD, not \
+                 both"
+                    .into(),
+            );
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read --etcd-password-file {}: {e}", path.display()))?;
+        self.password = Some(Secret::new(text.trim_end_matches(['\r', '\n'])));
+        Ok(self)
     }
 
     /// Checks the settings against each other; the message names the flags.
@@ -253,6 +272,8 @@ pub(crate) struct Shared {
     pub(crate) keys: Arc<MasterKeys>,
     client: tokio::sync::Mutex<Option<Client>>,
     pub(crate) link: Link,
+    /// Keys whose value does not open, as [`UNREADABLE_GAUGE`] counts them.
+    unreadable: Mutex<std::collections::BTreeSet<String>>,
 }
 
 pub struct EtcdStore {
@@ -282,6 +303,11 @@ impl EtcdStore {
     ) -> Result<Self, StoreError> {
         config.validate().map_err(StoreError::Backend)?;
         let link = Link::new(StoreHealth::new());
+        metrics::describe_gauge!(
+            UNREADABLE_GAUGE,
+            "etcd records that do not open (altered, copied from another key, sealed by a key \
+             not in the ring) and are therefore not served"
+        );
         let cache = cache_dir.map(|dir| SnapshotCache::new(dir, &config.prefix));
         Ok(Self {
             shared: Arc::new(Shared {
@@ -289,6 +315,7 @@ impl EtcdStore {
                 keys: Arc::new(keys),
                 client: tokio::sync::Mutex::new(None),
                 link,
+                unreadable: Mutex::new(std::collections::BTreeSet::new()),
             }),
             cache,
             loaded: Mutex::new(None),
@@ -399,16 +426,42 @@ impl Shared {
             revision: mirror.revision,
             ..StoredState::default()
         };
+        let mut unreadable = std::collections::BTreeSet::new();
         for (key, value, revision) in mirror.iter() {
             match self.decode(key, value, revision) {
                 Ok(Decoded::Tenant(t)) => state.tenants.push(t),
                 Ok(Decoded::Partner(p)) => state.partner = p,
                 Ok(Decoded::Foreign) => {}
-                Err(e) => tracing::error!(key, error = %e,
-                    "an etcd record does not open; it is not served"),
+                Err(e) => {
+                    tracing::error!(key, error = %e,
+                        "an etcd record does not open; it is not served");
+                    unreadable.insert(key.to_owned());
+                }
             }
         }
+        let count = unreadable.len();
+        *self.lock_unreadable() = unreadable;
+        metrics::gauge!(UNREADABLE_GAUGE).set(count as f64);
         state
+    }
+
+    /// Records whether the value last seen under `key` opened.
+    pub(crate) fn mark_readable(&self, key: &str, readable: bool) {
+        let mut set = self.lock_unreadable();
+        let changed = if readable {
+            set.remove(key)
+        } else {
+            set.insert(key.to_owned())
+        };
+        if changed {
+            metrics::gauge!(UNREADABLE_GAUGE).set(set.len() as f64);
+        }
+    }
+
+    fn lock_unreadable(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+        self.unreadable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Opens one value read under `key` with `mod_revision` `revision`.

@@ -210,7 +210,9 @@ fn apply(shared: &Shared, mirror: &SharedMirror, response: &WatchResponse) -> Ve
         let change = match event.event_type() {
             EventType::Put => {
                 mirror.insert(kv.key().to_vec(), kv.value().to_vec(), kv.mod_revision());
-                match shared.decode(key, kv.value(), revision) {
+                let decoded = shared.decode(key, kv.value(), revision);
+                shared.mark_readable(key, decoded.is_ok());
+                match decoded {
                     Ok(Decoded::Tenant(t)) => Some(Change::PutTenant(t)),
                     Ok(Decoded::Partner(p)) => Some(Change::PutPartner(p)),
                     Ok(Decoded::Foreign) => None,
@@ -227,6 +229,7 @@ fn apply(shared: &Shared, mirror: &SharedMirror, response: &WatchResponse) -> Ve
             }
             EventType::Delete => {
                 mirror.records.remove(key);
+                shared.mark_readable(key, true);
                 match shared.key_kind(key) {
                     KeyKind::Tenant(id) => Some(Change::RemoveTenant(id)),
                     KeyKind::Partner => Some(Change::PutPartner(PartnerRecord::default())),

@@ -61,3 +61,36 @@ impl StoreHealth {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::LogCapture;
+
+    #[test]
+    fn logs_once_per_change_of_state_not_per_failure() {
+        let capture = LogCapture::default();
+        let health = capture.during(|| {
+            let health = StoreHealth::new();
+            for _ in 0..3 {
+                health.set_failing("redb: No space left on device (os error 28)");
+            }
+            assert_eq!(
+                health.failure().as_deref(),
+                Some("redb: No space left on device (os error 28)")
+            );
+            health.set_healthy();
+            health.set_healthy();
+            health.set_failing("redb: Input/output error (os error 5)");
+            health
+        });
+        let logs = capture.text();
+        assert_eq!(logs.matches("the store is failing").count(), 2, "{logs}");
+        assert_eq!(logs.matches("the store recovered").count(), 1, "{logs}");
+        assert!(
+            logs.contains("No space left") && logs.contains("Input/output"),
+            "{logs}"
+        );
+        assert!(!health.is_healthy());
+    }
+}

@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod codec;
 pub mod copy;
+mod doc;
 pub mod embedded;
 pub mod etcd;
 mod etcd_cache;

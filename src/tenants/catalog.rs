@@ -24,9 +24,9 @@ use crate::store::{Change, Expect, Mutation, Store, StoreError, StoreEvent, Stor
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("tenant {0:?} not found")]
+    #[error("tenant {} not found", validate::echo(.0))]
     NotFound(String),
-    #[error("tenant {0:?} already exists")]
+    #[error("tenant {} already exists", validate::echo(.0))]
     AlreadyExists(String),
     #[error("the etag does not match: the record changed since it was read")]
     Aborted,
@@ -104,6 +104,8 @@ pub struct Catalog {
     publisher: SnapshotPublisher,
     reader: SnapshotReader,
     loaded: watch::Sender<bool>,
+    /// The store's changes until [`Catalog::follow`] takes them.
+    events: std::sync::Mutex<Option<mpsc::Receiver<StoreEvent>>>,
 }
 
 impl Catalog {
@@ -111,11 +113,11 @@ impl Catalog {
     /// resolves (possible only if the store was edited behind sidekey's back) is left out of
     /// the snapshot with an error log rather than failing start-up.
     ///
-    /// For a store others write to ([`Store::follow`]), a task then applies their changes
-    /// for as long as the catalog lives; if such a store is unreachable now
-    /// ([`StoreError::Unavailable`]), the catalog starts empty and not loaded
-    /// ([`Catalog::loaded`]) and loads as soon as the store can.
-    pub async fn open(store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
+    /// For a store others write to ([`Store::follow`]), [`Catalog::follow`] then applies
+    /// their changes; if such a store is unreachable now ([`StoreError::Unavailable`]), the
+    /// catalog starts empty and not loaded ([`Catalog::loaded`]) and loads as soon as the
+    /// store can (once followed).
+    pub async fn open(store: Arc<dyn Store>) -> Result<Self, StoreError> {
         let loaded = store.load().await;
         let events = store.follow();
         let state = match (loaded, &events) {
@@ -135,17 +137,28 @@ impl Catalog {
             (Err(e), _) => return Err(e),
         };
         let (publisher, reader) = SnapshotPublisher::new(build_snapshot(&state));
-        let catalog = Arc::new(Self {
+        Ok(Self {
             store,
             loaded: watch::Sender::new(state.loaded),
             state: Mutex::new(state),
             publisher,
             reader,
-        });
+            events: std::sync::Mutex::new(events),
+        })
+    }
+
+    /// Applies the store's changes from now on, for as long as the catalog lives (a task
+    /// holding it weakly). Does nothing for a store only this process writes, or when
+    /// called again.
+    pub fn follow(self: &Arc<Self>) {
+        let events = self
+            .events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         if let Some(events) = events {
-            tokio::spawn(follow(Arc::downgrade(&catalog), events));
+            tokio::spawn(follow(Arc::downgrade(self), events));
         }
-        Ok(catalog)
     }
 
     pub fn snapshot(&self) -> SnapshotReader {
@@ -389,8 +402,8 @@ impl Catalog {
             validate::validate_connections(p, "partner_defaults", &mut violations);
         }
         let mut declared_ids: std::collections::HashSet<String> = std::collections::HashSet::new();
-        for t in &declared.tenants {
-            let prefix = format!("tenants[{}]", t.id);
+        for (index, t) in declared.tenants.iter().enumerate() {
+            let prefix = validate::declared_tenant_path(index, &t.id);
             if !declared_ids.insert(t.id.clone()) {
                 violations.push(FieldViolation::new(
                     format!("{prefix}.id"),
@@ -669,7 +682,9 @@ mod tests {
             load: StdMutex::new(Some(load)),
             next: StdMutex::new(99),
         };
-        (Catalog::open(Arc::new(store)).await.unwrap(), tx)
+        let catalog = Arc::new(Catalog::open(Arc::new(store)).await.unwrap());
+        catalog.follow();
+        (catalog, tx)
     }
 
     fn key(catalog: &Catalog, id: &str) -> Option<String> {

@@ -35,6 +35,41 @@ impl FieldViolation {
     }
 }
 
+/// Longest text taken from a request (an id, a mask path) that an error message repeats;
+/// longer text is cut. Every valid id and path is shorter, so only junk is ever cut.
+pub const MAX_ECHOED: usize = 64;
+
+/// `text` as an error message may repeat it: quoted, non-ASCII and control characters
+/// escaped (so the message stays one line of ASCII, as gRPC metadata carries it best), and
+/// cut after [`MAX_ECHOED`] characters with the original length stated.
+pub fn echo(text: &str) -> String {
+    let mut out = String::with_capacity(MAX_ECHOED + 24);
+    out.push('"');
+    let mut cut = false;
+    for (n, c) in text.chars().enumerate() {
+        if n == MAX_ECHOED {
+            cut = true;
+            break;
+        }
+        out.extend(c.escape_default());
+    }
+    out.push('"');
+    if cut {
+        out.push_str(&format!("... ({} bytes)", text.len()));
+    }
+    out
+}
+
+/// The path of a declared tenant in errors: `tenants[acme]` for a valid id, `tenants[3]`
+/// (its index) for anything else, so that an error never repeats arbitrary text.
+pub fn declared_tenant_path(index: usize, id: &str) -> String {
+    if is_tenant_id(id) {
+        format!("tenants[{id}]")
+    } else {
+        format!("tenants[{index}]")
+    }
+}
+
 /// Longest accepted display name, in characters.
 pub const MAX_DISPLAY_NAME: usize = 200;
 /// Longest accepted secret value, in bytes.
@@ -89,12 +124,25 @@ pub fn validate_display_name(name: &str, field: &str, out: &mut Vec<FieldViolati
             field,
             format!("must be at most {MAX_DISPLAY_NAME} characters"),
         ));
-    } else if name.chars().any(char::is_control) {
+    } else if name.chars().any(is_display_control) {
         out.push(FieldViolation::new(
             field,
-            "must not contain control characters",
+            "must not contain control, bidirectional-override or line-separator characters",
         ));
     }
+}
+
+/// Characters a display name refuses: C0/C1 controls, and the invisible format characters
+/// that change how surrounding text is shown (bidirectional embeddings, overrides, isolates
+/// and marks; line and paragraph separators), with which a name can pass for another in a
+/// terminal or a UI (CVE-2021-42574, "Trojan Source").
+fn is_display_control(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+                | '\u{2028}' | '\u{2029}'
+        )
 }
 
 /// Checks the format of every non-blank field of `conns`; `prefix` is the path of the
@@ -205,6 +253,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn echoed_text_is_short_ascii_and_quoted() {
+        assert_eq!(echo("acme"), "\"acme\"");
+        assert_eq!(echo("a\u{202E}\n"), "\"a\\u{202e}\\n\"");
+        let long = echo(&"x".repeat(16_384));
+        assert!(long.len() < MAX_ECHOED + 24, "{long}");
+        assert!(long.ends_with("... (16384 bytes)"), "{long}");
+    }
+
+    #[test]
     fn tenant_ids() {
         for ok in ["a", "acme", "acme-1", "0", &"a".repeat(63)] {
             assert!(is_tenant_id(ok), "{ok}");
@@ -259,6 +316,28 @@ mod tests {
             ]
         );
         assert!(out.iter().all(|v| !v.description.contains("has space")));
+    }
+
+    #[test]
+    fn display_names_refuse_controls_and_bidi_overrides() {
+        for bad in [
+            "a\u{202E}b",
+            "a\u{2066}b",
+            "a\u{200F}b",
+            "a\u{061C}",
+            "a\u{2028}b",
+            "a\nb",
+            "a\u{85}b",
+        ] {
+            let mut out = Vec::new();
+            validate_display_name(bad, "tenant.display_name", &mut out);
+            assert_eq!(out.len(), 1, "{bad:?}");
+        }
+        for ok in ["Acme Corp", "Ærø Øl", "שלום", "👩\u{200D}💻"] {
+            let mut out = Vec::new();
+            validate_display_name(ok, "tenant.display_name", &mut out);
+            assert!(out.is_empty(), "{ok:?}");
+        }
     }
 
     #[test]

@@ -165,7 +165,8 @@ pub(crate) struct ConnectTimeout;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The inner (TCP) connector under the TLS layer: applies the first matching `--connect-to`
-/// rule to the address dialed and bounds the TCP connect with a timeout.
+/// rule to the address dialed, bounds the TCP connect with a timeout, and turns TCP
+/// keep-alive on.
 #[derive(Clone)]
 pub(crate) struct RedirectingConnector {
     http: HttpConnector,
@@ -174,8 +175,13 @@ pub(crate) struct RedirectingConnector {
 }
 
 impl RedirectingConnector {
-    pub(crate) fn new(rules: Vec<ConnectTo>, connect_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        rules: Vec<ConnectTo>,
+        connect_timeout: Duration,
+        tcp_keep_alive: Duration,
+    ) -> Self {
         let mut http = HttpConnector::new();
+        http.set_keepalive(Some(tcp_keep_alive));
         // The TLS layer above hands us `https://` URIs; we only dial TCP.
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -301,11 +307,33 @@ mod tests {
         assert!(e.contains("a:x:b:1") && e.contains("port"), "{e}");
     }
 
+    #[tokio::test]
+    async fn vendor_sockets_have_tcp_keep_alive() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut c = RedirectingConnector::new(
+            vec![rule(&format!("api.m3ter.com:443:127.0.0.1:{port}"))],
+            Duration::from_secs(5),
+            Duration::from_secs(42),
+        );
+        let io = c
+            .call("https://api.m3ter.com/".parse().unwrap())
+            .await
+            .unwrap();
+        let socket = socket2::SockRef::from(io.inner());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(42)
+        );
+    }
+
     #[test]
     fn connector_rewrites_only_the_dialed_address() {
         let c = RedirectingConnector::new(
             vec![rule("*.m3ter.com:443:127.0.0.1:9999")],
             Duration::from_secs(1),
+            Duration::from_secs(30),
         );
         let t = c.target("https://api.m3ter.com/x".parse().unwrap());
         assert_eq!(t.host(), Some("127.0.0.1"));

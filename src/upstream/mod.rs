@@ -70,6 +70,22 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per vendor host. Default: 32.
     pub pool_max_idle_per_host: usize,
+    /// HTTP/2: a PING is sent on a vendor connection after this long without a frame from
+    /// the vendor, busy or idle. Default: 20 s.
+    pub h2_keep_alive_interval: Duration,
+    /// HTTP/2: a vendor that does not answer that PING within this long is taken for gone:
+    /// the connection is closed, requests on it fail with 502 `upstream_unreachable`, and
+    /// the next request dials a new one. Default: 10 s.
+    pub h2_keep_alive_timeout: Duration,
+    /// HTTP/2: streams in flight on one vendor connection before another connection to the
+    /// same host is dialed. The common server limit (and RFC 9113's recommended minimum) is
+    /// 100; past the vendor's own limit, requests would queue on the connection instead.
+    /// Default: 100.
+    pub h2_max_streams_per_connection: usize,
+    /// TCP keep-alive on vendor sockets: probes start after this long idle, so a peer that
+    /// vanished (no FIN, no RST) is noticed by the kernel even on an HTTP/1.1 connection.
+    /// Default: 30 s.
+    pub tcp_keep_alive: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -81,6 +97,10 @@ impl Default for UpstreamConfig {
             response_header_timeout: Duration::from_secs(60),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 32,
+            h2_keep_alive_interval: Duration::from_secs(20),
+            h2_keep_alive_timeout: Duration::from_secs(10),
+            h2_max_streams_per_connection: 100,
+            tcp_keep_alive: Duration::from_secs(30),
         }
     }
 }
@@ -201,6 +221,8 @@ struct ClientInner {
     connector: HttpsConnector<RedirectingConnector>,
     pool: Pool,
     response_header_timeout: Duration,
+    h2_keep_alive_interval: Duration,
+    h2_keep_alive_timeout: Duration,
 }
 
 /// How many times a request that never left goes to another pooled connection (one the
@@ -230,12 +252,19 @@ impl Client {
             .wrap_connector(RedirectingConnector::new(
                 config.connect_to,
                 config.connect_timeout,
+                config.tcp_keep_alive,
             ));
         Ok(Self {
             inner: Arc::new(ClientInner {
                 connector,
-                pool: Pool::new(config.pool_max_idle_per_host, config.pool_idle_timeout),
+                pool: Pool::new(
+                    config.pool_max_idle_per_host,
+                    config.pool_idle_timeout,
+                    config.h2_max_streams_per_connection,
+                ),
                 response_header_timeout: config.response_header_timeout,
+                h2_keep_alive_interval: config.h2_keep_alive_interval,
+                h2_keep_alive_timeout: config.h2_keep_alive_timeout,
             }),
         })
     }
@@ -315,14 +344,18 @@ impl Client {
             .await
             .map_err(UpstreamError::from_connect)?;
         if io.connected().is_negotiated_h2() {
+            // PINGs while idle too: a shared connection whose vendor went silent is dropped
+            // before a request is sent on it, not after that request times out.
             let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .keep_alive_interval(self.inner.h2_keep_alive_interval)
+                .keep_alive_timeout(self.inner.h2_keep_alive_timeout)
+                .keep_alive_while_idle(true)
                 .handshake(io)
                 .await
                 .map_err(UpstreamError::from_hyper)?;
             drive(conn, "HTTP/2");
-            slot.share_http2(&sender);
-            Ok(Conn::Http2(sender))
+            Ok(slot.share_http2(sender))
         } else {
             let (sender, conn) = hyper::client::conn::http1::Builder::new()
                 .handshake(io)

@@ -1,5 +1,7 @@
 //! Connections to vendors, kept per host: idle HTTP/1.1 connections (one request at a time)
-//! and one shared HTTP/2 connection.
+//! and shared HTTP/2 connections, each carrying up to a configured number of streams at once;
+//! when every one is that busy, another is dialed, and spare ones close at the next sweep once
+//! they carry nothing.
 //!
 //! Written for this proxy's traffic rather than taken from hyper-util's general client: a
 //! handful of vendor hosts, every request over TLS, most responses small. A request takes an
@@ -15,7 +17,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -41,6 +43,8 @@ struct Inner {
     hosts: Mutex<HashMap<Arc<str>, Host>>,
     max_idle_per_host: usize,
     idle_timeout: Duration,
+    /// Streams in flight on one HTTP/2 connection before another is dialed.
+    max_streams: usize,
     sweeping: AtomicBool,
 }
 
@@ -50,7 +54,29 @@ struct Host {
     host_header: HeaderValue,
     /// Most recently returned last: reused first, so spare connections age out.
     idle: Vec<Idle>,
-    http2: Option<http2::SendRequest<Body>>,
+    /// Oldest first: new streams fill the oldest connection that has room.
+    http2: Vec<Http2Conn>,
+}
+
+struct Http2Conn {
+    sender: http2::SendRequest<Body>,
+    streams: Arc<AtomicUsize>,
+}
+
+/// One stream counted against its HTTP/2 connection until its response body is done with.
+pub(crate) struct StreamCount(Arc<AtomicUsize>);
+
+impl StreamCount {
+    fn start(streams: &Arc<AtomicUsize>) -> Self {
+        streams.fetch_add(1, Ordering::AcqRel);
+        Self(streams.clone())
+    }
+}
+
+impl Drop for StreamCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 struct Idle {
@@ -61,7 +87,7 @@ struct Idle {
 /// A connection taken from the pool or just made, ready to carry one request.
 pub(crate) enum Conn {
     Http1(http1::SendRequest<Body>),
-    Http2(http2::SendRequest<Body>),
+    Http2(http2::SendRequest<Body>, StreamCount),
 }
 
 /// Where a connection goes back to; also what [`Pool::checkout`] found for the host.
@@ -82,12 +108,17 @@ pub(crate) enum SendError {
 }
 
 impl Pool {
-    pub(crate) fn new(max_idle_per_host: usize, idle_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        max_idle_per_host: usize,
+        idle_timeout: Duration,
+        max_streams: usize,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 hosts: Mutex::new(HashMap::new()),
                 max_idle_per_host,
                 idle_timeout,
+                max_streams: max_streams.max(1),
                 sweeping: AtomicBool::new(false),
             }),
         }
@@ -108,7 +139,7 @@ impl Pool {
                     key,
                     host_header,
                     idle: Vec::new(),
-                    http2: None,
+                    http2: Vec::new(),
                 })
             }
         };
@@ -117,7 +148,7 @@ impl Pool {
             key: host.key.clone(),
             host_header: host.host_header.clone(),
         };
-        let conn = host.take();
+        let conn = host.take(self.inner.max_streams);
         Ok((slot, conn))
     }
 }
@@ -134,20 +165,28 @@ impl Inner {
             host.idle.retain(|i| {
                 !i.sender.is_closed() && now.duration_since(i.since) < self.idle_timeout
             });
-            if host.http2.as_ref().is_some_and(|s| s.is_closed()) {
-                host.http2 = None;
-            }
+            host.http2.retain(|c| !c.sender.is_closed());
+            // The first connection stays; spares go once they carry nothing.
+            let mut first = true;
+            host.http2.retain(|c| {
+                let keep = first || c.streams.load(Ordering::Acquire) > 0;
+                first = false;
+                keep
+            });
         }
     }
 }
 
 impl Host {
-    fn take(&mut self) -> Option<Conn> {
-        if let Some(sender) = &self.http2 {
-            if !sender.is_closed() {
-                return Some(Conn::Http2(sender.clone()));
-            }
-            self.http2 = None;
+    fn take(&mut self, max_streams: usize) -> Option<Conn> {
+        self.http2.retain(|c| !c.sender.is_closed());
+        if !self.http2.is_empty() {
+            // The vendor speaks HTTP/2: a connection with room, or none (dial another).
+            return self
+                .http2
+                .iter()
+                .find(|c| c.streams.load(Ordering::Acquire) < max_streams)
+                .map(|c| Conn::Http2(c.sender.clone(), StreamCount::start(&c.streams)));
         }
         while let Some(idle) = self.idle.pop() {
             if idle.sender.is_ready() {
@@ -159,16 +198,20 @@ impl Host {
 }
 
 impl Slot {
-    /// Keeps a new HTTP/2 connection for other requests to share (the first one made wins;
-    /// another made at the same time serves its own request and then closes).
-    pub(crate) fn share_http2(&self, sender: &http2::SendRequest<Body>) {
+    /// Keeps a new HTTP/2 connection for other requests to share, and returns it carrying
+    /// the stream of the request it was dialed for.
+    pub(crate) fn share_http2(&self, sender: http2::SendRequest<Body>) -> Conn {
         self.inner.start_sweeping();
+        let streams = Arc::new(AtomicUsize::new(0));
+        let stream = StreamCount::start(&streams);
         let mut hosts = self.inner.lock();
-        if let Some(host) = hosts.get_mut(&self.key)
-            && host.http2.as_ref().is_none_or(|s| s.is_closed())
-        {
-            host.http2 = Some(sender.clone());
+        if let Some(host) = hosts.get_mut(&self.key) {
+            host.http2.push(Http2Conn {
+                sender: sender.clone(),
+                streams,
+            });
         }
+        Conn::Http2(sender, stream)
     }
 
     /// Sends `req` (absolute `https://` URI) on `conn`.
@@ -182,13 +225,16 @@ impl Slot {
         mut req: Request<Body>,
     ) -> impl Future<Output = Result<Response<VendorBody>, SendError>> + Send + 'static {
         match conn {
-            Conn::Http2(mut sender) => Either::Left(sender.try_send_request(req).map(|sent| {
-                let resp = sent.map_err(not_sent)?;
-                Ok(resp.map(|body| VendorBody {
-                    inner: body,
-                    checkin: None,
+            Conn::Http2(mut sender, stream) => {
+                Either::Left(sender.try_send_request(req).map(move |sent| {
+                    let resp = sent.map_err(not_sent)?;
+                    Ok(resp.map(|body| VendorBody {
+                        inner: body,
+                        checkin: None,
+                        _stream: Some(stream),
+                    }))
                 }))
-            })),
+            }
             Conn::Http1(mut sender) => {
                 // HTTP/1.1 to an origin: origin-form request target and a Host header.
                 let path = req
@@ -209,6 +255,7 @@ impl Slot {
                     Ok(resp.map(|body| VendorBody {
                         inner: body,
                         checkin: Some(checkin),
+                        _stream: None,
                     }))
                 }))
             }
@@ -298,6 +345,8 @@ impl Inner {
 pub struct VendorBody {
     inner: Incoming,
     checkin: Option<Checkin>,
+    /// HTTP/2: the stream stays counted against its connection until the body is dropped.
+    _stream: Option<StreamCount>,
 }
 
 struct Checkin {

@@ -7,9 +7,11 @@
 //! | `/<site>/api/v2/...` | same path, header `X-API-Key` |
 //! | `/api/v2/...` (site-less v2) | same path, headers `X-API-Key` and `X-Instance-Name: <site>` |
 //!
-//! The `api`/`v2` segments are matched case-insensitively (the server is); the site is
-//! compared case-sensitively after percent-decoding, and a different one is refused with
-//! `site_mismatch`. Any other path (no `API` segment in the first or second position) is
+//! The path is canonical (`proxy::canonical`: no empty, dot or `;` segments, no needless
+//! escapes), so its segments are what Miradore reads. The `api`/`v2` segments are matched
+//! case-insensitively (the server is); the site segment must be the tenant's site byte for
+//! byte (site names are case-sensitive, and a canonical segment cannot spell it with
+//! escapes), else `site_mismatch`. Any other path (no `API` segment in the first or second position) is
 //! refused with 404 `unknown_route`: it is not an API call and there is nowhere to put the
 //! key. A first segment `api` is always read as the site-less form, so a site literally
 //! named `api` must use the site-less paths. App-sent `auth` parameters (compared after
@@ -20,6 +22,7 @@ use http::{HeaderMap, HeaderName, Method, Request, StatusCode};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 
 use super::TestOutcome;
+use crate::proxy::canonical::CanonicalPath;
 use crate::proxy::error::ProxyError;
 use crate::tenants::MiradoreCreds;
 use crate::upstream;
@@ -48,11 +51,11 @@ pub(crate) struct Rewritten {
 
 /// Applies the rule to an app's path and query.
 pub(crate) fn rewrite(
-    path: &str,
+    path: CanonicalPath<'_>,
     query: Option<&str>,
     creds: &MiradoreCreds,
 ) -> Result<Rewritten, ProxyError> {
-    let mut segs = path.trim_start_matches('/').split('/');
+    let mut segs = path.segments();
     let first = segs.next().unwrap_or("");
     let second = segs.next();
     let is_api = |s: &str| s.eq_ignore_ascii_case("api");
@@ -63,10 +66,8 @@ pub(crate) fn rewrite(
         (false, is_v2(second))
     } else if second.is_some_and(is_api) {
         let third = segs.next();
-        if percent_decode_str(first).decode_utf8_lossy() != creds.site {
-            return Err(ProxyError::SiteMismatch(
-                percent_decode_str(first).decode_utf8_lossy().into_owned(),
-            ));
+        if first != creds.site {
+            return Err(ProxyError::SiteMismatch(first.to_owned()));
         }
         (true, is_v2(third))
     } else {
@@ -77,6 +78,7 @@ pub(crate) fn rewrite(
         ));
     };
 
+    let path = path.as_str();
     if v2 {
         let path_and_query = match query {
             Some(q) => {
@@ -236,6 +238,14 @@ mod tests {
     }
     const ENC: &str = "1_AaDf234sdf8%214%7Bx%7D%2C%2B%20%2F%26%3D";
 
+    fn rewrite(
+        path: &str,
+        query: Option<&str>,
+        creds: &MiradoreCreds,
+    ) -> Result<Rewritten, ProxyError> {
+        super::rewrite(CanonicalPath::new(path)?, query, creds)
+    }
+
     #[test]
     fn v1_with_site_sets_auth_and_keeps_other_params() {
         let rw = rewrite(
@@ -279,7 +289,28 @@ mod tests {
                 "{p}"
             );
         }
-        assert!(rewrite("/%41cme1/API/Device", None, &creds()).is_ok());
+        assert!(rewrite("/Acme1/API/Device/", None, &creds()).is_ok());
+    }
+
+    #[test]
+    fn site_check_cannot_be_climbed_out_of() {
+        // Issue 10, finding 4: these named Acme1 to sidekey and another site to Miradore.
+        for p in [
+            "/Acme1/API/..;/..;/Other/API/Device",
+            "/Acme1/API/..%2f..%2fOther/API/Device",
+            "/Acme1/API/..%2F..%2FOther/API/Device",
+            "/Acme1/API/%2e%2e/%2e%2e/Other/API/Device",
+            "/Acme1;x/API/Device",
+            "//Acme1/API/Device",
+            "/%41cme1/API/Device",
+            "/Acme1/%41PI/Device",
+        ] {
+            assert_eq!(
+                rewrite(p, None, &creds()).unwrap_err().code(),
+                "bad_request",
+                "{p}"
+            );
+        }
     }
 
     #[test]

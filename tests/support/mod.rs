@@ -115,6 +115,8 @@ pub struct Recorded {
     pub version: Version,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The body arrived to its end (not cut off by a reset or a closed connection).
+    pub body_complete: bool,
 }
 
 impl Recorded {
@@ -151,6 +153,11 @@ enum MockBody {
     },
     /// Never answers.
     Never,
+    /// `body`, with the response head sent only once `gate` is notified.
+    HeadGated {
+        body: Bytes,
+        gate: Arc<Notify>,
+    },
 }
 
 impl MockResponse {
@@ -184,6 +191,16 @@ impl MockResponse {
         r.body = MockBody::Gated {
             first: first.into(),
             rest_len,
+            gate,
+        };
+        r
+    }
+    /// `200 body`, answered only once `gate` is notified (one `notify_one` per request):
+    /// holds a request at the vendor for as long as a test needs, without timing.
+    pub fn held_until(gate: Arc<Notify>, body: impl Into<Bytes>) -> Self {
+        let mut r = Self::status(200);
+        r.body = MockBody::HeadGated {
+            body: body.into(),
             gate,
         };
         r
@@ -262,6 +279,7 @@ impl MockVendorBuilder<'_> {
         let state = Arc::new(MockState {
             requests: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
+            silent_before: Arc::new(AtomicUsize::new(0)),
             closed: tokio::sync::watch::channel(0).0,
             responder: self.responder,
         });
@@ -274,7 +292,12 @@ impl MockVendorBuilder<'_> {
                     _ = &mut stop_rx => return,
                     r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
                 };
-                st.connections.fetch_add(1, Ordering::SeqCst);
+                let id = st.connections.fetch_add(1, Ordering::SeqCst);
+                let tcp = Silenceable {
+                    tcp,
+                    id,
+                    silent_before: st.silent_before.clone(),
+                };
                 let acceptor = acceptor.clone();
                 let st = st.clone();
                 tokio::spawn(async move {
@@ -312,6 +335,8 @@ impl MockVendorBuilder<'_> {
 struct MockState {
     requests: Mutex<Vec<Recorded>>,
     connections: AtomicUsize,
+    /// Connections accepted before this count are black holes (see `MockVendor::go_silent`).
+    silent_before: Arc<AtomicUsize>,
     /// Connections that have ended (closed by either side).
     closed: tokio::sync::watch::Sender<usize>,
     responder: Responder,
@@ -320,17 +345,15 @@ struct MockState {
 impl MockState {
     async fn answer(&self, req: Request<Incoming>) -> Response<MockBodyStream> {
         let (parts, body) = req.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
+        let collected = body.collect().await.map(|c| c.to_bytes());
+        let body_complete = collected.is_ok();
         let rec = Recorded {
             method: parts.method,
             uri: parts.uri,
             version: parts.version,
             headers: parts.headers,
-            body,
+            body: collected.unwrap_or_default(),
+            body_complete,
         };
         let resp = (self.responder)(&rec);
         self.requests.lock().unwrap().push(rec);
@@ -340,6 +363,12 @@ impl MockState {
         let (tx, rx) = mpsc::channel::<Bytes>(1);
         match resp.body {
             MockBody::Never => std::future::pending::<()>().await,
+            MockBody::HeadGated { body, gate } => {
+                gate.notified().await;
+                if !body.is_empty() {
+                    let _ = tx.try_send(body);
+                }
+            }
             MockBody::Bytes(b) => {
                 if !b.is_empty() {
                     let _ = tx.try_send(b);
@@ -376,6 +405,58 @@ impl MockState {
             );
         }
         out
+    }
+}
+
+/// A mock's TCP connection, which [`MockVendor::go_silent`] turns into a black hole.
+struct Silenceable {
+    tcp: tokio::net::TcpStream,
+    id: usize,
+    silent_before: Arc<AtomicUsize>,
+}
+
+impl Silenceable {
+    fn silent(&self) -> bool {
+        self.id < self.silent_before.load(Ordering::SeqCst)
+    }
+}
+
+impl tokio::io::AsyncRead for Silenceable {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.silent() {
+            // Never woken: nothing will ever be read.
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Silenceable {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.silent() {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.silent() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.silent() {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 
@@ -428,6 +509,13 @@ impl MockVendor {
             "expected exactly one request at the mock, got {r:#?}"
         );
         r.into_iter().next().unwrap()
+    }
+    /// Every connection open now goes silent, as a vendor behind a dead network path: it
+    /// stays open, reads nothing and answers nothing (bytes sent to it vanish). Connections
+    /// made afterwards behave normally.
+    pub fn go_silent(&self) {
+        let accepted = self.state.connections.load(Ordering::SeqCst);
+        self.state.silent_before.store(accepted, Ordering::SeqCst);
     }
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {

@@ -70,6 +70,11 @@ pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 /// m3ter at most one exchange a minute, while a transient failure heals within a minute.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
+/// Default backoff jitter: 20 percent. Each backoff is lengthened by a random share of itself,
+/// up to this percentage, so credentials that failed together (m3ter down for everyone) do
+/// not all retry in the same instant.
+pub const DEFAULT_BACKOFF_JITTER_PERCENT: u32 = 20;
+
 /// Default limit on one exchange: 30 s. Waiters are released with a `TimedOut` error and the
 /// credential backs off; without it a hung connection would hold every request of the
 /// credential for as long as the transport allows.
@@ -130,6 +135,9 @@ pub struct BrokerConfig {
     pub backoff_initial: Duration,
     /// Longest backoff, also the cap on m3ter's `Retry-After`; [`DEFAULT_BACKOFF_MAX`].
     pub backoff_max: Duration,
+    /// Random lengthening of each backoff, in percent of it (never shortening it, so
+    /// m3ter's `Retry-After` is still honoured); [`DEFAULT_BACKOFF_JITTER_PERCENT`].
+    pub backoff_jitter_percent: u32,
     /// Limit on one exchange; [`DEFAULT_EXCHANGE_TIMEOUT`].
     pub exchange_timeout: Duration,
     /// Refusals closer than this to the last refusal-driven drop are ignored;
@@ -145,6 +153,7 @@ impl Default for BrokerConfig {
             refresh_percent: DEFAULT_REFRESH_PERCENT,
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
+            backoff_jitter_percent: DEFAULT_BACKOFF_JITTER_PERCENT,
             exchange_timeout: DEFAULT_EXCHANGE_TIMEOUT,
             refusal_interval: DEFAULT_REFUSAL_INTERVAL,
         }
@@ -183,6 +192,24 @@ impl BrokerConfig {
             .max(retry_after.unwrap_or_default())
             .min(self.backoff_max)
             .min(MAX_TOKEN_LIFETIME)
+    }
+
+    /// `backoff` lengthened by `unit` (in `[0, 1)`, drawn at random) times the jitter
+    /// percentage of itself: between `backoff` and `backoff` plus that percentage.
+    pub fn jittered(&self, backoff: Duration, unit: f64) -> Duration {
+        let share = f64::from(self.backoff_jitter_percent.min(100)) / 100.0;
+        backoff + backoff.mul_f64(unit.clamp(0.0, 1.0) * share)
+    }
+}
+
+/// A random number in `[0, 1)` for backoff jitter; 0 (no jitter) should the system's
+/// random source fail.
+fn random_unit() -> f64 {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 4];
+    match SystemRandom::new().fill(&mut bytes) {
+        Ok(()) => f64::from(u32::from_le_bytes(bytes)) / (f64::from(u32::MAX) + 1.0),
+        Err(_) => 0.0,
     }
 }
 
@@ -467,7 +494,8 @@ fn settle(
             };
             // A still-valid token stays in `current` and keeps being served.
             state.backoff = Some(Backoff {
-                until: finished + config.backoff(state.failures, retry_after),
+                until: finished
+                    + config.jittered(config.backoff(state.failures, retry_after), random_unit()),
                 error: error.clone(),
             });
             Err(error)
@@ -633,8 +661,13 @@ mod tests {
         }
     }
 
+    /// A broker without backoff jitter, so tests can name exact instants.
     fn broker(fake: &Arc<Fake>) -> Arc<TokenBroker> {
-        Arc::new(TokenBroker::new(fake.clone(), BrokerConfig::default()))
+        let config = BrokerConfig {
+            backoff_jitter_percent: 0,
+            ..BrokerConfig::default()
+        };
+        Arc::new(TokenBroker::new(fake.clone(), config))
     }
 
     /// Lets spawned tasks run until they block; never advances the clock.
@@ -1084,12 +1117,46 @@ mod tests {
         assert_eq!(cfg.backoff(1, Some(secs(3600))), secs(60));
     }
 
+    #[test]
+    fn jitter_lengthens_a_backoff_within_its_percentage() {
+        let cfg = BrokerConfig::default();
+        let base = secs(10);
+        assert_eq!(cfg.jittered(base, 0.0), base);
+        assert_eq!(cfg.jittered(base, 0.5), secs(11));
+        assert!(cfg.jittered(base, 0.999_999) < secs(12));
+        assert_eq!(
+            cfg.jittered(base, 7.0),
+            secs(12),
+            "out-of-range draws are clamped"
+        );
+        for _ in 0..1000 {
+            let u = random_unit();
+            assert!((0.0..1.0).contains(&u), "{u}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_is_jittered_between_its_base_and_the_jitter_bound() {
+        let fake = Fake::new([Step::Fail(refused(503)), Step::Ok("tok", secs(1000))]);
+        let b = Arc::new(TokenBroker::new(fake.clone(), BrokerConfig::default()));
+        let c = creds("key", "secret");
+        assert!(b.token(&c).await.is_err());
+        assert_eq!(fake.calls(), 1);
+        // Never shorter than the 1 s base backoff...
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(immediate(&b, &c).await.is_err());
+        assert_eq!(fake.calls(), 1);
+        // ...and over by 1.2 s (20 % jitter).
+        tokio::time::advance(Duration::from_millis(201)).await;
+        assert!(b.token(&c).await.is_ok());
+        assert_eq!(fake.calls(), 2);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn no_flow_logs_a_secret_or_a_token() {
         let logs = LogCapture::default();
-        let subscriber = logs.subscriber();
         // Thread-local; the paused-clock runtime runs every task on this thread.
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let _guard = logs.capture();
 
         let fake = Fake::new([
             Step::Fail(refused(401)),

@@ -23,6 +23,7 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 
 use super::{BearerToken, TokenSource};
+use crate::proxy::canonical::CanonicalPath;
 use crate::proxy::error::ProxyError;
 use crate::tenants::M3terCreds;
 use crate::upstream::{self, full_body};
@@ -39,18 +40,38 @@ pub(crate) enum Action {
 /// What the SDKs get from `POST /oauth/token`: a token they send back, which sidekey replaces.
 pub const PLACEHOLDER_TOKEN: &str = r#"{"token_type":"Bearer","access_token":"sidekey-placeholder","expires_in":18000,"scope":null}"#;
 
+/// The first segment of every organisation-scoped m3ter path.
+const ORGANIZATIONS: &str = "organizations";
+
 /// Checks the path against the tenant's organisation.
-pub(crate) fn check(method: &Method, path: &str, creds: &M3terCreds) -> Result<Action, ProxyError> {
-    if path == "/oauth/token" && method == Method::POST {
+///
+/// The path is canonical (`proxy::canonical`), so its segments are what m3ter reads. A first
+/// segment `organizations` must be followed by the tenant's organisation (UUIDs compare
+/// case-insensitively); `/organizations` alone names none and is refused too. m3ter paths
+/// are case-sensitive, so `Organizations` in any other case is refused as non-canonical
+/// rather than forwarded unchecked. Other paths are forwarded.
+pub(crate) fn check(
+    method: &Method,
+    path: CanonicalPath<'_>,
+    creds: &M3terCreds,
+) -> Result<Action, ProxyError> {
+    if path.as_str() == "/oauth/token" && method == Method::POST {
         return Ok(Action::LocalToken);
     }
-    if let Some(rest) = path.strip_prefix("/organizations/") {
-        let raw = rest.split('/').next().unwrap_or("");
-        let org = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
-        // Organisation ids are UUIDs, which compare case-insensitively.
-        if !org.eq_ignore_ascii_case(&creds.org_id) {
-            return Err(ProxyError::OrgMismatch(org.into_owned()));
+    let mut segments = path.segments();
+    match segments.next() {
+        Some(ORGANIZATIONS) => {
+            let org = segments.next().unwrap_or("");
+            if !org.eq_ignore_ascii_case(&creds.org_id) {
+                return Err(ProxyError::OrgMismatch(org.to_owned()));
+            }
         }
+        Some(first) if first.eq_ignore_ascii_case(ORGANIZATIONS) => {
+            return Err(ProxyError::bad_request(
+                "m3ter paths are case-sensitive: write /organizations/",
+            ));
+        }
+        _ => {}
     }
     Ok(Action::Forward)
 }
@@ -75,6 +96,8 @@ pub(crate) struct Ctx<'a> {
     pub creds: &'a M3terCreds,
     pub host: &'a str,
     pub replay_limit: usize,
+    /// Bodies kept for replay are held within the proxy's byte budget.
+    pub budget: &'a crate::proxy::BodyBudget,
 }
 
 /// Sends `parts` + `body` (URI and headers already prepared) with a bearer token, replaying
@@ -85,9 +108,16 @@ pub(crate) async fn send(
     body: Incoming,
 ) -> Result<Response<upstream::VendorBody>, ProxyError> {
     let token = fetch_token(&ctx).await?;
-    let declared = body.size_hint().exact();
-    let bytes: Bytes = match declared {
-        Some(n) if n <= ctx.replay_limit as u64 => Limited::new(body, ctx.replay_limit)
+    // A body is kept only when its length is known, within the replay limit, and within the
+    // proxy's body budget; otherwise it streams.
+    let held = body
+        .size_hint()
+        .exact()
+        .filter(|n| *n <= ctx.replay_limit as u64)
+        .and_then(|n| ctx.budget.reserve(n).ok());
+    // `held` lives to the end of this function: the body may be replayed until then.
+    let bytes: Bytes = match held {
+        Some(_) => Limited::new(body, ctx.replay_limit)
             .collect()
             .await
             .map_err(|_| ProxyError::bad_request("reading the request body failed"))?
@@ -180,6 +210,10 @@ mod tests {
         crate::vendors::m3ter::test_creds("k", "s")
     }
 
+    fn check(method: &Method, path: &str, creds: &M3terCreds) -> Result<Action, ProxyError> {
+        super::check(method, CanonicalPath::new(path)?, creds)
+    }
+
     #[test]
     fn org_check() {
         let c = creds();
@@ -207,12 +241,12 @@ mod tests {
                 .code(),
             "org_mismatch"
         );
-        assert_eq!(
-            check(&Method::GET, "/organizations//meters", &c)
-                .unwrap_err()
-                .code(),
-            "org_mismatch"
-        );
+        for p in ["/organizations", "/organizations/"] {
+            assert_eq!(
+                check(&Method::GET, p, &c).unwrap_err().code(),
+                "org_mismatch"
+            );
+        }
         assert_eq!(
             check(&Method::POST, "/oauth/token", &c).unwrap(),
             Action::LocalToken
@@ -221,5 +255,30 @@ mod tests {
             check(&Method::GET, "/oauth/token", &c).unwrap(),
             Action::Forward
         );
+    }
+
+    #[test]
+    fn org_check_cannot_be_bypassed() {
+        // Issue 10, finding 4: each of these was forwarded with the tenant's token although
+        // m3ter reads another organisation (or may) in it.
+        let other = "11111111-2222-3333-4444-555555555555";
+        let own = "0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa";
+        for p in [
+            format!("//organizations/{other}/meters"),
+            format!("/organizations;x=1/{other}/meters"),
+            format!("/organizations/{own};/../{other}/meters"),
+            format!("/organizations/{own}/..;/..;/organizations/{other}/meters"),
+            format!("/organizations/{own}/..%2f..%2forganizations/{other}/meters"),
+            format!("/%6Frganizations/{other}/meters"),
+            format!("/Organizations/{other}/meters"),
+            format!("/ORGANIZATIONS/{own}/meters"),
+            "/organizations/%30c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa/meters".to_owned(),
+        ] {
+            assert_eq!(
+                check(&Method::GET, &p, &creds()).unwrap_err().code(),
+                "bad_request",
+                "{p}"
+            );
+        }
     }
 }

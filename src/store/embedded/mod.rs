@@ -4,7 +4,7 @@
 //!
 //! Tables: `tenants` (id → sealed record), `partner` (the singleton), `meta` (the store-wide
 //! revision, the schema version, and a sealed key-check value). A record is the serde_json of
-//! the private `*Doc` structs below (each secret replaced by its sealed string), sealed with
+//! the `*Doc` structs of [`doc`] (each secret replaced by its sealed string), sealed with
 //! the record's table and key as associated data: any altered byte, or a record copied onto
 //! another key, fails to open with an error naming the record.
 //!
@@ -30,27 +30,30 @@ use std::io::{self, Read};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redb::{
     Builder, ConcurrencyMode, Database, DatabaseError, Durability, ReadableDatabase, ReadableTable,
-    ReadableTableMetadata, TableDefinition, TableHandle, WriteTransaction,
+    TableDefinition, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroize;
 
-use super::backend::{self, BackendOpener, Boxed};
-use super::files;
-use super::health::StoreHealth;
-use super::master_key::{KeyId, MASTER_KEY_ENV, MasterKeys};
-use super::record::{self, RecordError, RecordKind};
-use super::sealing::{self, SealError};
-use super::{Expect, Mutation, Store, StoreError, StoredState};
-use crate::secret::Secret;
-use crate::tenants::{
-    Connections, M3terConn, MailkitConn, MiradoreConn, PartnerRecord, TenantRecord,
-};
+use crate::store::backend::{self, BackendOpener, Boxed};
+use crate::store::files;
+use crate::store::health::StoreHealth;
+use crate::store::master_key::{KeyId, MASTER_KEY_ENV, MasterKeys};
+use crate::store::record::{self, RecordError, RecordKind};
+use crate::store::sealing;
+use crate::store::{Expect, Mutation, Store, StoreError, StoredState};
+use crate::tenants::PartnerRecord;
+
+mod offline;
+
+use super::doc::{PARTNER_PLACE, PartnerDoc, TenantDoc, seal_error, tenant_place};
+
+use offline::{VerifyError, verify};
+pub use offline::{VerifyReport, backup_file, verify_file};
 
 /// The database file inside the data directory.
 pub const DATA_FILE: &str = "sidekey.redb";
@@ -89,15 +92,6 @@ const META_SCHEMA: &str = "schema_version";
 const META_KEY_CHECK: &str = "key_check";
 const KEY_CHECK_PLACE: &str = "meta/key_check";
 const KEY_CHECK_VALUE: &[u8] = b"sidekey master key check";
-
-/// What `sidekey store verify` reports of a store that checked out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VerifyReport {
-    pub schema_version: u64,
-    pub revision: u64,
-    pub tenants: usize,
-    pub partner_defaults: bool,
-}
 
 /// The embedded [`Store`]. Only this process writes it, so [`Store::watch`] is `None`.
 pub struct EmbeddedStore {
@@ -229,166 +223,6 @@ impl EmbeddedStore {
     pub fn health(&self) -> StoreHealth {
         self.inner.health.clone()
     }
-}
-
-/// Checks, without writing anything, that the store at `path` opens under `keys`: schema,
-/// key check, and that every record authenticates. For `sidekey store verify` and for the
-/// start-up check.
-pub fn verify_file(path: &Path, keys: &MasterKeys) -> Result<VerifyReport, StoreError> {
-    check_file_kind(path)?;
-    verify(path, keys).map_err(|e| match e {
-        VerifyError::NeedsRepair => StoreError::Corrupted(format!(
-            "{} was not closed cleanly and needs the repair redb makes when sidekey serve \
-             opens it; start sidekey on it once, or verify a backup",
-            path.display()
-        )),
-        VerifyError::Refused(e) => e,
-    })
-}
-
-/// Copies the store at `path` to a new file `out` (mode 0600), records still sealed: a
-/// consistent snapshot of the last commit, read while `sidekey serve` may be running. The
-/// copy is written under a temporary name, synced, then renamed to `out`. Needs no key.
-pub fn backup_file(path: &Path, out: &Path) -> Result<VerifyReport, StoreError> {
-    check_file_kind(path)?;
-    if out.exists() {
-        return Err(StoreError::Backend(format!(
-            "{} already exists: give a new file for the backup",
-            out.display()
-        )));
-    }
-    let source = open_read_only(path).map_err(|e| match e {
-        VerifyError::NeedsRepair => StoreError::Corrupted(format!(
-            "{} was not closed cleanly: start sidekey serve on it once before a backup",
-            path.display()
-        )),
-        VerifyError::Refused(e) => e,
-    })?;
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = out
-        .file_name()
-        .ok_or_else(|| StoreError::Backend(format!("{} is not a file name", out.display())))?;
-    let tmp = dir.join(format!(".{}.partial", name.to_string_lossy()));
-    let _ = fs::remove_file(&tmp);
-    files::create_private_file(&tmp)
-        .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", tmp.display())))?;
-    let copied = guard(|| {
-        let db = Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(&tmp)
-            .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", tmp.display())))?;
-        let read = source.begin_read().map_err(backend)?;
-        let mut write = db.begin_write().map_err(backend)?;
-        write
-            .set_durability(Durability::Immediate)
-            .map_err(backend)?;
-        let mut report = VerifyReport {
-            schema_version: 0,
-            revision: 0,
-            tenants: 0,
-            partner_defaults: false,
-        };
-        for def in [META, TENANTS, PARTNER] {
-            let from = match read.open_table(def) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => continue,
-                Err(e) => return Err(backend(e)),
-            };
-            let mut to = write.open_table(def).map_err(backend)?;
-            for entry in from.iter().map_err(backend)? {
-                let (k, v) = entry.map_err(backend)?;
-                to.insert(k.value(), v.value()).map_err(backend)?;
-            }
-            if def.name() == TENANTS.name() {
-                report.tenants = usize::try_from(from.len().map_err(backend)?).unwrap_or(0);
-            }
-            if def.name() == PARTNER.name() {
-                report.partner_defaults = !from.is_empty().map_err(backend)?;
-            }
-            if def.name() == META.name() {
-                report.schema_version = read_u64(&from, META_SCHEMA)?.unwrap_or(0);
-                report.revision = read_u64(&from, META_REVISION)?.unwrap_or(0);
-            }
-        }
-        write.commit().map_err(backend)?;
-        Ok(report)
-    });
-    let report = match copied {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    let done = fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .and_then(|()| fs::rename(&tmp, out))
-        .and_then(|()| files::sync_dir(&dir));
-    if let Err(e) = done {
-        let _ = fs::remove_file(&tmp);
-        return Err(StoreError::Backend(format!(
-            "cannot write {}: {e}",
-            out.display()
-        )));
-    }
-    Ok(report)
-}
-
-enum VerifyError {
-    /// The file needs the repair only a write open makes.
-    NeedsRepair,
-    Refused(StoreError),
-}
-
-impl From<StoreError> for VerifyError {
-    fn from(e: StoreError) -> Self {
-        VerifyError::Refused(e)
-    }
-}
-
-fn open_read_only(path: &Path) -> Result<redb::ReadOnlyDatabase, VerifyError> {
-    let opened = guard(|| {
-        Ok(Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .set_concurrency_mode(CONCURRENCY)
-            .open_read_only(path))
-    })?;
-    match opened {
-        Ok(db) => Ok(db),
-        Err(DatabaseError::RepairAborted) => Err(VerifyError::NeedsRepair),
-        Err(e) => Err(VerifyError::Refused(open_error(e, path))),
-    }
-}
-
-fn verify(path: &Path, keys: &MasterKeys) -> Result<VerifyReport, VerifyError> {
-    let db = open_read_only(path)?;
-    let report = guard(|| {
-        let txn = db.begin_read().map_err(backend)?;
-        let meta = match txn.open_table(META) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => {
-                return Err(StoreError::Corrupted(format!(
-                    "{} is a redb database without sidekey's tables: it is not a sidekey store",
-                    path.display()
-                )));
-            }
-            Err(e) => return Err(backend(e)),
-        };
-        let schema_version = check_schema(&meta, path)?;
-        check_key(&meta, keys, path)?;
-        drop(meta);
-        let state = load_txn(&txn, keys, schema_version)?;
-        Ok(VerifyReport {
-            schema_version,
-            revision: state.revision,
-            tenants: state.tenants.len(),
-            partner_defaults: state.partner.revision != 0,
-        })
-    })?;
-    Ok(report)
 }
 
 /// Refuses a file that is not a redb database (empty, truncated to nothing, something else),
@@ -1047,6 +881,15 @@ fn open_error(e: DatabaseError, path: &Path) -> StoreError {
                 path.display()
             ))
         }
+        // Reading past the end: the file is shorter than its own header says.
+        DatabaseError::Storage(redb::StorageError::Io(e))
+            if e.kind() == io::ErrorKind::UnexpectedEof =>
+        {
+            StoreError::Corrupted(format!(
+                "{} is truncated or its header is damaged ({e})",
+                path.display()
+            ))
+        }
         DatabaseError::Storage(redb::StorageError::Io(e)) => {
             StoreError::Io(format!("cannot open the database {}: {e}", path.display()))
         }
@@ -1057,18 +900,13 @@ fn open_error(e: DatabaseError, path: &Path) -> StoreError {
 /// Maps a redb error: I/O failures (the store must be reopened) apart from the rest.
 fn backend(e: impl Into<redb::Error>) -> StoreError {
     match e.into() {
+        redb::Error::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            StoreError::Corrupted(format!("redb read past the end of the file ({e})"))
+        }
         redb::Error::Io(e) => StoreError::Io(format!("redb: {e}")),
         redb::Error::PreviousIo => StoreError::Io("redb: an earlier I/O error".into()),
         redb::Error::Corrupted(what) => StoreError::Corrupted(format!("redb: {what}")),
         other => StoreError::Backend(format!("redb: {other}")),
-    }
-}
-
-/// Sealing errors name the place and key id, never the value, so they pass through as is.
-fn seal_error(e: SealError) -> StoreError {
-    match e {
-        SealError::Random => StoreError::Backend(e.to_string()),
-        other => StoreError::Key(other.to_string()),
     }
 }
 
@@ -1119,292 +957,16 @@ fn read_record<T: for<'a> Deserialize<'a>>(
     })
 }
 
-// ---- encoded records -------------------------------------------------------------------
-
-const PARTNER_PLACE: &str = "partner";
-
-fn tenant_place(id: &str) -> String {
-    format!("tenant/{id}")
-}
-
-#[derive(Serialize, Deserialize)]
-struct TenantDoc {
-    id: String,
-    display_name: String,
-    connections: ConnectionsDoc,
-    revision: u64,
-    create_time: TimeDoc,
-    update_time: TimeDoc,
-}
-
-#[derive(Serialize, Deserialize)]
-struct PartnerDoc {
-    connections: ConnectionsDoc,
-    revision: u64,
-    update_time: Option<TimeDoc>,
-}
-
-/// Each `Option<String>` secret below holds a sealed value (see [`sealing`]), never a plain one.
-#[derive(Serialize, Deserialize, Default)]
-struct ConnectionsDoc {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    miradore: Option<MiradoreDoc>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    m3ter: Option<M3terDoc>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    mailkit: Option<MailkitDoc>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct MiradoreDoc {
-    site: String,
-    api_key: Option<String>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct M3terDoc {
-    access_key_id: String,
-    api_secret: Option<String>,
-    org_id: String,
-    environment: String,
-}
-
-#[derive(Serialize, Deserialize)]
-struct MailkitDoc {
-    client_id: String,
-    client_md5: Option<String>,
-}
-
-/// A time as seconds and nanoseconds since the Unix epoch.
-#[derive(Serialize, Deserialize)]
-struct TimeDoc {
-    secs: u64,
-    nanos: u32,
-}
-
-impl TimeDoc {
-    fn from_time(t: SystemTime) -> Result<Self, StoreError> {
-        let d = t
-            .duration_since(UNIX_EPOCH)
-            .map_err(|_| StoreError::Backend("a record time is before 1970".into()))?;
-        Ok(Self {
-            secs: d.as_secs(),
-            nanos: d.subsec_nanos(),
-        })
-    }
-
-    fn to_time(&self) -> Result<SystemTime, StoreError> {
-        let bad = || StoreError::Backend("a stored time is out of range: corrupted".into());
-        // Duration::new panics when nanos carry past u64::MAX seconds.
-        if self.nanos >= 1_000_000_000 {
-            return Err(bad());
-        }
-        UNIX_EPOCH
-            .checked_add(Duration::new(self.secs, self.nanos))
-            .ok_or_else(bad)
-    }
-}
-
-impl TenantDoc {
-    fn seal(keys: &MasterKeys, r: &TenantRecord) -> Result<Self, StoreError> {
-        Ok(Self {
-            id: r.id.clone(),
-            display_name: r.display_name.clone(),
-            connections: ConnectionsDoc::seal(keys, &tenant_place(&r.id), &r.connections)?,
-            revision: r.revision,
-            create_time: TimeDoc::from_time(r.create_time)?,
-            update_time: TimeDoc::from_time(r.update_time)?,
-        })
-    }
-
-    /// `key` is the table key the record was read under; the secrets are opened for that
-    /// place, so a record moved under another id fails to open.
-    fn open(self, keys: &MasterKeys, key: &str) -> Result<TenantRecord, StoreError> {
-        if self.id != key {
-            return Err(StoreError::Backend(format!(
-                "the record stored under tenant {key:?} names tenant {:?}: corrupted",
-                self.id
-            )));
-        }
-        Ok(TenantRecord {
-            connections: self.connections.open(keys, &tenant_place(key))?,
-            create_time: self.create_time.to_time()?,
-            update_time: self.update_time.to_time()?,
-            id: self.id,
-            display_name: self.display_name,
-            revision: self.revision,
-        })
-    }
-}
-
-impl PartnerDoc {
-    fn seal(keys: &MasterKeys, r: &PartnerRecord) -> Result<Self, StoreError> {
-        Ok(Self {
-            connections: ConnectionsDoc::seal(keys, PARTNER_PLACE, &r.connections)?,
-            revision: r.revision,
-            update_time: r.update_time.map(TimeDoc::from_time).transpose()?,
-        })
-    }
-
-    fn open(self, keys: &MasterKeys) -> Result<PartnerRecord, StoreError> {
-        Ok(PartnerRecord {
-            connections: self.connections.open(keys, PARTNER_PLACE)?,
-            revision: self.revision,
-            update_time: self
-                .update_time
-                .as_ref()
-                .map(TimeDoc::to_time)
-                .transpose()?,
-        })
-    }
-}
-
-impl ConnectionsDoc {
-    fn seal(keys: &MasterKeys, owner: &str, c: &Connections) -> Result<Self, StoreError> {
-        let seal = |field: &str, s: &Option<Secret>| -> Result<Option<String>, StoreError> {
-            s.as_ref()
-                .map(|s| {
-                    sealing::seal(keys, &format!("{owner}/{field}"), s.expose().as_bytes())
-                        .map_err(seal_error)
-                })
-                .transpose()
-        };
-        Ok(Self {
-            miradore: c
-                .miradore
-                .as_ref()
-                .map(|m| -> Result<_, StoreError> {
-                    Ok(MiradoreDoc {
-                        site: m.site.clone(),
-                        api_key: seal("miradore.api_key", &m.api_key)?,
-                    })
-                })
-                .transpose()?,
-            m3ter: c
-                .m3ter
-                .as_ref()
-                .map(|m| -> Result<_, StoreError> {
-                    Ok(M3terDoc {
-                        access_key_id: m.access_key_id.clone(),
-                        api_secret: seal("m3ter.api_secret", &m.api_secret)?,
-                        org_id: m.org_id.clone(),
-                        environment: m.environment.clone(),
-                    })
-                })
-                .transpose()?,
-            mailkit: c
-                .mailkit
-                .as_ref()
-                .map(|m| -> Result<_, StoreError> {
-                    Ok(MailkitDoc {
-                        client_id: m.client_id.clone(),
-                        client_md5: seal("mailkit.client_md5", &m.client_md5)?,
-                    })
-                })
-                .transpose()?,
-        })
-    }
-
-    fn open(self, keys: &MasterKeys, owner: &str) -> Result<Connections, StoreError> {
-        let open = |field: &str, s: Option<String>| -> Result<Option<Secret>, StoreError> {
-            s.map(|s| open_secret(keys, &format!("{owner}/{field}"), &s))
-                .transpose()
-        };
-        Ok(Connections {
-            miradore: self
-                .miradore
-                .map(|m| -> Result<_, StoreError> {
-                    Ok(MiradoreConn {
-                        site: m.site,
-                        api_key: open("miradore.api_key", m.api_key)?,
-                    })
-                })
-                .transpose()?,
-            m3ter: self
-                .m3ter
-                .map(|m| -> Result<_, StoreError> {
-                    Ok(M3terConn {
-                        access_key_id: m.access_key_id,
-                        api_secret: open("m3ter.api_secret", m.api_secret)?,
-                        org_id: m.org_id,
-                        environment: m.environment,
-                    })
-                })
-                .transpose()?,
-            mailkit: self
-                .mailkit
-                .map(|m| -> Result<_, StoreError> {
-                    Ok(MailkitConn {
-                        client_id: m.client_id,
-                        client_md5: open("mailkit.client_md5", m.client_md5)?,
-                    })
-                })
-                .transpose()?,
-        })
-    }
-
-    /// The sealed secrets with their field paths, for rotation.
-    fn sealed_mut(&mut self) -> Vec<(&'static str, &mut String)> {
-        let mut out = Vec::new();
-        if let Some(s) = self.miradore.as_mut().and_then(|m| m.api_key.as_mut()) {
-            out.push(("miradore.api_key", s));
-        }
-        if let Some(s) = self.m3ter.as_mut().and_then(|m| m.api_secret.as_mut()) {
-            out.push(("m3ter.api_secret", s));
-        }
-        if let Some(s) = self.mailkit.as_mut().and_then(|m| m.client_md5.as_mut()) {
-            out.push(("mailkit.client_md5", s));
-        }
-        out
-    }
-
-    /// Re-seals under the active key each secret an older key sealed; returns how many.
-    fn reseal(
-        &mut self,
-        keys: &MasterKeys,
-        owner: &str,
-        old_ids: &mut Vec<KeyId>,
-    ) -> Result<usize, StoreError> {
-        let active = keys.active().id();
-        let mut count = 0;
-        for (field, sealed) in self.sealed_mut() {
-            let place = format!("{owner}/{field}");
-            let id = sealing::key_id(sealed).ok_or_else(|| {
-                seal_error(SealError::Malformed {
-                    place: place.clone(),
-                })
-            })?;
-            if id == active {
-                continue;
-            }
-            let plain = sealing::open(keys, &place, sealed).map_err(seal_error)?;
-            *sealed = sealing::seal(keys, &place, &plain).map_err(seal_error)?;
-            old_ids.push(id);
-            count += 1;
-        }
-        Ok(count)
-    }
-}
-
-fn open_secret(keys: &MasterKeys, place: &str, sealed: &str) -> Result<Secret, StoreError> {
-    let mut plain = sealing::open(keys, place, sealed).map_err(seal_error)?;
-    // Moved, not copied, into the Secret, so no unzeroed copy is left behind.
-    match String::from_utf8(std::mem::take(&mut *plain)) {
-        Ok(text) => Ok(Secret::new(text)),
-        Err(e) => {
-            e.into_bytes().zeroize();
-            Err(StoreError::Key(format!(
-                "the secret at {place} is not UTF-8 after opening: corrupted"
-            )))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
+    use crate::secret::Secret;
+    use crate::tenants::{Connections, M3terConn, MailkitConn, MiradoreConn, TenantRecord};
     use crate::testing::LogCapture;
 
     use super::*;
+    use crate::store::doc::ConnectionsDoc;
 
     const KEY_A: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
     const KEY_B: &str = "1f1e1d1c1b1a191817161514131211100f0e0d0c0b0a09080706050403020100";
@@ -1557,9 +1119,7 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join(DATA_FILE)).unwrap(), before);
 
         let capture = LogCapture::default();
-        let store = tracing::subscriber::with_default(capture.subscriber(), || {
-            EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap()
-        });
+        let store = capture.during(|| EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap());
         assert!(
             capture.text().contains("store upgraded"),
             "{}",
@@ -1588,9 +1148,7 @@ mod tests {
         drop(store);
         // The second open has nothing left to upgrade.
         let capture = LogCapture::default();
-        tracing::subscriber::with_default(capture.subscriber(), || {
-            EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap()
-        });
+        capture.during(|| EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap());
         assert!(
             !capture.text().contains("store upgraded"),
             "{}",
@@ -1682,10 +1240,9 @@ mod tests {
     #[test]
     fn no_secret_or_key_in_logs_or_errors() {
         let capture = LogCapture::default();
-        let subscriber = capture.subscriber();
         let dir = tempfile::tempdir().unwrap();
         let mut errors = Vec::new();
-        tracing::subscriber::with_default(subscriber, || {
+        capture.during(|| {
             let generated = MasterKeys::load(
                 &super::super::master_key::MasterKeySource::Generate,
                 dir.path(),
