@@ -163,14 +163,19 @@ async fn set_key(
     key: &str,
     etag: &str,
 ) -> Result<proto::Tenant, tonic::Status> {
+    c.update_tenant(update_request(id, key, etag))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Sets tenant `id`'s Miradore key, with `etag` (or none when empty).
+fn update_request(id: &str, key: &str, etag: &str) -> proto::UpdateTenantRequest {
     let mut t = tenant(id, key);
     t.etag = etag.into();
-    c.update_tenant(proto::UpdateTenantRequest {
+    proto::UpdateTenantRequest {
         tenant: Some(t),
         update_mask: None,
-    })
-    .await
-    .map(tonic::Response::into_inner)
+    }
 }
 
 fn metric(text: &str, name: &str) -> Option<f64> {
@@ -1135,4 +1140,111 @@ async fn store_copy_moves_an_embedded_store_into_etcd_and_reseals_under_a_new_ke
     );
     assert!(!ok);
     assert!(err.contains("no store in"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_or_password_reaches_the_log_at_trace_level() {
+    let mut etcd = Etcd::start();
+    let mut root = etcd.client().await;
+    root.user_add("root", "root-password", None).await.unwrap();
+    root.user_grant_role("root", "root").await.unwrap();
+    const PASSWORD: &str = "etcd-password-never-logged";
+    root.user_add("fleet", PASSWORD, None).await.unwrap();
+    root.role_add("fleet").await.unwrap();
+    root.role_grant_permission(
+        "fleet",
+        etcd_client::Permission::read_write(PREFIX).with_prefix(),
+    )
+    .await
+    .unwrap();
+    root.user_grant_role("fleet", "fleet").await.unwrap();
+    root.auth_enable().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("grpc.sock");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sidekey"))
+        .args([
+            "serve",
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+            "--etcd-user",
+            "fleet",
+        ])
+        .arg("--grpc-listen")
+        .arg(format!("unix:{}", socket.display()))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("SIDEKEY_MASTER_KEY", MASTER_KEY)
+        .env("SIDEKEY_ETCD_PASSWORD", PASSWORD)
+        .env("RUST_LOG", "trace")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Drained as it comes: a full pipe would stop the child at trace level.
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = tokio::spawn(async move {
+        let mut log = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut stderr, &mut log)
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&log).into_owned()
+    });
+    let args = sidekey::cli::client::ClientArgs {
+        server: format!("unix:{}", socket.display()),
+        token_file: None,
+    };
+    let mut c = eventually("the sidekey to serve gRPC", || {
+        let args = args.clone();
+        async move { args.connect(None).await.ok() }
+    })
+    .await;
+    const SECRET: &str = "tenant-secret-never-logged";
+    let created = eventually("a first write", || {
+        let mut c = c.clone();
+        async move {
+            c.create_tenant(proto::CreateTenantRequest {
+                tenant: Some(tenant("acme", SECRET)),
+            })
+            .await
+            .ok()
+        }
+    })
+    .await
+    .into_inner();
+    // An outage and a reconnection log too.
+    etcd.stop();
+    let refused = c
+        .update_tenant(update_request("acme", "another-secret", &created.etag))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+    etcd.restart();
+    eventually("writes to work again", || {
+        let mut c = c.clone();
+        let etag = created.etag.clone();
+        async move {
+            c.update_tenant(update_request("acme", SECRET, &etag))
+                .await
+                .ok()
+        }
+    })
+    .await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let log = reader.await.unwrap();
+    assert!(
+        log.contains("etcd unreachable since"),
+        "the outage is logged"
+    );
+    for needle in [SECRET, "another-secret", PASSWORD, MASTER_KEY] {
+        assert!(!log.contains(needle), "{needle} in the log");
+    }
 }
