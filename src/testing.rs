@@ -8,6 +8,15 @@ use tracing_subscriber::Layer;
 use tracing_subscriber::filter::dynamic_filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
 
+/// Two master keys (hex) for store tests.
+pub(crate) const KEY_A: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+pub(crate) const KEY_B: &str = "1f1e1d1c1b1a191817161514131211100f0e0d0c0b0a09080706050403020100";
+
+/// The master-key ring in `text` (one key per line, the first active).
+pub(crate) fn key_ring(text: &str) -> crate::store::master_key::MasterKeys {
+    crate::store::master_key::MasterKeys::parse(text, "test").unwrap()
+}
+
 thread_local! {
     /// Where this thread's events go while a [`LogCapture::capture`] guard lives.
     static CURRENT: RefCell<Option<LogCapture>> = const { RefCell::new(None) };

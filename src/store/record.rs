@@ -114,16 +114,11 @@ pub fn key_id(sealed: &[u8]) -> Option<KeyId> {
 mod tests {
     use super::*;
 
-    const KEY_A: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
-    const KEY_B: &str = "1f1e1d1c1b1a191817161514131211100f0e0d0c0b0a09080706050403020100";
-
-    fn ring(text: &str) -> MasterKeys {
-        MasterKeys::parse(text, "test").unwrap()
-    }
+    use crate::testing::{KEY_A, KEY_B, key_ring};
 
     #[test]
     fn round_trip() {
-        let keys = ring(KEY_A);
+        let keys = key_ring(KEY_A);
         let sealed = seal(&keys, RecordKind::Tenant, "acme", b"{\"site\":\"a\"}").unwrap();
         assert!(!String::from_utf8_lossy(&sealed).contains("site"));
         assert_eq!(key_id(&sealed), Some(keys.active().id()));
@@ -133,7 +128,7 @@ mod tests {
 
     #[test]
     fn every_bit_flip_is_refused_naming_the_record() {
-        let keys = ring(KEY_A);
+        let keys = key_ring(KEY_A);
         let sealed = seal(&keys, RecordKind::Tenant, "acme", b"{\"site\":\"a\"}").unwrap();
         for i in 0..sealed.len() {
             for bit in [0x01u8, 0x80] {
@@ -148,12 +143,12 @@ mod tests {
 
     #[test]
     fn another_key_or_kind_or_master_key_is_refused() {
-        let keys = ring(KEY_A);
+        let keys = key_ring(KEY_A);
         let sealed = seal(&keys, RecordKind::Tenant, "acme", b"r").unwrap();
         let err = open(&keys, RecordKind::Tenant, "other", &sealed).unwrap_err();
         assert!(err.to_string().contains("\"other\""), "{err}");
         assert!(open(&keys, RecordKind::Partner, "acme", &sealed).is_err());
-        let msg = open(&ring(KEY_B), RecordKind::Tenant, "acme", &sealed)
+        let msg = open(&key_ring(KEY_B), RecordKind::Tenant, "acme", &sealed)
             .unwrap_err()
             .to_string();
         assert!(msg.contains("not in the keyring"), "{msg}");

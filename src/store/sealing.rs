@@ -164,16 +164,11 @@ fn aead_key(key: &MasterKey) -> LessSafeKey {
 mod tests {
     use super::*;
 
-    const KEY_A: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
-    const KEY_B: &str = "1f1e1d1c1b1a191817161514131211100f0e0d0c0b0a09080706050403020100";
-
-    fn ring(text: &str) -> MasterKeys {
-        MasterKeys::parse(text, "test").unwrap()
-    }
+    use crate::testing::{KEY_A, KEY_B, key_ring};
 
     #[test]
     fn round_trip_and_format() {
-        let keys = ring(KEY_A);
+        let keys = key_ring(KEY_A);
         let sealed = seal(&keys, "tenant/acme/m3ter.api_secret", b"s3cret").unwrap();
         let kid = keys.active().id().to_string();
         assert!(sealed.starts_with(&format!("v1.{kid}.")), "{sealed}");
@@ -185,7 +180,7 @@ mod tests {
 
     #[test]
     fn nonces_differ_so_equal_values_do_not_look_equal() {
-        let keys = ring(KEY_A);
+        let keys = key_ring(KEY_A);
         let a = seal(&keys, "p", b"same").unwrap();
         let b = seal(&keys, "p", b"same").unwrap();
         assert_ne!(a, b);
@@ -193,7 +188,7 @@ mod tests {
 
     #[test]
     fn another_place_does_not_open() {
-        let keys = ring(KEY_A);
+        let keys = key_ring(KEY_A);
         let sealed = seal(&keys, "tenant/acme/miradore.api_key", b"k").unwrap();
         let err = open(&keys, "tenant/other/miradore.api_key", &sealed).unwrap_err();
         let msg = err.to_string();
@@ -203,7 +198,7 @@ mod tests {
 
     #[test]
     fn tampering_is_detected() {
-        let keys = ring(KEY_A);
+        let keys = key_ring(KEY_A);
         let sealed = seal(&keys, "p", b"value").unwrap();
         let (head, body) = sealed.rsplit_once('.').unwrap();
         let mut raw = URL_SAFE_NO_PAD.decode(body).unwrap();
@@ -221,12 +216,12 @@ mod tests {
 
     #[test]
     fn older_key_in_ring_opens_unknown_key_names_ids() {
-        let old = ring(KEY_A);
+        let old = key_ring(KEY_A);
         let sealed = seal(&old, "p", b"v").unwrap();
-        let rotated = ring(&format!("{KEY_B}\n{KEY_A}"));
+        let rotated = key_ring(&format!("{KEY_B}\n{KEY_A}"));
         assert_eq!(open(&rotated, "p", &sealed).unwrap().as_slice(), b"v");
 
-        let new_only = ring(KEY_B);
+        let new_only = key_ring(KEY_B);
         let err = open(&new_only, "p", &sealed).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, SealError::UnknownKey { .. }));
@@ -236,9 +231,9 @@ mod tests {
 
     #[test]
     fn errors_never_contain_the_value() {
-        let keys = ring(KEY_A);
+        let keys = key_ring(KEY_A);
         let sealed = seal(&keys, "p", b"distinctive-secret").unwrap();
-        let err = open(&ring(KEY_B), "p", &sealed).unwrap_err();
+        let err = open(&key_ring(KEY_B), "p", &sealed).unwrap_err();
         assert!(!format!("{err} {err:?}").contains("distinctive-secret"));
     }
 }

@@ -968,12 +968,7 @@ mod tests {
     use super::*;
     use crate::store::doc::ConnectionsDoc;
 
-    const KEY_A: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
-    const KEY_B: &str = "1f1e1d1c1b1a191817161514131211100f0e0d0c0b0a09080706050403020100";
-
-    fn keys(text: &str) -> MasterKeys {
-        MasterKeys::parse(text, "test").unwrap()
-    }
+    use crate::testing::{KEY_A, KEY_B, key_ring};
 
     fn tenant(id: &str, secret: &str) -> TenantRecord {
         TenantRecord {
@@ -1041,7 +1036,7 @@ mod tests {
     #[test]
     fn swapped_records_fail_to_open_naming_the_record() {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap();
+        let store = EmbeddedStore::open(dir.path(), key_ring(KEY_A)).unwrap();
         put(&store, tenant("alpha", "alpha-secret-value"));
         put(&store, tenant("beta", "beta-secret-value"));
         edit_raw(&store, |table| {
@@ -1060,7 +1055,7 @@ mod tests {
     #[test]
     fn a_record_copied_under_another_id_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap();
+        let store = EmbeddedStore::open(dir.path(), key_ring(KEY_A)).unwrap();
         put(&store, tenant("alpha", "alpha-secret-value"));
         edit_raw(&store, |table| {
             let a = raw(table, "alpha");
@@ -1108,18 +1103,18 @@ mod tests {
     #[test]
     fn a_schema_1_store_is_upgraded_once_and_keeps_everything() {
         let dir = tempfile::tempdir().unwrap();
-        let ring = keys(KEY_A);
+        let ring = key_ring(KEY_A);
         let mut t = tenant("alpha", "alpha-secret-value");
         t.revision = 7;
         write_v1_store(dir.path(), &ring, &[t]);
 
         // A wrong key is refused before the upgrade: the file stays schema 1, unchanged.
         let before = std::fs::read(dir.path().join(DATA_FILE)).unwrap();
-        assert!(EmbeddedStore::open(dir.path(), keys(KEY_B)).is_err());
+        assert!(EmbeddedStore::open(dir.path(), key_ring(KEY_B)).is_err());
         assert_eq!(std::fs::read(dir.path().join(DATA_FILE)).unwrap(), before);
 
         let capture = LogCapture::default();
-        let store = capture.during(|| EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap());
+        let store = capture.during(|| EmbeddedStore::open(dir.path(), key_ring(KEY_A)).unwrap());
         assert!(
             capture.text().contains("store upgraded"),
             "{}",
@@ -1148,7 +1143,7 @@ mod tests {
         drop(store);
         // The second open has nothing left to upgrade.
         let capture = LogCapture::default();
-        capture.during(|| EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap());
+        capture.during(|| EmbeddedStore::open(dir.path(), key_ring(KEY_A)).unwrap());
         assert!(
             !capture.text().contains("store upgraded"),
             "{}",
@@ -1160,7 +1155,7 @@ mod tests {
     fn rotation_leaves_nothing_under_the_old_key() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap();
+            let store = EmbeddedStore::open(dir.path(), key_ring(KEY_A)).unwrap();
             put(&store, tenant("alpha", "a-secret"));
             put(&store, tenant("beta", "b-secret"));
             with_db(&store, |db| {
@@ -1180,7 +1175,7 @@ mod tests {
             })
             .unwrap();
         }
-        let ring = keys(&format!("{KEY_B}\n{KEY_A}"));
+        let ring = key_ring(&format!("{KEY_B}\n{KEY_A}"));
         let store = EmbeddedStore::open(dir.path(), ring).unwrap();
         let keys = &store.inner.keys;
         let active = keys.active().id();
@@ -1218,7 +1213,7 @@ mod tests {
     fn a_newer_schema_is_refused_not_misread() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = EmbeddedStore::open(dir.path(), keys(KEY_A)).unwrap();
+            let store = EmbeddedStore::open(dir.path(), key_ring(KEY_A)).unwrap();
             with_db(&store, |db| {
                 let txn = db.begin_write().unwrap();
                 {
@@ -1229,7 +1224,7 @@ mod tests {
                 txn.commit().unwrap();
             });
         }
-        let msg = EmbeddedStore::open(dir.path(), keys(KEY_A))
+        let msg = EmbeddedStore::open(dir.path(), key_ring(KEY_A))
             .unwrap_err()
             .to_string();
         assert!(msg.contains("written by a newer sidekey"), "{msg}");
@@ -1267,7 +1262,7 @@ mod tests {
             );
             drop(store);
             errors.push(
-                EmbeddedStore::open(dir.path(), keys(KEY_A))
+                EmbeddedStore::open(dir.path(), key_ring(KEY_A))
                     .unwrap_err()
                     .to_string(),
             );
@@ -1277,12 +1272,12 @@ mod tests {
                 .find(|l| !l.starts_with('#'))
                 .unwrap()
                 .to_owned();
-            let ring = keys(&format!("{KEY_A}\n{generated_key}"));
+            let ring = key_ring(&format!("{KEY_A}\n{generated_key}"));
             let store = EmbeddedStore::open(dir.path(), ring).unwrap();
             load(&store).unwrap();
             drop(store);
             errors.push(
-                EmbeddedStore::open(dir.path(), keys(&generated_key))
+                EmbeddedStore::open(dir.path(), key_ring(&generated_key))
                     .unwrap_err()
                     .to_string(),
             );
