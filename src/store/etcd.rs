@@ -669,3 +669,86 @@ pub(crate) fn etcd_error(e: etcd_client::Error) -> StoreError {
         other => StoreError::Backend(format!("etcd client: {other}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(endpoints: &[&str]) -> EtcdConfig {
+        EtcdConfig::new(endpoints.iter().map(|e| e.to_string()).collect())
+    }
+
+    #[test]
+    fn endpoints_and_settings_are_checked_strictly() {
+        assert!(
+            config(&["http://127.0.0.1:2379", "http://etcd-1:2379"])
+                .validate()
+                .is_ok()
+        );
+        for bad in [
+            "127.0.0.1:2379",
+            "http://127.0.0.1",
+            "http://127.0.0.1:",
+            "http://:2379",
+            "http://127.0.0.1:2379/",
+            "http://127.0.0.1:2379/v3",
+            "http://127.0.0.1:99999",
+            "ftp://127.0.0.1:2379",
+            "",
+        ] {
+            assert!(config(&[bad]).validate().is_err(), "{bad:?} accepted");
+        }
+        assert!(config(&[]).validate().is_err());
+        // https needs the CA; the CA needs https, for every endpoint.
+        assert!(config(&["https://etcd:2379"]).validate().is_err());
+        let mut tls = config(&["https://etcd:2379", "http://etcd-1:2379"]);
+        tls.ca = Some("ca.pem".into());
+        assert!(tls.validate().is_err());
+        tls.endpoints.pop();
+        assert!(tls.validate().is_ok());
+        tls.cert = Some("c.pem".into());
+        assert!(tls.validate().unwrap_err().contains("together"));
+        tls.key = Some("k.pem".into());
+        assert!(tls.validate().is_ok());
+
+        for prefix in ["", "/", "sidekey/", "/sidekey"] {
+            let mut c = config(&["http://etcd:2379"]);
+            c.prefix = prefix.into();
+            assert!(c.validate().is_err(), "prefix {prefix:?} accepted");
+        }
+        let mut c = config(&["http://etcd:2379"]);
+        c.user = Some("fleet".into());
+        assert!(c.validate().is_err(), "a user without a password");
+        c.password = Some(Secret::new("pw"));
+        assert!(c.validate().is_ok());
+        c.max_txn_ops = 0;
+        assert!(c.validate().is_err());
+        c.max_txn_ops = 1;
+        c.timeout = Duration::ZERO;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn a_password_file_loses_its_line_end_and_never_doubles_the_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "s3cret\r\n").unwrap();
+        let c = config(&["http://etcd:2379"])
+            .with_password_file(Some(&path))
+            .unwrap();
+        assert_eq!(c.password.as_ref().map(Secret::expose), Some("s3cret"));
+        let err = c.with_password_file(Some(&path)).unwrap_err();
+        assert!(err.contains("not both") && !err.contains("s3cret"), "{err}");
+        let missing = config(&["http://etcd:2379"])
+            .with_password_file(Some(&dir.path().join("none")))
+            .unwrap_err();
+        assert!(missing.contains("--etcd-password-file"), "{missing}");
+    }
+
+    #[test]
+    fn the_prefix_range_ends_after_every_key_under_it() {
+        assert_eq!(prefix_end(b"/sidekey/"), b"/sidekey0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+}

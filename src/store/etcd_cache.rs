@@ -186,10 +186,10 @@ fn replace(
 mod tests {
     use super::*;
 
-    const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    use crate::testing::{KEY_A, KEY_B, key_ring};
 
     fn keys() -> Arc<MasterKeys> {
-        Arc::new(MasterKeys::parse(KEY, "test").unwrap())
+        Arc::new(key_ring(KEY_A))
     }
 
     fn mirror(n: usize) -> Mirror {
@@ -269,6 +269,8 @@ mod tests {
         std::fs::write(&path, &good).unwrap();
         let other_prefix = SnapshotCache::new(dir.path(), "/other/");
         assert!(other_prefix.read(keys()).await.unwrap().is_none());
+        let other_key = Arc::new(key_ring(KEY_B));
+        assert!(cache.read(other_key).await.unwrap().is_none());
         assert!(cache.read(keys()).await.unwrap().is_some());
     }
 }
