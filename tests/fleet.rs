@@ -442,6 +442,18 @@ async fn a_sidekey_started_while_etcd_is_down_serves_its_cache_or_waits_not_read
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    // Reads too: an empty answer would be a wrong one.
+    let refused = cf
+        .get_tenant(proto::GetTenantRequest { id: "acme".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("not been loaded"), "{refused:?}");
+    let refused = cf
+        .list_tenants(proto::ListTenantsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
 
     // etcd back: the fresh one loads and turns ready; the cached one catches up.
     etcd.restart();

@@ -68,7 +68,7 @@ struct State {
     tenants: BTreeMap<String, TenantRecord>,
     partner: PartnerRecord,
     /// False until the first load succeeded (a shared store unreachable at start, with no
-    /// snapshot cache): writes are refused meanwhile, as the state is not known.
+    /// snapshot cache): reads and writes are refused meanwhile, as the state is not known.
     loaded: bool,
 }
 
@@ -91,7 +91,7 @@ impl State {
         } else {
             Err(CatalogError::Store(StoreError::Unavailable(
                 "the tenants have not been loaded from the store yet (it has been unreachable \
-                 since start-up): the write was not made"
+                 since start-up): nothing was read or written"
                     .into(),
             )))
         }
@@ -233,6 +233,7 @@ impl Catalog {
 
     pub async fn get(&self, id: &str) -> Result<TenantRecord, CatalogError> {
         let state = self.state.lock().await;
+        state.check_loaded()?;
         state
             .tenants
             .get(id)
@@ -241,9 +242,14 @@ impl Catalog {
     }
 
     /// Up to `limit` tenants with ids after `after`, in id order, and whether more follow.
-    pub async fn list(&self, after: Option<&str>, limit: usize) -> (Vec<TenantRecord>, bool) {
+    pub async fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<TenantRecord>, bool), CatalogError> {
         use std::ops::Bound;
         let state = self.state.lock().await;
+        state.check_loaded()?;
         let lower = match after {
             Some(a) => Bound::Excluded(a.to_owned()),
             None => Bound::Unbounded,
@@ -254,11 +260,13 @@ impl Catalog {
             .map(|(_, t)| t);
         let page: Vec<_> = iter.by_ref().take(limit).cloned().collect();
         let more = iter.next().is_some();
-        (page, more)
+        Ok((page, more))
     }
 
-    pub async fn partner(&self) -> PartnerRecord {
-        self.state.lock().await.partner.clone()
+    pub async fn partner(&self) -> Result<PartnerRecord, CatalogError> {
+        let state = self.state.lock().await;
+        state.check_loaded()?;
+        Ok(state.partner.clone())
     }
 
     /// Creates a tenant from `id`, `display_name` and `connections`.
