@@ -165,6 +165,14 @@ async fn watch(
             return Ok(End::Reload);
         }
         if response.canceled() {
+            // etcd refuses a watch whose auth token it no longer knows (simple tokens do not
+            // survive an etcd restart) by cancelling it in the stream, not with a status the
+            // client would re-authenticate on: authenticate again before the next attempt.
+            // Without a user this only drops an absent token.
+            let refreshed = tokio::time::timeout(shared.timeout(), client.refresh_token()).await;
+            if let Ok(Err(e)) = refreshed {
+                tracing::debug!(error = %e, "re-authenticating to etcd failed");
+            }
             return Err(StoreError::Unavailable(format!(
                 "etcd cancelled the watch: {}",
                 response.cancel_reason()
