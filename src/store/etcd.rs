@@ -326,20 +326,6 @@ impl EtcdStore {
         self.shared.link.health.clone()
     }
 
-    pub fn prefix(&self) -> &str {
-        &self.shared.config.prefix
-    }
-
-    /// The etcd key of tenant `id`.
-    pub fn tenant_key(&self, id: &str) -> String {
-        self.shared.tenant_key(id)
-    }
-
-    /// The etcd key of the partner defaults.
-    pub fn partner_key(&self) -> String {
-        self.shared.partner_key()
-    }
-
     fn take_loaded(&self) -> Option<Mirror> {
         self.loaded
             .lock()

@@ -702,7 +702,7 @@ mod tests {
     }
 
     /// Applies `event` as the follow task does, without the task.
-    async fn feed(catalog: &Catalog, _: &mpsc::Sender<StoreEvent>, event: StoreEvent) {
+    async fn feed(catalog: &Catalog, event: StoreEvent) {
         catalog.apply_event(event).await;
     }
 
@@ -723,30 +723,30 @@ mod tests {
         let (catalog, tx) = fed(Ok(stored)).await;
         assert_eq!(key(&catalog, "acme").as_deref(), Some("k1"));
 
-        feed(&catalog, &tx, put(7, record("acme", "k2", 7))).await;
+        feed(&catalog, put(7, record("acme", "k2", 7))).await;
         assert_eq!(key(&catalog, "acme").as_deref(), Some("k2"));
         assert_eq!(catalog.get("acme").await.unwrap().revision, 7);
         // beta's entry is the same Arc: nothing else was rebuilt.
         let before = catalog.snapshot().load().tenant("beta").cloned().unwrap();
-        feed(&catalog, &tx, put(8, record("gamma", "g1", 8))).await;
+        feed(&catalog, put(8, record("gamma", "g1", 8))).await;
         let after = catalog.snapshot().load().tenant("beta").cloned().unwrap();
         assert!(Arc::ptr_eq(&before, &after));
 
         // An older change than the record held (our own write echoed late) is skipped.
-        feed(&catalog, &tx, put(6, record("acme", "old", 6))).await;
+        feed(&catalog, put(6, record("acme", "old", 6))).await;
         assert_eq!(key(&catalog, "acme").as_deref(), Some("k2"));
         let removed = StoreEvent::Changed {
             revision: 7,
             change: Change::RemoveTenant("gamma".into()),
         };
-        feed(&catalog, &tx, removed).await;
+        feed(&catalog, removed).await;
         assert_eq!(key(&catalog, "gamma").as_deref(), Some("g1"));
 
         let removed = StoreEvent::Changed {
             revision: 9,
             change: Change::RemoveTenant("beta".into()),
         };
-        feed(&catalog, &tx, removed).await;
+        feed(&catalog, removed).await;
         assert!(key(&catalog, "beta").is_none());
         assert!(matches!(
             catalog.get("beta").await,
@@ -767,7 +767,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_store_starts_not_loaded_refusing_writes_until_reloaded() {
-        let (catalog, tx) = fed(Err(StoreError::Unavailable("etcd down".into()))).await;
+        let (catalog, _events) = fed(Err(StoreError::Unavailable("etcd down".into()))).await;
         assert!(!*catalog.loaded().borrow());
         let refused = catalog
             .create(
@@ -786,7 +786,7 @@ mod tests {
             partner: PartnerRecord::default(),
             revision: 3,
         };
-        feed(&catalog, &tx, StoreEvent::Reloaded(stored)).await;
+        feed(&catalog, StoreEvent::Reloaded(stored)).await;
         assert!(*catalog.loaded().borrow());
         assert_eq!(key(&catalog, "acme").as_deref(), Some("k1"));
         catalog
