@@ -74,7 +74,7 @@ def check_fleet(where, c, env):
     before a rollout, and no etcd password in the manifest."""
     if "SIDEKEY_TENANTS_FILE" in env:
         problem(where, "fleet mode (SIDEKEY_STORE=etcd) refuses SIDEKEY_TENANTS_FILE")
-    if not env.get("SIDEKEY_ETCD_ENDPOINTS"):
+    if "SIDEKEY_ETCD_ENDPOINTS" not in env:
         problem(where, "fleet mode needs SIDEKEY_ETCD_ENDPOINTS")
     if "SIDEKEY_MASTER_KEY_FILE" not in env and "SIDEKEY_MASTER_KEY" not in env:
         problem(where, "fleet mode needs the fleet's master key (SIDEKEY_MASTER_KEY_FILE)")
