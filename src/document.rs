@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::proto;
+use crate::wire::ProtoConnections;
 
 /// Where `valueFrom` references are read: the process environment and files. Any
 /// `Fn(&str) -> Option<String>` is a source whose environment is that function and whose
@@ -493,11 +494,7 @@ fn resolve_secret(
 }
 
 /// The secrets given by fingerprint only, as `(update-mask path, fingerprint)`.
-pub fn kept_secrets<'a>(
-    miradore: &'a Option<proto::MiradoreConnection>,
-    m3ter: &'a Option<proto::M3terConnection>,
-    mailkit: &'a Option<proto::MailkitConnection>,
-) -> Vec<(&'static str, &'a str)> {
+pub fn kept_secrets<'a>(c: ProtoConnections<'a>) -> Vec<(&'static str, &'a str)> {
     let kept = |s: &'a Option<proto::Secret>| {
         s.as_ref()
             .filter(|s| s.value.is_empty() && !s.fingerprint.is_empty())
@@ -506,15 +503,15 @@ pub fn kept_secrets<'a>(
     [
         (
             "miradore.api_key",
-            miradore.as_ref().and_then(|c| kept(&c.api_key)),
+            c.miradore.and_then(|c| kept(&c.api_key)),
         ),
         (
             "m3ter.api_secret",
-            m3ter.as_ref().and_then(|c| kept(&c.api_secret)),
+            c.m3ter.and_then(|c| kept(&c.api_secret)),
         ),
         (
             "mailkit.client_md5",
-            mailkit.as_ref().and_then(|c| kept(&c.client_md5)),
+            c.mailkit.and_then(|c| kept(&c.client_md5)),
         ),
     ]
     .into_iter()
@@ -641,7 +638,7 @@ mod tests {
         .unwrap();
         let t = doc.into_proto(&|_: &str| None).unwrap();
         assert_eq!(
-            kept_secrets(&t.miradore, &t.m3ter, &t.mailkit),
+            kept_secrets((&t).into()),
             [("mailkit.client_md5", "sha256:0123")]
         );
         assert!(t.mailkit.unwrap().client_md5.unwrap().value.is_empty());

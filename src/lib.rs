@@ -6,11 +6,18 @@
 //! (gRPC), which goes through the [`tenants::Catalog`] to the [`store`] and publishes a new
 //! snapshot.
 
+#![forbid(unsafe_code)]
+// Nothing a request, a peer or a file can make fail may panic; unit tests may unwrap
+// (clippy.toml), integration tests are other crates.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod admin;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod document;
+pub mod model;
 pub mod proxy;
 pub mod secret;
 pub mod server;
@@ -21,6 +28,7 @@ pub mod tenants_file;
 mod testing;
 pub mod upstream;
 pub mod vendors;
+pub mod wire;
 
 /// Generated code of the `sidekey.v1` proto package.
 #[allow(clippy::all, missing_docs)]

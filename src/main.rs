@@ -1,5 +1,10 @@
 //! The `sidekey` binary: `serve`, or a control-plane client command.
 
+#![forbid(unsafe_code)]
+// Nothing a request, a peer or a file can make fail may panic; unit tests may unwrap
+// (clippy.toml), integration tests are other crates.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -97,19 +97,16 @@ fn parse_declared(path: &Path, text: &str, sources: &dyn Sources) -> Result<Decl
         .transpose()
         .map_err(|e| e.to_string())?;
     if let Some(p) = &partner {
-        refuse_kept(
-            "partnerDefaults",
-            kept_secrets(&p.miradore, &p.m3ter, &p.mailkit),
-        )?;
+        refuse_kept("partnerDefaults", kept_secrets(p.into()))?;
     }
-    let partner = partner.map(|p| connections_in(&p.miradore, &p.m3ter, &p.mailkit));
+    let partner = partner.map(|p| connections_in((&p).into()));
     let mut tenants = Vec::with_capacity(declared_tenants.len());
     for (index, t) in declared_tenants.into_iter().enumerate() {
         let at = crate::tenants::validate::declared_tenant_path(index, &t.id);
         let t = t.into_proto(env).map_err(|e| format!("{at}.{e}"))?;
-        refuse_kept(&at, kept_secrets(&t.miradore, &t.m3ter, &t.mailkit))?;
+        refuse_kept(&at, kept_secrets((&t).into()))?;
         tenants.push(DeclaredTenant {
-            connections: connections_in(&t.miradore, &t.m3ter, &t.mailkit),
+            connections: connections_in((&t).into()),
             id: t.id,
             display_name: t.display_name,
         });

@@ -93,3 +93,15 @@ impl Write for ThreadWriter {
         Ok(())
     }
 }
+
+/// The error code the app would see for a vendor rule's refusal, through the proxy's one
+/// mapping (`proxy::error`), so rule tests assert the contract rather than a variant.
+pub(crate) trait RefusalCode {
+    fn code(self) -> &'static str;
+}
+
+impl RefusalCode for crate::vendors::RuleError {
+    fn code(self) -> &'static str {
+        crate::proxy::ProxyError::from(self).code()
+    }
+}

@@ -674,6 +674,29 @@ async fn long_ids_are_cut_in_errors() {
 }
 
 #[tokio::test]
+async fn test_tenant_refuses_an_unknown_vendor() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let mut c = client(&running).await;
+    create(&mut c, m3ter_tenant("acme", "s")).await.unwrap();
+    for vendor in [proto::Vendor::Unspecified as i32, 99, -1] {
+        let err = c
+            .test_tenant(proto::TestTenantRequest {
+                id: "acme".into(),
+                vendor,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(violations(&err), ["vendor"], "{vendor}");
+        let details = err.get_details_bad_request().unwrap();
+        assert_eq!(
+            details.field_violations[0].description,
+            "must be VENDOR_MIRADORE, VENDOR_M3TER or VENDOR_MAILKIT"
+        );
+    }
+}
+
+#[tokio::test]
 async fn only_canonical_etags_match() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(dir.path()).await;

@@ -423,7 +423,7 @@ async fn read_document(file: PathBuf) -> Result<proto::Tenant, String> {
 /// fingerprint still matches it; the update is conditional on the etag read, so a concurrent
 /// change makes it fail rather than be overwritten.
 async fn apply(api: &mut client::Client, tenant: proto::Tenant) -> Result<proto::Tenant, String> {
-    let kept = kept_secrets(&tenant.miradore, &tenant.m3ter, &tenant.mailkit);
+    let kept = kept_secrets((&tenant).into());
     let current = match api
         .get_tenant(proto::GetTenantRequest {
             id: tenant.id.clone(),

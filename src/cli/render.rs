@@ -3,6 +3,7 @@
 use serde_json::{Map, Value, json};
 
 use crate::proto;
+use crate::wire::ProtoConnections;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
@@ -44,11 +45,12 @@ fn compact(v: Value) -> Value {
     }
 }
 
-fn connections_json(
-    mir: &Option<proto::MiradoreConnection>,
-    m3: &Option<proto::M3terConnection>,
-    mk: &Option<proto::MailkitConnection>,
-) -> Map<String, Value> {
+fn connections_json(c: ProtoConnections<'_>) -> Map<String, Value> {
+    let ProtoConnections {
+        miradore: mir,
+        m3ter: m3,
+        mailkit: mk,
+    } = c;
     let mut m = Map::new();
     if let Some(c) = mir {
         m.insert(
@@ -77,7 +79,7 @@ pub fn tenant_json(t: &proto::Tenant) -> Value {
     let mut m = Map::new();
     m.insert("id".into(), json!(t.id));
     m.insert("displayName".into(), json!(t.display_name));
-    m.extend(connections_json(&t.miradore, &t.m3ter, &t.mailkit));
+    m.extend(connections_json(t.into()));
     m.insert("etag".into(), json!(t.etag));
     m.insert("createTime".into(), ts(&t.create_time));
     m.insert("updateTime".into(), ts(&t.update_time));
@@ -85,7 +87,7 @@ pub fn tenant_json(t: &proto::Tenant) -> Value {
 }
 
 pub fn partner_json(p: &proto::PartnerDefaults) -> Value {
-    let mut m = connections_json(&p.miradore, &p.m3ter, &p.mailkit);
+    let mut m = connections_json(p.into());
     m.insert("etag".into(), json!(p.etag));
     m.insert("updateTime".into(), ts(&p.update_time));
     compact(Value::Object(m))
@@ -101,11 +103,12 @@ fn or_inherited(s: &str) -> &str {
     if s.is_empty() { "(inherited)" } else { s }
 }
 
-fn connection_rows(
-    mir: &Option<proto::MiradoreConnection>,
-    m3: &Option<proto::M3terConnection>,
-    mk: &Option<proto::MailkitConnection>,
-) -> Vec<(&'static str, String)> {
+fn connection_rows(c: ProtoConnections<'_>) -> Vec<(&'static str, String)> {
+    let ProtoConnections {
+        miradore: mir,
+        m3ter: m3,
+        mailkit: mk,
+    } = c;
     vec![
         (
             "MIRADORE",
@@ -156,7 +159,7 @@ pub fn tenant_table(t: &proto::Tenant) -> String {
         ("ID", t.id.clone()),
         ("DISPLAY NAME", t.display_name.clone()),
     ];
-    rows.extend(connection_rows(&t.miradore, &t.m3ter, &t.mailkit));
+    rows.extend(connection_rows(t.into()));
     rows.push(("ETAG", t.etag.clone()));
     rows.push(("CREATED", ts_text(&t.create_time)));
     rows.push(("UPDATED", ts_text(&t.update_time)));
@@ -164,7 +167,7 @@ pub fn tenant_table(t: &proto::Tenant) -> String {
 }
 
 pub fn partner_table(p: &proto::PartnerDefaults) -> String {
-    let mut rows = connection_rows(&p.miradore, &p.m3ter, &p.mailkit);
+    let mut rows = connection_rows(p.into());
     rows.push(("ETAG", p.etag.clone()));
     rows.push(("UPDATED", ts_text(&p.update_time)));
     key_values(rows)

@@ -8,7 +8,9 @@ use crate::secret::Secret;
 use crate::tenants::validate::echo;
 use crate::tenants::{
     Connections, FieldViolation, M3terConn, MailkitConn, MiradoreConn, PartnerRecord, TenantRecord,
+    VendorKind,
 };
+use crate::wire::ProtoConnections;
 
 /// The etag of a record: its revision, as an opaque string.
 pub fn etag(revision: u64) -> String {
@@ -111,23 +113,49 @@ fn secret_in(s: &Option<proto::Secret>) -> Option<Secret> {
         .map(|s| Secret::new(s.value.clone()))
 }
 
-pub fn connections_in(
-    miradore: &Option<proto::MiradoreConnection>,
-    m3ter: &Option<proto::M3terConnection>,
-    mailkit: &Option<proto::MailkitConnection>,
-) -> Connections {
+/// The `sidekey.v1.Vendor` value of a vendor.
+pub fn vendor_out(kind: VendorKind) -> proto::Vendor {
+    match kind {
+        VendorKind::Miradore => proto::Vendor::Miradore,
+        VendorKind::M3ter => proto::Vendor::M3ter,
+        VendorKind::Mailkit => proto::Vendor::Mailkit,
+    }
+}
+
+/// The vendor a `sidekey.v1.Vendor` value names; `None` for `VENDOR_UNSPECIFIED` and
+/// unknown values.
+pub fn vendor_in(value: i32) -> Option<VendorKind> {
+    VendorKind::ALL
+        .into_iter()
+        .find(|kind| vendor_out(*kind) as i32 == value)
+}
+
+/// The accepted `sidekey.v1.Vendor` names, for an error message:
+/// `VENDOR_MIRADORE, VENDOR_M3TER or VENDOR_MAILKIT`.
+pub fn vendor_names() -> String {
+    let names: Vec<&str> = VendorKind::ALL
+        .into_iter()
+        .map(|kind| vendor_out(kind).as_str_name())
+        .collect();
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => names.concat(),
+    }
+}
+
+pub fn connections_in(c: ProtoConnections<'_>) -> Connections {
     Connections {
-        miradore: miradore.as_ref().map(|m| MiradoreConn {
+        miradore: c.miradore.map(|m| MiradoreConn {
             site: m.site.clone(),
             api_key: secret_in(&m.api_key),
         }),
-        m3ter: m3ter.as_ref().map(|m| M3terConn {
+        m3ter: c.m3ter.map(|m| M3terConn {
             access_key_id: m.access_key_id.clone(),
             api_secret: secret_in(&m.api_secret),
             org_id: m.org_id.clone(),
             environment: m.environment.clone(),
         }),
-        mailkit: mailkit.as_ref().map(|m| MailkitConn {
+        mailkit: c.mailkit.map(|m| MailkitConn {
             client_id: m.client_id.clone(),
             client_md5: secret_in(&m.client_md5),
         }),
@@ -276,6 +304,19 @@ pub fn merge_present(target: &mut Connections, req: &Connections) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vendor_values_map_both_ways() {
+        for kind in VendorKind::ALL {
+            assert_eq!(vendor_in(vendor_out(kind) as i32), Some(kind));
+        }
+        assert_eq!(vendor_in(proto::Vendor::Unspecified as i32), None);
+        assert_eq!(vendor_in(99), None);
+        assert_eq!(
+            vendor_names(),
+            "VENDOR_MIRADORE, VENDOR_M3TER or VENDOR_MAILKIT"
+        );
+    }
 
     fn conns_with_m3ter(secret: &str) -> Connections {
         Connections {

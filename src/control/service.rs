@@ -9,8 +9,8 @@ use tonic::{Request, Response, Status};
 use super::convert::{self, parse_etag};
 use super::status::{invalid, invalid_field, stale_etag};
 use crate::proto::{self, tenant_service_server::TenantService};
+use crate::tenants::Catalog;
 use crate::tenants::validate::echo;
-use crate::tenants::{Catalog, VendorKind};
 use crate::vendors::VendorTester;
 
 /// `page_size` used when a client sends 0.
@@ -43,7 +43,7 @@ impl TenantApi {
         request: Request<proto::CreateTenantRequest>,
     ) -> Result<Response<proto::Tenant>, Status> {
         let t = required(request.into_inner().tenant, "tenant")?;
-        let conns = convert::connections_in(&t.miradore, &t.m3ter, &t.mailkit);
+        let conns = convert::connections_in((&t).into());
         let record = self.catalog.create(t.id, t.display_name, conns).await?;
         tracing::info!(tenant = %record.id, "tenant created");
         Ok(Response::new(convert::tenant_out(&record)))
@@ -102,7 +102,7 @@ impl TenantApi {
         let etag = etag_of(&t.etag)?;
         let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
         convert::check_mask(&paths, &["display_name"]).map_err(invalid)?;
-        let conns = convert::connections_in(&t.miradore, &t.m3ter, &t.mailkit);
+        let conns = convert::connections_in((&t).into());
         let record = self
             .catalog
             .update(&t.id, etag, |record| {
@@ -138,16 +138,11 @@ impl TenantApi {
         request: Request<proto::TestTenantRequest>,
     ) -> Result<Response<proto::TestTenantResponse>, Status> {
         let req = request.into_inner();
-        let vendor = match proto::Vendor::try_from(req.vendor) {
-            Ok(proto::Vendor::Miradore) => VendorKind::Miradore,
-            Ok(proto::Vendor::M3ter) => VendorKind::M3ter,
-            Ok(proto::Vendor::Mailkit) => VendorKind::Mailkit,
-            _ => {
-                return Err(invalid_field(
-                    "vendor",
-                    "must be VENDOR_MIRADORE, VENDOR_M3TER or VENDOR_MAILKIT",
-                ));
-            }
+        let Some(vendor) = convert::vendor_in(req.vendor) else {
+            return Err(invalid_field(
+                "vendor",
+                &format!("must be {}", convert::vendor_names()),
+            ));
         };
         // The effective credentials are those the proxy would use right now.
         let snapshot = self.catalog.snapshot().load();
@@ -192,7 +187,7 @@ impl TenantApi {
         let etag = etag_of(&p.etag)?;
         let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
         convert::check_mask(&paths, &[]).map_err(invalid)?;
-        let conns = convert::connections_in(&p.miradore, &p.m3ter, &p.mailkit);
+        let conns = convert::connections_in((&p).into());
         let record = self
             .catalog
             .update_partner(etag, |record| {

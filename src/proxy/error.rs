@@ -1,6 +1,11 @@
 //! The refusals sidekey itself answers, and the one place they become HTTP responses.
 //!
-//! Each variant is one row of the contract's error table (design.md, "Errors sidekey itself
+//! Causes arrive typed from elsewhere ([`RuleError`] from the vendor rules, [`BudgetError`]
+//! from the body budget, [`NotCanonical`] from the path check, [`UpstreamError`] from the
+//! client); the `From` impls below are the only mapping from a cause to a row of the table
+//! (the "rescue" of linkerd2-proxy's server stack).
+//!
+//! Each variant is one row of the error table in docs/proxy.md ("Errors sidekey itself
 //! returns"): its code, status and when. Messages are written for app developers and never
 //! contain a secret: variants carry only names (hosts, sites, org ids, tenant ids) that the
 //! app itself sent or that are not credentials.
@@ -10,7 +15,10 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, PROXY_AUTHENTICATE
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
+use crate::budget::BudgetError;
 use crate::upstream::UpstreamError;
+use crate::vendors::RuleError;
+use crate::vendors::path::NotCanonical;
 
 /// A refusal, by the contract's error code.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +165,45 @@ impl ProxyError {
     }
 }
 
+impl From<RuleError> for ProxyError {
+    fn from(err: RuleError) -> Self {
+        match err {
+            RuleError::Malformed(msg) => ProxyError::BadRequest(msg.into_owned()),
+            RuleError::UnknownRoute(msg) => ProxyError::UnknownRoute(msg.to_owned()),
+            RuleError::HostNotAllowed(host) => ProxyError::HostNotAllowed(host),
+            RuleError::NotConfigured => {
+                ProxyError::bad_request("the tenant has no connection for this vendor")
+            }
+            RuleError::SiteMismatch(site) => ProxyError::SiteMismatch(site),
+            RuleError::OrgMismatch(org) => ProxyError::OrgMismatch(org),
+            RuleError::TokenExchange(why) => ProxyError::TokenExchangeFailed(why),
+            RuleError::Upstream {
+                vendor,
+                host,
+                source,
+            } => ProxyError::upstream(vendor, &host, source),
+            RuleError::Body(err) => err.into(),
+            RuleError::Path(err) => err.into(),
+        }
+    }
+}
+
+impl From<BudgetError> for ProxyError {
+    fn from(err: BudgetError) -> Self {
+        match err {
+            BudgetError::TooLarge { limit } => ProxyError::BodyTooLarge { limit },
+            BudgetError::Exhausted => ProxyError::BodyBudgetExhausted,
+            BudgetError::Read => ProxyError::bad_request("reading the request body failed"),
+        }
+    }
+}
+
+impl From<NotCanonical> for ProxyError {
+    fn from(err: NotCanonical) -> Self {
+        ProxyError::BadRequest(err.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,5 +261,38 @@ mod tests {
             assert_eq!(e.status().as_u16(), status);
             assert_eq!(e.code(), code);
         }
+    }
+
+    #[test]
+    fn every_cause_maps_to_its_code() {
+        let not_canonical = crate::vendors::path::CanonicalPath::new("/a/../b").unwrap_err();
+        let cases: [(ProxyError, &str); 12] = [
+            (RuleError::malformed("x").into(), "bad_request"),
+            (RuleError::UnknownRoute("x").into(), "unknown_route"),
+            (
+                RuleError::HostNotAllowed("h".into()).into(),
+                "host_not_allowed",
+            ),
+            (RuleError::NotConfigured.into(), "bad_request"),
+            (RuleError::SiteMismatch("s".into()).into(), "site_mismatch"),
+            (RuleError::OrgMismatch("o".into()).into(), "org_mismatch"),
+            (
+                RuleError::TokenExchange("t".into()).into(),
+                "token_exchange_failed",
+            ),
+            (
+                RuleError::Body(BudgetError::Exhausted).into(),
+                "body_budget_exhausted",
+            ),
+            (BudgetError::TooLarge { limit: 1 }.into(), "body_too_large"),
+            (BudgetError::Read.into(), "bad_request"),
+            (not_canonical.into(), "bad_request"),
+            (RuleError::Path(not_canonical).into(), "bad_request"),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.code(), code, "{e}");
+        }
+        let e = ProxyError::from(RuleError::TokenExchange("m3ter said no".into()));
+        assert_eq!(e.to_string(), "m3ter token exchange failed: m3ter said no");
     }
 }

@@ -3,10 +3,11 @@
 //!
 //! - [`listener`]: the accept loop, connection limits and graceful shutdown.
 //! - `connection`: deadlines on an app connection's first bytes and on its writes.
-//! - [`budget`]: the byte budget of request bodies held in memory.
+//! - [`BodyBudget`] ([`crate::budget`]): the byte budget of request bodies held in memory.
 //! - [`route`]: request form, tenant, vendor and host, in the documented order of checks.
-//! - [`canonical`]: the one path form forwarded, so rules check what vendors read.
-//! - [`error`]: the refusals sidekey answers itself.
+//! - [`crate::vendors::path`]: the one path form forwarded, so rules check what vendors read.
+//! - [`error`]: the refusals sidekey answers itself, and the one mapping of every cause
+//!   (vendor rules, body budget, upstream) to them.
 //! - the rules themselves live in [`crate::vendors`].
 //!
 //! Wiring (from `sidekey serve`):
@@ -17,8 +18,6 @@
 //! sidekey::proxy::serve(listener, proxy, shutdown_signal).await;
 //! ```
 
-pub mod budget;
-pub(crate) mod canonical;
 pub(crate) mod connection;
 pub mod error;
 mod headers;
@@ -31,20 +30,19 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, EXPECT, HOST, HeaderName, HeaderValue};
+use http::header::{CONTENT_LENGTH, EXPECT, HOST, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-pub use budget::BodyBudget;
+pub use crate::budget::BodyBudget;
 pub use error::ProxyError;
 pub use listener::{ConnectionSlots, serve};
 
-use crate::tenants::{EffectiveTenant, SnapshotReader, VendorKind};
+use crate::tenants::SnapshotReader;
 use crate::upstream;
 use crate::vendors::m3ter::TokenSource;
-use crate::vendors::m3ter::rule as m3ter_rule;
-use crate::vendors::{mailkit, miradore};
+use crate::vendors::{BodyRule, Registry, RuleInput, SendContext};
 
 /// The header that names the tenant; removed before forwarding.
 pub const TENANT_HEADER: HeaderName = HeaderName::from_static("x-sidekey-tenant");
@@ -140,7 +138,7 @@ pub struct Proxy {
 struct Inner {
     snapshot: SnapshotReader,
     client: upstream::Client,
-    tokens: Arc<dyn TokenSource>,
+    vendors: Registry,
     config: ProxyConfig,
     slots: ConnectionSlots,
     budget: BodyBudget,
@@ -155,47 +153,53 @@ struct Inner {
 /// measurable CPU at tens of thousands of requests per second. Rare outcomes (sidekey's own
 /// error codes) are still looked up when they happen.
 struct HotMetrics {
-    /// Indexed like [`HotMetrics::VENDORS`].
-    vendors: [VendorMetrics; 4],
+    /// Indexed like the vendor registry, then one for requests with no vendor.
+    vendors: Box<[VendorMetrics]>,
 }
 
 struct VendorMetrics {
+    /// The `vendor` label: the vendor's name, or `none`.
+    label: &'static str,
     status_class: [metrics::Counter; 3],
     duration: metrics::Histogram,
 }
 
 impl HotMetrics {
-    /// Label values, indexed like [`HotMetrics::vendor_index`] and the status classes.
-    const VENDORS: [&'static str; 4] = ["miradore", "m3ter", "mailkit", "none"];
+    /// Status classes, indexed like [`VendorMetrics::status_class`].
     const CLASSES: [&'static str; 3] = ["2xx", "4xx", "5xx"];
 
-    fn new() -> Self {
+    fn new(vendors: &Registry) -> Self {
+        let labels = vendors.iter().map(|v| v.name()).chain(["none"]);
         Self {
-            vendors: Self::VENDORS.map(|vendor| VendorMetrics {
-                status_class: Self::CLASSES.map(|outcome| {
-                    metrics::counter!("sidekey_proxy_requests_total",
-                        "vendor" => vendor, "outcome" => outcome)
-                }),
-                duration: metrics::histogram!("sidekey_proxy_request_duration_seconds",
-                    "vendor" => vendor),
-            }),
+            vendors: labels
+                .map(|vendor| VendorMetrics {
+                    label: vendor,
+                    status_class: Self::CLASSES.map(|outcome| {
+                        metrics::counter!("sidekey_proxy_requests_total",
+                            "vendor" => vendor, "outcome" => outcome)
+                    }),
+                    duration: metrics::histogram!("sidekey_proxy_request_duration_seconds",
+                        "vendor" => vendor),
+                })
+                .collect(),
         }
     }
 
-    fn vendor_index(vendor: Option<VendorKind>) -> usize {
-        match vendor {
-            Some(VendorKind::Miradore) => 0,
-            Some(VendorKind::M3ter) => 1,
-            Some(VendorKind::Mailkit) => 2,
-            None => 3,
-        }
+    /// The metrics of the vendor at registry index `vendor`, or of no vendor.
+    fn of(&self, vendor: Option<usize>) -> &VendorMetrics {
+        let none = self.vendors.len() - 1;
+        &self.vendors[vendor.map_or(none, |v| v.min(none))]
+    }
+
+    /// The `vendor` label and log field: the vendor's name, or `none` before one is known.
+    fn label(&self, vendor: Option<usize>) -> &'static str {
+        self.of(vendor).label
     }
 
     /// Counts a request under `outcome`: a class for the vendor's answers, sidekey's error
     /// code for its own.
-    fn record(&self, vendor: Option<VendorKind>, outcome: Outcome, seconds: f64) {
-        let v = Self::vendor_index(vendor);
-        let m = &self.vendors[v];
+    fn record(&self, vendor: Option<usize>, outcome: Outcome, seconds: f64) {
+        let m = self.of(vendor);
         let hot = match outcome {
             Outcome::Class(2) => Some(0),
             Outcome::Class(4) => Some(1),
@@ -205,7 +209,7 @@ impl HotMetrics {
         match hot {
             Some(c) => m.status_class[c].increment(1),
             None => metrics::counter!("sidekey_proxy_requests_total",
-                "vendor" => Self::VENDORS[v], "outcome" => outcome.label())
+                "vendor" => m.label, "outcome" => outcome.label())
             .increment(1),
         }
         m.duration.record(seconds);
@@ -237,7 +241,8 @@ impl Outcome {
 /// What one request's log line and metrics say, filled in as the request is understood.
 struct RequestLog {
     tenant: Option<Arc<str>>,
-    vendor: Option<VendorKind>,
+    /// The vendor's index in the registry.
+    vendor: Option<usize>,
     host: Option<Box<str>>,
 }
 
@@ -248,13 +253,24 @@ impl Proxy {
         tokens: Arc<dyn TokenSource>,
         config: ProxyConfig,
     ) -> Self {
+        Self::with_vendors(snapshot, client, Registry::new(tokens), config)
+    }
+
+    /// A proxy serving the vendors of `vendors`: [`Registry::new`]'s, and any added with
+    /// [`Registry::with_vendor`].
+    pub fn with_vendors(
+        snapshot: SnapshotReader,
+        client: upstream::Client,
+        vendors: Registry,
+        config: ProxyConfig,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 snapshot,
                 client,
-                tokens,
+                metrics: HotMetrics::new(&vendors),
+                vendors,
                 tenant_labels: config.tenant_metrics.then(Default::default),
-                metrics: HotMetrics::new(),
                 slots: ConnectionSlots::new(config.max_connections),
                 budget: BodyBudget::new(config.body_memory_budget),
                 config,
@@ -321,7 +337,7 @@ impl Proxy {
                 }
             };
             metrics::counter!("sidekey_proxy_requests_by_tenant_total",
-                "tenant" => label, "vendor" => vendor_label(log.vendor))
+                "tenant" => label, "vendor" => self.inner.metrics.label(log.vendor))
             .increment(1);
         }
         if let Some((method, path)) = logged {
@@ -329,7 +345,7 @@ impl Proxy {
             tracing::info!(
                 request_id,
                 tenant = log.tenant.as_deref().unwrap_or("-"),
-                vendor = vendor_label(log.vendor),
+                vendor = self.inner.metrics.label(log.vendor),
                 method = %method,
                 path = %path,
                 status = status.as_u16(),
@@ -346,7 +362,8 @@ impl Proxy {
         req: Request<Incoming>,
         log: &mut RequestLog,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let target = route::classify(&req)?;
+        let vendors = &self.inner.vendors;
+        let target = route::classify(&req, vendors)?;
         let tenant_id = route::tenant_id(req.headers())?.ok_or(ProxyError::TenantRequired)?;
         let snapshot = self.inner.snapshot.load();
         let Some(tenant) = snapshot.tenant(&tenant_id).cloned() else {
@@ -356,20 +373,25 @@ impl Proxy {
         drop(snapshot);
         log.tenant = Some(tenant.id.clone());
         log.vendor = target.endpoint.vendor();
-        let host = route::upstream_host(&target.endpoint, &tenant)?;
+        let (vendor, host) = route::upstream_host(&target.endpoint, &tenant, vendors)?;
         log.host = Some(host.into());
-        let mut plan = plan(&req, &target, &tenant)?;
-        let path_and_query = match &mut plan {
-            Plan::Miradore(rw) => Bytes::from(std::mem::take(&mut rw.path_and_query)),
-            _ => match target.query {
+        let input = RuleInput {
+            method: req.method(),
+            headers: req.headers(),
+            path: target.path,
+            query: target.query,
+        };
+        let plan = vendor.plan(input, &tenant)?;
+        let path_and_query = match plan.path_and_query {
+            Some(rewritten) => Bytes::from(rewritten),
+            None => match target.query {
                 Some(q) => Bytes::from(format!("{}?{q}", target.path.as_str())),
                 None => Bytes::copy_from_slice(target.path.as_str().as_bytes()),
             },
         };
         let uri = upstream_uri(host, path_and_query)?;
-
-        if matches!(plan, Plan::M3ter(m3ter_rule::Action::LocalToken)) {
-            return Ok(m3ter_rule::placeholder_response().map(Either::Right));
+        if let BodyRule::Local(resp) = plan.body {
+            return Ok(resp.map(Either::Right));
         }
 
         let (mut parts, body) = req.into_parts();
@@ -378,27 +400,20 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         prepare_headers(&mut parts.headers);
 
-        let req = match plan {
-            Plan::Miradore(rw) => {
-                let creds = tenant.miradore.as_ref().ok_or_else(not_configured)?;
-                miradore::apply_headers(&mut parts.headers, &rw, creds)?;
-                Request::from_parts(parts, Either::Left(body))
+        let label = vendor.name();
+        let upstream_failed = |e| ProxyError::upstream(label, host, e);
+        match plan.body {
+            BodyRule::Stream => {
+                vendor.inject(&mut parts, &tenant)?;
+                let req = Request::from_parts(parts, Either::Left(body));
+                let resp = self.inner.client.send(req).await;
+                Ok(to_app(resp.map_err(upstream_failed)?))
             }
-            Plan::Mailkit(endpoint) => {
-                let creds = tenant.mailkit.as_ref().ok_or_else(not_configured)?;
-                if parts
-                    .headers
-                    .get(CONTENT_ENCODING)
-                    .is_some_and(|v| v.as_bytes() != b"identity")
-                {
-                    return Err(ProxyError::bad_request(
-                        "a compressed Mailkit body cannot be rewritten; send it uncompressed",
-                    ));
-                }
+            BodyRule::Rewrite => {
                 // Boxed: a body read is a state machine the header-only rules need not carry.
                 let limit = self.inner.config.rewrite_body_limit;
                 let (raw, mut held) = Box::pin(self.inner.budget.read(body, limit)).await?;
-                let rewritten = mailkit::rewrite(endpoint, &raw, creds)?;
+                let rewritten = vendor.rewrite_body(&parts, &raw, &tenant)?;
                 // The rewritten body replaces the raw one in the reservation; it is longer by
                 // the credentials spliced in.
                 let grown = rewritten.len().saturating_sub(raw.len());
@@ -408,38 +423,24 @@ impl Proxy {
                     .headers
                     .insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
                 let req = Request::from_parts(parts, upstream::full_body(rewritten));
-                let resp = self
-                    .inner
-                    .client
-                    .send(req)
-                    .await
-                    .map_err(|e| ProxyError::upstream(vendor_label(log.vendor), host, e))?;
+                let resp = self.inner.client.send(req).await.map_err(upstream_failed)?;
                 // The body has been sent by the time the vendor answers.
                 drop(held);
-                return Ok(to_app(resp));
+                Ok(to_app(resp))
             }
-            Plan::M3ter(_) => {
-                let creds = tenant.m3ter.as_ref().ok_or_else(not_configured)?;
-                let ctx = m3ter_rule::Ctx {
+            BodyRule::Send => {
+                let cx = SendContext {
                     client: &self.inner.client,
-                    tokens: self.inner.tokens.as_ref(),
-                    creds,
+                    tenant: &tenant,
                     host,
                     replay_limit: self.inner.config.replay_body_limit,
                     budget: &self.inner.budget,
                 };
-                // Boxed for the same reason: token exchange and replay.
-                let resp = Box::pin(m3ter_rule::send(ctx, parts, body)).await?;
-                return Ok(to_app(resp));
+                Ok(to_app(vendor.send(cx, parts, body).await?))
             }
-        };
-        let resp = self
-            .inner
-            .client
-            .send(req)
-            .await
-            .map_err(|e| ProxyError::upstream(vendor_label(log.vendor), host, e))?;
-        Ok(to_app(resp))
+            // Answered above, before the request was taken apart.
+            BodyRule::Local(resp) => Ok(resp.map(Either::Right)),
+        }
     }
 }
 
@@ -448,53 +449,6 @@ fn to_app(resp: Response<upstream::VendorBody>) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, &[]);
     Response::from_parts(parts, Either::Left(body))
-}
-
-/// The rule's decision, made before the request is taken apart.
-enum Plan {
-    Miradore(miradore::Rewritten),
-    M3ter(m3ter_rule::Action),
-    Mailkit(mailkit::Endpoint),
-}
-
-fn plan<B>(
-    req: &Request<B>,
-    target: &route::Target<'_>,
-    tenant: &EffectiveTenant,
-) -> Result<Plan, ProxyError> {
-    match (
-        target.endpoint.vendor(),
-        &tenant.miradore,
-        &tenant.m3ter,
-        &tenant.mailkit,
-    ) {
-        (Some(VendorKind::Miradore), Some(c), _, _) => Ok(Plan::Miradore(miradore::rewrite(
-            target.path,
-            target.query,
-            c,
-        )?)),
-        (Some(VendorKind::M3ter), _, Some(c), _) => Ok(Plan::M3ter(m3ter_rule::check(
-            req.method(),
-            target.path,
-            c,
-        )?)),
-        (Some(VendorKind::Mailkit), _, _, Some(_)) => Ok(Plan::Mailkit(mailkit::endpoint(
-            req.method(),
-            target.path.as_str(),
-        )?)),
-        _ => Err(not_configured()),
-    }
-}
-
-// `route::upstream_host` has already refused vendors the tenant lacks; this is the same answer
-// should the two ever disagree, rather than a panic.
-fn not_configured() -> ProxyError {
-    ProxyError::bad_request("the tenant has no connection for this vendor")
-}
-
-/// The `vendor` label and log field: the vendor's name, or `none` before one is known.
-fn vendor_label(vendor: Option<VendorKind>) -> &'static str {
-    vendor.map_or("none", VendorKind::as_str)
 }
 
 /// Request headers toward any vendor: no hop-by-hop headers, no tenant naming, no `Host`

@@ -5,7 +5,8 @@
 //! 1. `CONNECT` → 405 `connect_unsupported`.
 //! 2. Request form. HTTP/1 absolute-form (`GET http://host/...`) is the forward-proxy form;
 //!    anything else is origin-form, whose first segment must be a vendor prefix
-//!    (`/miradore`, `/m3ter`, `/m3ter-ingest`, `/mailkit`) → else 404 `unknown_route`.
+//!    ([`Vendor::prefixes`]: `/miradore`, `/m3ter`, `/m3ter-ingest`, `/mailkit`) → else 404
+//!    `unknown_route`.
 //!    Over HTTP/2 every request carries an authority, so there the forward-proxy form is
 //!    recognised by an authority that is a vendor host. An absolute-form URL to a loopback
 //!    host (`http://127.0.0.1:8080/m3ter/...`, what a client with `HTTP_PROXY` set sends for
@@ -19,11 +20,12 @@
 //!    `tenant_required`; either header twice, or both present and naming different tenants
 //!    → 400 `bad_request`.
 //! 4. Tenant exists in the snapshot → else 403 `unknown_tenant`.
-//! 5. Absolute-form host is a vendor host → else 403 `host_not_allowed`.
+//! 5. Absolute-form host is a vendor host ([`Vendor::owns_host`]) → else 403
+//!    `host_not_allowed`.
 //! 6. The tenant has that vendor → else 403 `vendor_not_configured`.
-//! 7. The host is one of the tenant's hosts for that vendor (m3ter: its environment's api or
-//!    ingest host) → else 403 `host_not_allowed`; a legacy Miradore host
-//!    `<site>.online.miradore.com` naming another site → 403 `site_mismatch`.
+//! 7. The host is one of the tenant's hosts for that vendor ([`Vendor::upstream_host`]; m3ter:
+//!    its environment's api or ingest host) → else 403 `host_not_allowed`; a legacy Miradore
+//!    host `<site>.online.miradore.com` naming another site → 403 `site_mismatch`.
 //! 8. The vendor rule (site, organisation, body) → its own refusals.
 
 use std::borrow::Cow;
@@ -34,41 +36,25 @@ use http::{HeaderMap, Method, Request, Uri, Version};
 use percent_encoding::percent_decode_str;
 
 use super::TENANT_HEADER;
-use super::canonical::CanonicalPath;
 use super::error::ProxyError;
-use crate::tenants::{EffectiveTenant, VendorKind};
-
-pub(crate) const MIRADORE_HOST: &str = "online.miradore.com";
-pub(crate) const MAILKIT_HOST: &str = "api.mailkit.eu";
-const MIRADORE_LEGACY_SUFFIX: &str = ".online.miradore.com";
+use crate::tenants::EffectiveTenant;
+use crate::vendors::path::CanonicalPath;
+use crate::vendors::{Registry, Vendor, Via};
 
 /// The vendor endpoint a request names, before the tenant is known.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Endpoint<'a> {
-    /// `online.miradore.com`, by prefix or host.
-    Miradore,
-    /// `<label>.online.miradore.com`: the legacy per-site host.
-    MiradoreLegacy(&'a str),
-    /// `/m3ter` prefix: the tenant's m3ter API host.
-    M3terApi,
-    /// `/m3ter-ingest` prefix: the tenant's m3ter ingest host.
-    M3terIngest,
-    /// An m3ter host named in absolute-form, checked against the tenant's environment.
-    M3terHost(&'a str),
-    Mailkit,
+    /// The vendor at `index` of the registry, and how the request named it.
+    Vendor { index: usize, via: Via<'a> },
     /// An absolute-form host that belongs to no vendor.
     Foreign(&'a str),
 }
 
 impl Endpoint<'_> {
-    /// The vendor this endpoint belongs to; `None` for a foreign host.
-    pub(crate) fn vendor(&self) -> Option<VendorKind> {
+    /// The registry index of the vendor this endpoint belongs to; `None` for a foreign host.
+    pub(crate) fn vendor(&self) -> Option<usize> {
         match self {
-            Endpoint::Miradore | Endpoint::MiradoreLegacy(_) => Some(VendorKind::Miradore),
-            Endpoint::M3terApi | Endpoint::M3terIngest | Endpoint::M3terHost(_) => {
-                Some(VendorKind::M3ter)
-            }
-            Endpoint::Mailkit => Some(VendorKind::Mailkit),
+            Endpoint::Vendor { index, .. } => Some(*index),
             Endpoint::Foreign(_) => None,
         }
     }
@@ -84,7 +70,10 @@ pub(crate) struct Target<'a> {
 }
 
 /// Steps 1 and 2: the form and the vendor endpoint.
-pub(crate) fn classify<B>(req: &Request<B>) -> Result<Target<'_>, ProxyError> {
+pub(crate) fn classify<'r, B>(
+    req: &'r Request<B>,
+    vendors: &Registry,
+) -> Result<Target<'r>, ProxyError> {
     if req.method() == Method::CONNECT {
         return Err(ProxyError::ConnectUnsupported);
     }
@@ -93,7 +82,7 @@ pub(crate) fn classify<B>(req: &Request<B>) -> Result<Target<'_>, ProxyError> {
         check_authority(authority.as_str())?;
     }
     check_host_header(req.headers())?;
-    let (endpoint, path) = if is_forward_form(uri, req.version()) {
+    let (endpoint, path) = if is_forward_form(uri, req.version(), vendors) {
         match uri.scheme_str() {
             Some("http") | Some("https") => {}
             _ => return Err(ProxyError::bad_request("only http:// URLs can be proxied")),
@@ -102,7 +91,7 @@ pub(crate) fn classify<B>(req: &Request<B>) -> Result<Target<'_>, ProxyError> {
             .host()
             .ok_or_else(|| ProxyError::bad_request("absolute URL without a host"))?;
         let endpoint = match uri.port_u16() {
-            None | Some(80) | Some(443) => endpoint_of_host(host),
+            None | Some(80) | Some(443) => endpoint_of_host(host, vendors),
             // Upstream is always port 443; a URL naming another port is not a vendor host.
             Some(_) => Endpoint::Foreign(host),
         };
@@ -113,17 +102,17 @@ pub(crate) fn classify<B>(req: &Request<B>) -> Result<Target<'_>, ProxyError> {
             Some(i) => (&path[1..i + 1], &path[i + 1..]),
             None => (&path[1.min(path.len())..], "/"),
         };
-        let endpoint = match prefix {
-            "miradore" => Endpoint::Miradore,
-            "m3ter" => Endpoint::M3terApi,
-            "m3ter-ingest" => Endpoint::M3terIngest,
-            "mailkit" => Endpoint::Mailkit,
-            _ => {
-                return Err(ProxyError::UnknownRoute(
-                    "the path must start with a vendor prefix: /miradore/, /m3ter/, \
-                     /m3ter-ingest/ or /mailkit/ (or use sidekey as an HTTP proxy)"
-                        .to_owned(),
-                ));
+        let endpoint = match vendors.by_prefix(prefix) {
+            Some((index, prefix)) => Endpoint::Vendor {
+                index,
+                via: Via::Prefix(prefix),
+            },
+            None => {
+                return Err(ProxyError::UnknownRoute(format!(
+                    "the path must start with a vendor prefix: {} (or use sidekey as an HTTP \
+                     proxy)",
+                    vendors.prefix_list()
+                )));
             }
         };
         (endpoint, rest)
@@ -187,12 +176,11 @@ fn check_host_header(headers: &HeaderMap) -> Result<(), ProxyError> {
     check_authority(host)
 }
 
-fn is_forward_form(uri: &Uri, version: Version) -> bool {
+fn is_forward_form(uri: &Uri, version: Version, vendors: &Registry) -> bool {
     if version == Version::HTTP_2 {
         // h2 always carries :scheme and :authority; the authority of a prefix-form request is
         // sidekey itself, which is never a vendor host.
-        uri.host()
-            .is_some_and(|h| !matches!(endpoint_of_host(h), Endpoint::Foreign(_)))
+        uri.host().is_some_and(|h| vendors.by_host(h).is_some())
     } else {
         // An app with HTTP_PROXY set that calls sidekey's own prefix URLs sends them in
         // absolute-form to a loopback host: that is still the prefix form.
@@ -209,31 +197,16 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn endpoint_of_host(host: &str) -> Endpoint<'_> {
-    // Hosts are compared case-insensitively (DNS); `host` is borrowed as sent.
-    let lc = |s: &str| host.eq_ignore_ascii_case(s);
-    if lc(MIRADORE_HOST) {
-        return Endpoint::Miradore;
+/// The vendor owning an absolute-form `host` (borrowed as sent; vendors compare it
+/// case-insensitively, as DNS does).
+fn endpoint_of_host<'a>(host: &'a str, vendors: &Registry) -> Endpoint<'a> {
+    match vendors.by_host(host) {
+        Some(index) => Endpoint::Vendor {
+            index,
+            via: Via::Host(host),
+        },
+        None => Endpoint::Foreign(host),
     }
-    if lc(MAILKIT_HOST) {
-        return Endpoint::Mailkit;
-    }
-    if host.len() > MIRADORE_LEGACY_SUFFIX.len() {
-        let (label, suffix) = host.split_at(host.len() - MIRADORE_LEGACY_SUFFIX.len());
-        if suffix.eq_ignore_ascii_case(MIRADORE_LEGACY_SUFFIX) && !label.contains('.') {
-            return Endpoint::MiradoreLegacy(label);
-        }
-    }
-    if host.len() > ".m3ter.com".len() {
-        let (front, suffix) = host.split_at(host.len() - ".m3ter.com".len());
-        let first = front.split('.').next().unwrap_or("");
-        if suffix.eq_ignore_ascii_case(".m3ter.com")
-            && (first.eq_ignore_ascii_case("api") || first.eq_ignore_ascii_case("ingest"))
-        {
-            return Endpoint::M3terHost(host);
-        }
-    }
-    Endpoint::Foreign(host)
 }
 
 /// Step 3: the tenant id the app named, if any.
@@ -293,54 +266,26 @@ fn basic_user(value: &[u8]) -> Result<Option<String>, ProxyError> {
     ))
 }
 
-/// Steps 5 to 7: the host to dial for this tenant, or the refusal.
-pub(crate) fn upstream_host<'t>(
+/// Steps 5 to 7: the vendor and the host to dial for this tenant, or the refusal.
+pub(crate) fn upstream_host<'v, 't>(
     endpoint: &Endpoint<'_>,
     tenant: &'t EffectiveTenant,
-) -> Result<&'t str, ProxyError> {
-    let Some(vendor) = endpoint.vendor() else {
-        let Endpoint::Foreign(host) = endpoint else {
-            return unreachable_host();
-        };
-        return Err(ProxyError::HostNotAllowed((*host).to_owned()));
+    vendors: &'v Registry,
+) -> Result<(&'v dyn Vendor, &'t str), ProxyError> {
+    let (index, via) = match *endpoint {
+        Endpoint::Vendor { index, via } => (index, via),
+        Endpoint::Foreign(host) => return Err(ProxyError::HostNotAllowed(host.to_owned())),
     };
-    if !tenant.has(vendor) {
+    let Some(vendor) = vendors.get(index) else {
+        return Err(ProxyError::bad_request("unroutable request"));
+    };
+    if !vendor.configured(tenant) {
         return Err(ProxyError::VendorNotConfigured {
             tenant: tenant.id.to_string(),
-            vendor: vendor.as_str(),
+            vendor: vendor.name(),
         });
     }
-    match (endpoint, &tenant.miradore, &tenant.m3ter) {
-        (Endpoint::Miradore, _, _) => Ok(MIRADORE_HOST),
-        (Endpoint::MiradoreLegacy(label), Some(m), _) => {
-            // DNS names are case-insensitive, so the label is too; the canonical request then
-            // carries the tenant's exact site.
-            if label.eq_ignore_ascii_case(&m.site) {
-                Ok(MIRADORE_HOST)
-            } else {
-                Err(ProxyError::SiteMismatch((*label).to_owned()))
-            }
-        }
-        (Endpoint::M3terApi, _, Some(m)) => Ok(&m.api_host),
-        (Endpoint::M3terIngest, _, Some(m)) => Ok(&m.ingest_host),
-        (Endpoint::M3terHost(host), _, Some(m)) => {
-            if host.eq_ignore_ascii_case(&m.api_host) {
-                Ok(&m.api_host)
-            } else if host.eq_ignore_ascii_case(&m.ingest_host) {
-                Ok(&m.ingest_host)
-            } else {
-                Err(ProxyError::HostNotAllowed((*host).to_owned()))
-            }
-        }
-        (Endpoint::Mailkit, _, _) => Ok(MAILKIT_HOST),
-        _ => unreachable_host(),
-    }
-}
-
-/// Combinations excluded by `tenant.has(vendor)` above; answered as a refusal rather than a
-/// panic so no request can crash the task.
-fn unreachable_host<T>() -> Result<T, ProxyError> {
-    Err(ProxyError::bad_request("unroutable request"))
+    Ok((vendor, vendor.upstream_host(via, tenant)?))
 }
 
 #[cfg(test)]
@@ -351,11 +296,31 @@ mod tests {
         Request::builder().method(method).uri(uri).body(()).unwrap()
     }
 
+    fn classify<B>(req: &Request<B>) -> Result<Target<'_>, ProxyError> {
+        static VENDORS: std::sync::LazyLock<Registry> =
+            std::sync::LazyLock::new(Registry::for_tests);
+        super::classify(req, &VENDORS)
+    }
+
+    /// An endpoint by its vendor's name: `("m3ter", Via::Prefix(1))`, or `("", Via::Host(h))`
+    /// for a foreign host.
+    fn ep(vendor: &str, via: Via<'static>) -> (String, Via<'static>) {
+        (vendor.to_owned(), via)
+    }
+
+    fn named<'a>(e: Endpoint<'a>) -> (String, Via<'a>) {
+        let vendors = Registry::for_tests();
+        match e {
+            Endpoint::Vendor { index, via } => (vendors.get(index).unwrap().name().to_owned(), via),
+            Endpoint::Foreign(host) => (String::new(), Via::Host(host)),
+        }
+    }
+
     #[test]
     fn prefix_form() {
         let r = req("GET", "/m3ter-ingest/organizations/o/measurements?x=1");
         let t = classify(&r).unwrap();
-        assert_eq!(t.endpoint, Endpoint::M3terIngest);
+        assert_eq!(named(t.endpoint), ep("m3ter", Via::Prefix(1)));
         assert_eq!(t.path.as_str(), "/organizations/o/measurements");
         assert_eq!(t.query, Some("x=1"));
         let r = req("GET", "/mailkit");
@@ -369,34 +334,40 @@ mod tests {
     #[test]
     fn absolute_form_hosts() {
         let cases = [
-            ("http://online.miradore.com/a", Endpoint::Miradore),
+            (
+                "http://online.miradore.com/a",
+                ep("miradore", Via::Host("online.miradore.com")),
+            ),
             (
                 "http://Acme.online.miradore.com/a",
-                Endpoint::MiradoreLegacy("Acme"),
+                ep("miradore", Via::Host("Acme.online.miradore.com")),
             ),
             (
                 "http://api.m3ter.com/a",
-                Endpoint::M3terHost("api.m3ter.com"),
+                ep("m3ter", Via::Host("api.m3ter.com")),
             ),
             (
                 "http://ingest.staging.m3ter.com/a",
-                Endpoint::M3terHost("ingest.staging.m3ter.com"),
+                ep("m3ter", Via::Host("ingest.staging.m3ter.com")),
             ),
-            ("http://api.mailkit.eu:80/a", Endpoint::Mailkit),
-            ("http://evil.example/a", Endpoint::Foreign("evil.example")),
+            (
+                "http://api.mailkit.eu:80/a",
+                ep("mailkit", Via::Host("api.mailkit.eu")),
+            ),
+            ("http://evil.example/a", ep("", Via::Host("evil.example"))),
             (
                 "http://a.b.online.miradore.com/",
-                Endpoint::Foreign("a.b.online.miradore.com"),
+                ep("", Via::Host("a.b.online.miradore.com")),
             ),
             (
                 "http://api.mailkit.eu:8443/a",
-                Endpoint::Foreign("api.mailkit.eu"),
+                ep("", Via::Host("api.mailkit.eu")),
             ),
-            ("http://www.m3ter.com/a", Endpoint::Foreign("www.m3ter.com")),
+            ("http://www.m3ter.com/a", ep("", Via::Host("www.m3ter.com"))),
         ];
         for (uri, want) in cases {
             let r = req("GET", uri);
-            assert_eq!(classify(&r).unwrap().endpoint, want, "{uri}");
+            assert_eq!(named(classify(&r).unwrap().endpoint), want, "{uri}");
         }
     }
 
@@ -409,7 +380,7 @@ mod tests {
         ] {
             let r = req("GET", uri);
             let t = classify(&r).unwrap();
-            assert_eq!(t.endpoint, Endpoint::M3terApi, "{uri}");
+            assert_eq!(named(t.endpoint), ep("m3ter", Via::Prefix(0)), "{uri}");
             assert_eq!(t.path.as_str(), "/x");
         }
     }
@@ -458,15 +429,16 @@ mod tests {
         for (uri, want) in [
             (
                 "http://api.m3ter.com:443/x",
-                Endpoint::M3terHost("api.m3ter.com"),
+                ep("m3ter", Via::Host("api.m3ter.com")),
             ),
             (
                 "http://api.m3ter.com:8443/x",
-                Endpoint::Foreign("api.m3ter.com"),
+                ep("", Via::Host("api.m3ter.com")),
             ),
-            ("http://[::1]:8080/m3ter/x", Endpoint::M3terApi),
+            ("http://[::1]:8080/m3ter/x", ep("m3ter", Via::Prefix(0))),
         ] {
-            assert_eq!(classify(&req("GET", uri)).unwrap().endpoint, want, "{uri}");
+            let r = req("GET", uri);
+            assert_eq!(named(classify(&r).unwrap().endpoint), want, "{uri}");
         }
         let with_hosts = |hosts: &[&str]| {
             let mut r = req("GET", "/m3ter/x");
@@ -474,7 +446,7 @@ mod tests {
                 r.headers_mut().append(HOST, h.parse().unwrap());
             }
             classify(&r)
-                .map(|t| t.endpoint.vendor())
+                .map(|t| named(t.endpoint).0)
                 .map_err(|e| e.code())
         };
         for ok in [
@@ -484,7 +456,7 @@ mod tests {
             &["localhost"],
             &["[::1]:8080"],
         ] {
-            assert_eq!(with_hosts(ok), Ok(Some(VendorKind::M3ter)), "{ok:?}");
+            assert_eq!(with_hosts(ok), Ok("m3ter".to_owned()), "{ok:?}");
         }
         for bad in [
             &["a", "b"][..],

@@ -13,7 +13,7 @@ use super::StoreError;
 use super::doc::{PartnerDoc, TenantDoc};
 use super::master_key::MasterKeys;
 use super::record::{self, RecordError, RecordKind};
-use crate::tenants::{PartnerRecord, TenantRecord};
+use crate::model::{PartnerRecord, TenantRecord};
 
 /// Seals `tenant` whole, bound to the backend key `key`.
 pub fn encode_tenant(

@@ -8,13 +8,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
+use crate::model::{
+    Connections, M3terConn, MailkitConn, MiradoreConn, PartnerRecord, TenantRecord,
+};
 use crate::secret::Secret;
 use crate::store::StoreError;
 use crate::store::master_key::{KeyId, MasterKeys};
 use crate::store::sealing::{self, SealError};
-use crate::tenants::{
-    Connections, M3terConn, MailkitConn, MiradoreConn, PartnerRecord, TenantRecord,
-};
 
 /// Sealing errors name the place and key id, never the value, so they pass through as is.
 pub(crate) fn seal_error(e: SealError) -> StoreError {

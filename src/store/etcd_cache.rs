@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::StoreError;
-use super::etcd_follow::Mirror;
+use super::etcd_mirror::Mirror;
 use super::files;
 use super::master_key::MasterKeys;
 use super::sealing;

@@ -6,23 +6,23 @@
 //!   a `compact_revision`), or its revision went back (a cluster restored from a backup), the
 //!   follower loads everything again and hands over a [`StoreEvent::Reloaded`].
 //! - Outages: a broken watch (etcd down, or a keep-alive ping unanswered) marks the
-//!   store disconnected ([`super::etcd::Link`]) and is re-established with jittered
+//!   store disconnected ([`super::etcd_conn::Link`]) and is re-established with jittered
 //!   exponential backoff, [`BACKOFF_MIN`] to [`BACKOFF_MAX`]. It resumes from the last
 //!   revision seen, so every change made meanwhile is caught up.
 //! - The raw sealed values seen are mirrored in memory and written to the snapshot cache at
 //!   most once per [`CACHE_DELAY`], so the cache only ever holds states etcd sent.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{EventType, WatchOptions, WatchResponse};
 use tokio::sync::mpsc;
 
-use super::etcd::{Decoded, KeyKind, Shared, etcd_error};
 use super::etcd_cache::SnapshotCache;
+use super::etcd_conn::{Decoded, KeyKind, Shared, etcd_error};
+use super::etcd_mirror::Mirror;
 use super::{Change, StoreError, StoreEvent};
-use crate::tenants::PartnerRecord;
+use crate::model::PartnerRecord;
 
 /// First wait before re-dialling etcd; doubled per failure up to [`BACKOFF_MAX`], each wait
 /// drawn at random from its upper half so that a fleet does not reconnect in step.
@@ -31,32 +31,6 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Changes are written to the snapshot cache at most this often: each write is the whole
 /// snapshot (about 1 KiB per tenant), so a burst of changes costs one write per interval.
 pub const CACHE_DELAY: Duration = Duration::from_secs(5);
-
-/// The sealed values under the prefix as etcd last sent them, and the revision they reflect.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Mirror {
-    /// Shared keys and values: a copy for the cache costs one reference count per record.
-    records: BTreeMap<Arc<str>, (Arc<[u8]>, u64)>,
-    pub(crate) revision: u64,
-}
-
-impl Mirror {
-    /// Keeps a key-value; keys that are not UTF-8 are not sidekey's and are skipped.
-    pub(crate) fn insert(&mut self, key: Vec<u8>, value: Vec<u8>, mod_revision: i64) {
-        if let Ok(key) = String::from_utf8(key) {
-            let revision = u64::try_from(mod_revision).unwrap_or(0);
-            self.records.insert(key.into(), (value.into(), revision));
-        }
-    }
-
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &[u8], u64)> {
-        self.records.iter().map(|(k, (v, r))| (&**k, &**v, *r))
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.records.len()
-    }
-}
 
 type SharedMirror = Arc<Mutex<Mirror>>;
 
@@ -236,7 +210,7 @@ fn apply(shared: &Shared, mirror: &SharedMirror, response: &WatchResponse) -> Ve
                 }
             }
             EventType::Delete => {
-                mirror.records.remove(key);
+                mirror.remove(key);
                 shared.mark_readable(key, true);
                 match shared.key_kind(key) {
                     KeyKind::Tenant(id) => Some(Change::RemoveTenant(id)),

@@ -9,6 +9,11 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
+/// The database file inside the data directory. Declared here, with the other facts about
+/// the data directory, so that the master key (which looks for it) and the embedded store
+/// (which writes it) do not import each other.
+pub const DATA_FILE: &str = "sidekey.redb";
+
 /// Mode of a data directory sidekey creates: owner only.
 pub(crate) const PRIVATE_DIR_MODE: u32 = 0o700;
 /// Mode of a file sidekey creates in the data directory: owner read/write only.

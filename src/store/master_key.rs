@@ -254,7 +254,7 @@ impl MasterKeys {
 
     fn load_or_generate(data_dir: &Path) -> Result<Self, MasterKeyError> {
         let path = data_dir.join(GENERATED_KEY_FILE);
-        let data_file = data_dir.join(super::embedded::DATA_FILE);
+        let data_file = data_dir.join(super::files::DATA_FILE);
         files::ensure_private_dir(data_dir).map_err(|source| MasterKeyError::DataDir {
             path: data_dir.to_owned(),
             source,
@@ -456,7 +456,7 @@ mod tests {
     #[test]
     fn generate_refuses_when_data_exists_without_its_key() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join(crate::store::embedded::DATA_FILE), b"x").unwrap();
+        fs::write(dir.path().join(crate::store::files::DATA_FILE), b"x").unwrap();
         let err = MasterKeys::load(&MasterKeySource::Generate, dir.path())
             .unwrap_err()
             .to_string();

@@ -15,7 +15,10 @@ mod doc;
 pub mod embedded;
 pub mod etcd;
 mod etcd_cache;
+mod etcd_config;
+mod etcd_conn;
 mod etcd_follow;
+mod etcd_mirror;
 mod files;
 pub mod health;
 pub mod master_key;
@@ -25,7 +28,7 @@ pub mod sealing;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use crate::tenants::{PartnerRecord, TenantRecord};
+use crate::model::{PartnerRecord, TenantRecord};
 
 /// Everything a store holds.
 #[derive(Clone, Debug, Default)]

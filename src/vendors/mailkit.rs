@@ -30,10 +30,98 @@ use quick_xml::events::Event;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::TestOutcome;
-use crate::proxy::error::ProxyError;
-use crate::tenants::MailkitCreds;
+use futures_util::future::BoxFuture;
+use http::header::CONTENT_ENCODING;
+use http::request::Parts;
+
+use super::error::RuleError;
+use super::{BodyRule, Plan, RuleInput, TestOutcome, Vendor, Via};
+use crate::tenants::{EffectiveTenant, MailkitCreds, VendorKind};
 use crate::upstream;
+
+/// Mailkit's API host.
+pub const HOST: &str = "api.mailkit.eu";
+
+/// Mailkit as the proxy sees it: prefix `/mailkit`, host `api.mailkit.eu`, the credentials
+/// spliced into the body (JSON or XML-RPC).
+pub struct Mailkit;
+
+impl Mailkit {
+    fn creds(tenant: &EffectiveTenant) -> Result<&MailkitCreds, RuleError> {
+        tenant.mailkit.as_ref().ok_or(RuleError::NotConfigured)
+    }
+}
+
+impl Vendor for Mailkit {
+    fn name(&self) -> &'static str {
+        "mailkit"
+    }
+
+    fn kind(&self) -> Option<VendorKind> {
+        Some(VendorKind::Mailkit)
+    }
+
+    fn prefixes(&self) -> &'static [&'static str] {
+        &["mailkit"]
+    }
+
+    fn owns_host(&self, host: &str) -> bool {
+        host.eq_ignore_ascii_case(HOST)
+    }
+
+    fn upstream_host<'t>(
+        &self,
+        _via: Via<'_>,
+        tenant: &'t EffectiveTenant,
+    ) -> Result<&'t str, RuleError> {
+        Self::creds(tenant)?;
+        Ok(HOST)
+    }
+
+    fn plan(&self, req: RuleInput<'_>, tenant: &EffectiveTenant) -> Result<Plan, RuleError> {
+        Self::creds(tenant)?;
+        endpoint(req.method, req.path.as_str())?;
+        if req
+            .headers
+            .get(CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes() != b"identity")
+        {
+            return Err(RuleError::malformed(
+                "a compressed Mailkit body cannot be rewritten; send it uncompressed",
+            ));
+        }
+        Ok(Plan {
+            path_and_query: None,
+            body: BodyRule::Rewrite,
+        })
+    }
+
+    fn rewrite_body(
+        &self,
+        parts: &Parts,
+        body: &[u8],
+        tenant: &EffectiveTenant,
+    ) -> Result<Vec<u8>, RuleError> {
+        rewrite(
+            endpoint(&parts.method, parts.uri.path())?,
+            body,
+            Self::creds(tenant)?,
+        )
+    }
+
+    fn test<'a>(
+        &'a self,
+        client: &'a upstream::Client,
+        tenant: &'a EffectiveTenant,
+    ) -> BoxFuture<'a, TestOutcome> {
+        Box::pin(async move {
+            match &tenant.mailkit {
+                Some(creds) => test(client, creds).await,
+                None => TestOutcome::not_configured(VendorKind::Mailkit),
+            }
+        })
+    }
+}
 
 /// The two Mailkit endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,18 +131,18 @@ pub(crate) enum Endpoint {
 }
 
 /// Which endpoint `method path` calls, or the refusal.
-pub(crate) fn endpoint(method: &Method, path: &str) -> Result<Endpoint, ProxyError> {
+pub(crate) fn endpoint(method: &Method, path: &str) -> Result<Endpoint, RuleError> {
     let ep = match path {
         "/json.fcgi" => Endpoint::Json,
         "/rpc.fcgi" => Endpoint::XmlRpc,
         _ => {
-            return Err(ProxyError::UnknownRoute(
-                "Mailkit's API is POST /json.fcgi or POST /rpc.fcgi".to_owned(),
+            return Err(RuleError::UnknownRoute(
+                "Mailkit's API is POST /json.fcgi or POST /rpc.fcgi",
             ));
         }
     };
     if method != Method::POST {
-        return Err(ProxyError::bad_request("Mailkit's API accepts only POST"));
+        return Err(RuleError::malformed("Mailkit's API accepts only POST"));
     }
     Ok(ep)
 }
@@ -64,9 +152,9 @@ pub(crate) fn rewrite(
     endpoint: Endpoint,
     body: &[u8],
     creds: &MailkitCreds,
-) -> Result<Vec<u8>, ProxyError> {
+) -> Result<Vec<u8>, RuleError> {
     let text = std::str::from_utf8(body)
-        .map_err(|_| ProxyError::bad_request("the Mailkit request body is not UTF-8"))?;
+        .map_err(|_| RuleError::malformed("the Mailkit request body is not UTF-8"))?;
     match endpoint {
         Endpoint::Json => rewrite_json(text, creds),
         Endpoint::XmlRpc => rewrite_xmlrpc(text, creds),
@@ -123,9 +211,9 @@ fn slot_of(raw_key: &str) -> Slot {
     }
 }
 
-fn rewrite_json(text: &str, creds: &MailkitCreds) -> Result<Vec<u8>, ProxyError> {
+fn rewrite_json(text: &str, creds: &MailkitCreds) -> Result<Vec<u8>, RuleError> {
     let members: Members<'_> = serde_json::from_str(text).map_err(|e| {
-        ProxyError::bad_request(format!(
+        RuleError::malformed(format!(
             "the Mailkit JSON body is not a JSON object (line {}, column {})",
             e.line(),
             e.column()
@@ -137,12 +225,12 @@ fn rewrite_json(text: &str, creds: &MailkitCreds) -> Result<Vec<u8>, ProxyError>
         let start = raw.get().as_ptr() as usize - base;
         (start, start + raw.get().len())
     };
-    let write_value = |out: &mut Vec<u8>, slot: Slot| -> Result<(), ProxyError> {
+    let write_value = |out: &mut Vec<u8>, slot: Slot| -> Result<(), RuleError> {
         let r = match slot {
             Slot::Id => serde_json::to_writer(&mut *out, &creds.client_id),
             _ => serde_json::to_writer(&mut *out, creds.client_md5.expose()),
         };
-        r.map_err(|_| ProxyError::bad_request("cannot encode the Mailkit credentials"))
+        r.map_err(|_| RuleError::malformed("cannot encode the Mailkit credentials"))
     };
 
     let mut out = Vec::with_capacity(text.len() + 64);
@@ -202,8 +290,8 @@ fn rewrite_json(text: &str, creds: &MailkitCreds) -> Result<Vec<u8>, ProxyError>
     Ok(out)
 }
 
-fn xml_err(e: impl std::fmt::Display) -> ProxyError {
-    ProxyError::bad_request(format!("the Mailkit XML-RPC body is refused: {e}"))
+fn xml_err(e: impl std::fmt::Display) -> RuleError {
+    RuleError::malformed(format!("the Mailkit XML-RPC body is refused: {e}"))
 }
 
 /// The UTF-8 byte order mark. XML allows one before the document; it is kept in the output
@@ -320,7 +408,7 @@ fn is_xml_char(c: char) -> bool {
 /// only first, version 1.0 and an ASCII-compatible encoding. Character data is text, CDATA,
 /// and the five predefined or character references. Each range is `(start, end, whole)`:
 /// `whole` when the value is an empty `<value/>`, replaced as a whole.
-fn xmlrpc_credential_slots(doc: &str) -> Result<[(usize, usize, bool); 2], ProxyError> {
+fn xmlrpc_credential_slots(doc: &str) -> Result<[(usize, usize, bool); 2], RuleError> {
     if let Some(c) = doc.chars().find(|c| !is_xml_char(*c)) {
         return Err(xml_err(format_args!(
             "character U+{:04X} is not allowed in XML",
@@ -459,14 +547,14 @@ fn xmlrpc_credential_slots(doc: &str) -> Result<[(usize, usize, bool); 2], Proxy
     }
     match slots.as_slice() {
         [id, md5] => Ok([*id, *md5]),
-        _ => Err(ProxyError::bad_request(
+        _ => Err(RuleError::malformed(
             "a Mailkit XML-RPC call needs at least two params (client ID and MD5)",
         )),
     }
 }
 
 /// Ends `frame`: it must be complete; closing the root ends the document.
-fn close(frame: &Frame, stack: &mut [Frame], root_done: &mut bool) -> Result<(), ProxyError> {
+fn close(frame: &Frame, stack: &mut [Frame], root_done: &mut bool) -> Result<(), RuleError> {
     if !frame.element.complete(frame.seen, frame.text) {
         return Err(xml_err(format_args!(
             "an incomplete <{}>",
@@ -488,7 +576,7 @@ fn close(frame: &Frame, stack: &mut [Frame], root_done: &mut bool) -> Result<(),
 
 /// Version 1.0, and an encoding whose markup bytes are those of UTF-8 (the body must be
 /// UTF-8 in any case): a reader decoding it as declared sees the same elements.
-fn check_decl(decl: &quick_xml::events::BytesDecl<'_>) -> Result<(), ProxyError> {
+fn check_decl(decl: &quick_xml::events::BytesDecl<'_>) -> Result<(), RuleError> {
     if decl.version().map_err(xml_err)?.as_ref() != b"1.0" {
         return Err(xml_err("only XML version 1.0 is accepted"));
     }
@@ -508,7 +596,7 @@ fn check_decl(decl: &quick_xml::events::BytesDecl<'_>) -> Result<(), ProxyError>
 
 /// The five predefined entities and character references to XML characters; no others
 /// exist without a DOCTYPE.
-fn check_reference(r: &quick_xml::events::BytesRef<'_>) -> Result<(), ProxyError> {
+fn check_reference(r: &quick_xml::events::BytesRef<'_>) -> Result<(), RuleError> {
     let name: &[u8] = r.as_ref();
     if matches!(name, b"lt" | b"gt" | b"amp" | b"apos" | b"quot") {
         return Ok(());
@@ -539,7 +627,7 @@ fn xml_text(s: &str) -> String {
     out
 }
 
-fn rewrite_xmlrpc(text: &str, creds: &MailkitCreds) -> Result<Vec<u8>, ProxyError> {
+fn rewrite_xmlrpc(text: &str, creds: &MailkitCreds) -> Result<Vec<u8>, RuleError> {
     let slots = xmlrpc_credential_slots(text)?;
     let id = &creds.client_id;
     let id_value = if id.parse::<i32>().is_ok() {
@@ -585,10 +673,7 @@ pub async fn test(client: &upstream::Client, creds: &MailkitCreds) -> TestOutcom
     };
     let req = Request::builder()
         .method(Method::POST)
-        .uri(format!(
-            "https://{}/json.fcgi",
-            crate::proxy::route::MAILKIT_HOST
-        ))
+        .uri(format!("https://{}/json.fcgi", HOST))
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(upstream::full_body(Bytes::from(body)));
     let req = match req {
@@ -639,6 +724,7 @@ pub async fn test(client: &upstream::Client, creds: &MailkitCreds) -> TestOutcom
 mod tests {
     use super::*;
     use crate::secret::Secret;
+    use crate::testing::RefusalCode as _;
 
     fn creds() -> MailkitCreds {
         MailkitCreds {
@@ -651,7 +737,7 @@ mod tests {
     fn json(s: &str) -> String {
         String::from_utf8(rewrite(Endpoint::Json, s.as_bytes(), &creds()).unwrap()).unwrap()
     }
-    fn xml(s: &str) -> Result<String, ProxyError> {
+    fn xml(s: &str) -> Result<String, RuleError> {
         rewrite(Endpoint::XmlRpc, s.as_bytes(), &creds()).map(|b| String::from_utf8(b).unwrap())
     }
 

@@ -7,7 +7,7 @@
 //! | `/<site>/api/v2/...` | same path, header `X-API-Key` |
 //! | `/api/v2/...` (site-less v2) | same path, headers `X-API-Key` and `X-Instance-Name: <site>` |
 //!
-//! The path is canonical (`proxy::canonical`: no empty, dot or `;` segments, no needless
+//! The path is canonical (`vendors::path`: no empty, dot or `;` segments, no needless
 //! escapes), so its segments are what Miradore reads. The `api`/`v2` segments are matched
 //! case-insensitively (the server is); the site segment must be the tenant's site byte for
 //! byte (site names are case-sensitive, and a canonical segment cannot spell it with
@@ -21,11 +21,105 @@ use http::header::HeaderValue;
 use http::{HeaderMap, HeaderName, Method, Request, StatusCode};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 
-use super::TestOutcome;
-use crate::proxy::canonical::CanonicalPath;
-use crate::proxy::error::ProxyError;
-use crate::tenants::MiradoreCreds;
+use futures_util::future::BoxFuture;
+use http::request::Parts;
+
+use super::error::RuleError;
+use super::path::CanonicalPath;
+use super::{BodyRule, Plan, RuleInput, TestOutcome, Vendor, Via};
+use crate::tenants::{EffectiveTenant, MiradoreCreds, VendorKind};
 use crate::upstream;
+
+/// Miradore's API host; a legacy `<site>.online.miradore.com` is routed here too.
+pub const HOST: &str = "online.miradore.com";
+/// The legacy per-site hosts: `<site>.online.miradore.com`.
+const LEGACY_SUFFIX: &str = ".online.miradore.com";
+
+/// Miradore as the proxy sees it: prefix `/miradore`, host `online.miradore.com` (and the
+/// legacy per-site hosts, which must name the tenant's site), the rule of this module.
+pub struct Miradore;
+
+impl Miradore {
+    fn creds(tenant: &EffectiveTenant) -> Result<&MiradoreCreds, RuleError> {
+        tenant.miradore.as_ref().ok_or(RuleError::NotConfigured)
+    }
+}
+
+/// The site label of a legacy host `<label>.online.miradore.com` (one DNS label).
+fn legacy_label(host: &str) -> Option<&str> {
+    if host.len() <= LEGACY_SUFFIX.len() {
+        return None;
+    }
+    let (label, suffix) = host.split_at(host.len() - LEGACY_SUFFIX.len());
+    (suffix.eq_ignore_ascii_case(LEGACY_SUFFIX) && !label.contains('.')).then_some(label)
+}
+
+impl Vendor for Miradore {
+    fn name(&self) -> &'static str {
+        "miradore"
+    }
+
+    fn kind(&self) -> Option<VendorKind> {
+        Some(VendorKind::Miradore)
+    }
+
+    fn prefixes(&self) -> &'static [&'static str] {
+        &["miradore"]
+    }
+
+    fn owns_host(&self, host: &str) -> bool {
+        host.eq_ignore_ascii_case(HOST) || legacy_label(host).is_some()
+    }
+
+    fn upstream_host<'t>(
+        &self,
+        via: Via<'_>,
+        tenant: &'t EffectiveTenant,
+    ) -> Result<&'t str, RuleError> {
+        let creds = Self::creds(tenant)?;
+        match via {
+            Via::Host(host) if !host.eq_ignore_ascii_case(HOST) => match legacy_label(host) {
+                // DNS names are case-insensitive, so the label is too; the canonical request
+                // then carries the tenant's exact site.
+                Some(label) if label.eq_ignore_ascii_case(&creds.site) => Ok(HOST),
+                Some(label) => Err(RuleError::SiteMismatch(label.to_owned())),
+                None => Err(RuleError::HostNotAllowed(host.to_owned())),
+            },
+            _ => Ok(HOST),
+        }
+    }
+
+    fn plan(&self, req: RuleInput<'_>, tenant: &EffectiveTenant) -> Result<Plan, RuleError> {
+        let rw = rewrite(req.path, req.query, Self::creds(tenant)?)?;
+        Ok(Plan {
+            path_and_query: Some(rw.path_and_query),
+            body: BodyRule::Stream,
+        })
+    }
+
+    fn inject(&self, parts: &mut Parts, tenant: &EffectiveTenant) -> Result<(), RuleError> {
+        let (key_header, instance_header) = credential_headers(parts.uri.path());
+        let rw = Rewritten {
+            path_and_query: String::new(),
+            key_header,
+            instance_header,
+        };
+        apply_headers(&mut parts.headers, &rw, Self::creds(tenant)?)
+    }
+
+    fn test<'a>(
+        &'a self,
+        client: &'a upstream::Client,
+        tenant: &'a EffectiveTenant,
+    ) -> BoxFuture<'a, TestOutcome> {
+        Box::pin(async move {
+            match &tenant.miradore {
+                Some(creds) => test(client, creds).await,
+                None => TestOutcome::not_configured(VendorKind::Miradore),
+            }
+        })
+    }
+}
 
 pub const API_KEY_HEADER: HeaderName = HeaderName::from_static("x-api-key");
 pub const INSTANCE_HEADER: HeaderName = HeaderName::from_static("x-instance-name");
@@ -54,12 +148,10 @@ pub(crate) fn rewrite(
     path: CanonicalPath<'_>,
     query: Option<&str>,
     creds: &MiradoreCreds,
-) -> Result<Rewritten, ProxyError> {
+) -> Result<Rewritten, RuleError> {
     let mut segs = path.segments();
     let first = segs.next().unwrap_or("");
     let second = segs.next();
-    let is_api = |s: &str| s.eq_ignore_ascii_case("api");
-    let is_v2 = |s: Option<&str>| s.is_some_and(|s| s.eq_ignore_ascii_case("v2"));
 
     // (site present in path, is v2)
     let (site_in_path, v2) = if is_api(first) {
@@ -67,14 +159,13 @@ pub(crate) fn rewrite(
     } else if second.is_some_and(is_api) {
         let third = segs.next();
         if first != creds.site {
-            return Err(ProxyError::SiteMismatch(first.to_owned()));
+            return Err(RuleError::SiteMismatch(first.to_owned()));
         }
         (true, is_v2(third))
     } else {
-        return Err(ProxyError::UnknownRoute(
+        return Err(RuleError::UnknownRoute(
             "not a Miradore API path: expected /<site>/API/..., /<site>/api/v2/..., \
-             /API/... or /api/v2/..."
-                .to_owned(),
+             /API/... or /api/v2/...",
         ));
     };
 
@@ -122,6 +213,32 @@ pub(crate) fn rewrite(
     })
 }
 
+/// Which credential headers a request to `path` (as rewritten, so as Miradore reads it)
+/// carries: `X-API-Key` on v2 paths, also `X-Instance-Name` on site-less v2 ones; v1 paths
+/// carry the site in the path and the key in the query. The same reading of segments as
+/// [`rewrite`], so `inject` agrees with the plan (checked by a test over every path shape).
+fn credential_headers(path: &str) -> (bool, bool) {
+    let mut segs = path.split('/').filter(|s| !s.is_empty());
+    let first = segs.next().unwrap_or("");
+    let second = segs.next();
+    if is_api(first) {
+        let v2 = is_v2(second);
+        (v2, v2)
+    } else if second.is_some_and(is_api) {
+        (is_v2(segs.next()), false)
+    } else {
+        (false, false)
+    }
+}
+
+fn is_api(segment: &str) -> bool {
+    segment.eq_ignore_ascii_case("api")
+}
+
+fn is_v2(segment: Option<&str>) -> bool {
+    segment.is_some_and(|s| s.eq_ignore_ascii_case("v2"))
+}
+
 /// The query without any `auth` parameter; other parameters stay byte-identical and in order.
 fn strip_auth(query: &str) -> String {
     let mut out = String::with_capacity(query.len());
@@ -144,7 +261,7 @@ pub(crate) fn apply_headers(
     headers: &mut HeaderMap,
     rw: &Rewritten,
     creds: &MiradoreCreds,
-) -> Result<(), ProxyError> {
+) -> Result<(), RuleError> {
     // `insert` replaces every value the app sent; the header not set is removed.
     if rw.key_header {
         headers.insert(API_KEY_HEADER, key_header(creds)?);
@@ -153,7 +270,7 @@ pub(crate) fn apply_headers(
     }
     if rw.instance_header {
         let site = HeaderValue::from_str(&creds.site).map_err(|_| {
-            ProxyError::bad_request("the tenant's Miradore site is not a valid header value")
+            RuleError::malformed("the tenant's Miradore site is not a valid header value")
         })?;
         headers.insert(INSTANCE_HEADER, site);
     } else {
@@ -162,9 +279,9 @@ pub(crate) fn apply_headers(
     Ok(())
 }
 
-fn key_header(creds: &MiradoreCreds) -> Result<HeaderValue, ProxyError> {
+fn key_header(creds: &MiradoreCreds) -> Result<HeaderValue, RuleError> {
     let mut v = HeaderValue::from_str(creds.api_key.expose()).map_err(|_| {
-        ProxyError::bad_request("the tenant's Miradore API key cannot be sent as a header")
+        RuleError::malformed("the tenant's Miradore API key cannot be sent as a header")
     })?;
     v.set_sensitive(true);
     Ok(v)
@@ -173,16 +290,13 @@ fn key_header(creds: &MiradoreCreds) -> Result<HeaderValue, ProxyError> {
 /// `TestTenant` for Miradore: `GET /api/v2/Device?limit=1` (a one-row read) with the key and
 /// site headers. 2xx is success; anything else is the vendor's refusal.
 pub async fn test(client: &upstream::Client, creds: &MiradoreCreds) -> TestOutcome {
-    let req = (|| -> Result<_, ProxyError> {
+    let req = (|| -> Result<_, RuleError> {
         let mut req = Request::builder()
             .method(Method::GET)
-            .uri(format!(
-                "https://{}/api/v2/Device?limit=1",
-                crate::proxy::route::MIRADORE_HOST
-            ))
+            .uri(format!("https://{}/api/v2/Device?limit=1", HOST))
             .header(http::header::ACCEPT, "application/json")
             .body(upstream::empty_body())
-            .map_err(|_| ProxyError::bad_request("cannot build the test request"))?;
+            .map_err(|_| RuleError::malformed("cannot build the test request"))?;
         let rw = Rewritten {
             path_and_query: String::new(),
             key_header: true,
@@ -229,6 +343,7 @@ pub async fn test(client: &upstream::Client, creds: &MiradoreCreds) -> TestOutco
 mod tests {
     use super::*;
     use crate::secret::Secret;
+    use crate::testing::RefusalCode as _;
 
     fn creds() -> MiradoreCreds {
         MiradoreCreds {
@@ -238,11 +353,75 @@ mod tests {
     }
     const ENC: &str = "1_AaDf234sdf8%214%7Bx%7D%2C%2B%20%2F%26%3D";
 
+    #[test]
+    fn inject_reads_the_headers_the_plan_decided() {
+        // `inject` re-reads the rewritten path; it must agree with `rewrite` on every shape,
+        // including sites that look like the API segments.
+        for site in ["Acme1", "api", "API", "v2", "x"] {
+            let c = MiradoreCreds {
+                site: site.into(),
+                api_key: Secret::new("k"),
+            };
+            for path in [
+                "/API/Device".to_owned(),
+                "/api/v2/Device".to_owned(),
+                "/Api/V2".to_owned(),
+                "/api".to_owned(),
+                "/API/v2x/y".to_owned(),
+                "/api/API/v2/x".to_owned(),
+                format!("/{site}/API/Device"),
+                format!("/{site}/api/v2/Device"),
+                format!("/{site}/API"),
+                format!("/{site}/api/v2"),
+            ] {
+                let Ok(rw) = super::rewrite(CanonicalPath::new(&path).unwrap(), Some("a=1"), &c)
+                else {
+                    continue;
+                };
+                let sent = rw.path_and_query.split('?').next().unwrap();
+                assert_eq!(
+                    credential_headers(sent),
+                    (rw.key_header, rw.instance_header),
+                    "site {site}, path {path}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn hosts_and_legacy_sites() {
+        let vendor = Miradore;
+        for host in ["online.miradore.com", "Acme1.ONLINE.miradore.com"] {
+            assert!(vendor.owns_host(host), "{host}");
+        }
+        for host in [
+            "a.b.online.miradore.com",
+            "miradore.com",
+            ".online.miradore.com",
+        ] {
+            assert!(!vendor.owns_host(host), "{host}");
+        }
+        let tenant = EffectiveTenant {
+            id: "t".into(),
+            miradore: Some(creds()),
+            m3ter: None,
+            mailkit: None,
+        };
+        let host = |via| vendor.upstream_host(via, &tenant).map_err(|e| e.code());
+        assert_eq!(host(Via::Prefix(0)), Ok(HOST));
+        assert_eq!(host(Via::Host("online.miradore.com")), Ok(HOST));
+        assert_eq!(host(Via::Host("acme1.online.miradore.com")), Ok(HOST));
+        assert_eq!(
+            host(Via::Host("other.online.miradore.com")),
+            Err("site_mismatch")
+        );
+    }
+
     fn rewrite(
         path: &str,
         query: Option<&str>,
         creds: &MiradoreCreds,
-    ) -> Result<Rewritten, ProxyError> {
+    ) -> Result<Rewritten, RuleError> {
         super::rewrite(CanonicalPath::new(path)?, query, creds)
     }
 

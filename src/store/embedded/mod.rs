@@ -39,6 +39,7 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::model::PartnerRecord;
 use crate::store::backend::{self, BackendOpener, Boxed};
 use crate::store::files;
 use crate::store::health::StoreHealth;
@@ -46,7 +47,6 @@ use crate::store::master_key::{KeyId, MASTER_KEY_ENV, MasterKeys};
 use crate::store::record::{self, RecordError, RecordKind};
 use crate::store::sealing;
 use crate::store::{Expect, Mutation, Store, StoreError, StoredState};
-use crate::tenants::PartnerRecord;
 
 mod offline;
 
@@ -55,8 +55,7 @@ use super::doc::{PARTNER_PLACE, PartnerDoc, TenantDoc, seal_error, tenant_place}
 use offline::{VerifyError, verify};
 pub use offline::{VerifyReport, backup_file, verify_file};
 
-/// The database file inside the data directory.
-pub const DATA_FILE: &str = "sidekey.redb";
+pub use crate::store::files::DATA_FILE;
 
 /// Where a new store is built before it is renamed to [`DATA_FILE`].
 const NEW_DATA_FILE: &str = "sidekey.redb.new";
@@ -961,8 +960,8 @@ fn read_record<T: for<'a> Deserialize<'a>>(
 mod tests {
     use std::time::SystemTime;
 
+    use crate::model::{Connections, M3terConn, MailkitConn, MiradoreConn, TenantRecord};
     use crate::secret::Secret;
-    use crate::tenants::{Connections, M3terConn, MailkitConn, MiradoreConn, TenantRecord};
     use crate::testing::LogCapture;
 
     use super::*;

@@ -16,9 +16,127 @@ pub(crate) mod rule;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
+use http::Response;
+use http::request::Parts;
+use hyper::body::Incoming;
 
+use super::{BodyRule, Plan, RuleError, RuleInput, SendContext, TestOutcome, Vendor, Via};
 use crate::secret::Secret;
-use crate::tenants::M3terCreds;
+use crate::tenants::{EffectiveTenant, M3terCreds, VendorKind};
+use crate::upstream;
+
+/// m3ter as the proxy sees it: prefixes `/m3ter` (the tenant's API host) and `/m3ter-ingest`
+/// (its ingest host), whose names depend on the tenant's environment; requests get a bearer
+/// token from the [`TokenSource`] and are replayed once when m3ter refuses it.
+pub struct M3ter {
+    tokens: Arc<dyn TokenSource>,
+}
+
+impl M3ter {
+    /// Indexes into [`Vendor::prefixes`].
+    const API: usize = 0;
+    const INGEST: usize = 1;
+
+    pub fn new(tokens: Arc<dyn TokenSource>) -> Self {
+        Self { tokens }
+    }
+
+    fn creds(tenant: &EffectiveTenant) -> Result<&M3terCreds, RuleError> {
+        tenant.m3ter.as_ref().ok_or(RuleError::NotConfigured)
+    }
+}
+
+impl Vendor for M3ter {
+    fn name(&self) -> &'static str {
+        "m3ter"
+    }
+
+    fn kind(&self) -> Option<VendorKind> {
+        Some(VendorKind::M3ter)
+    }
+
+    fn prefixes(&self) -> &'static [&'static str] {
+        // Indexed by `M3ter::API` and `M3ter::INGEST`.
+        &["m3ter", "m3ter-ingest"]
+    }
+
+    /// `api.….m3ter.com` and `ingest.….m3ter.com`: some environment's hosts; whether they
+    /// are the tenant's is `upstream_host`'s question.
+    fn owns_host(&self, host: &str) -> bool {
+        const SUFFIX: &str = ".m3ter.com";
+        if host.len() <= SUFFIX.len() {
+            return false;
+        }
+        let (front, suffix) = host.split_at(host.len() - SUFFIX.len());
+        let first = front.split('.').next().unwrap_or("");
+        suffix.eq_ignore_ascii_case(SUFFIX)
+            && (first.eq_ignore_ascii_case("api") || first.eq_ignore_ascii_case("ingest"))
+    }
+
+    fn upstream_host<'t>(
+        &self,
+        via: Via<'_>,
+        tenant: &'t EffectiveTenant,
+    ) -> Result<&'t str, RuleError> {
+        let creds = Self::creds(tenant)?;
+        match via {
+            Via::Prefix(Self::API) => Ok(&creds.api_host),
+            Via::Prefix(Self::INGEST) => Ok(&creds.ingest_host),
+            Via::Prefix(_) => Err(RuleError::malformed("unroutable request")),
+            Via::Host(host) if host.eq_ignore_ascii_case(&creds.api_host) => Ok(&creds.api_host),
+            Via::Host(host) if host.eq_ignore_ascii_case(&creds.ingest_host) => {
+                Ok(&creds.ingest_host)
+            }
+            Via::Host(host) => Err(RuleError::HostNotAllowed(host.to_owned())),
+        }
+    }
+
+    fn plan(&self, req: RuleInput<'_>, tenant: &EffectiveTenant) -> Result<Plan, RuleError> {
+        let body = match rule::check(req.method, req.path, Self::creds(tenant)?)? {
+            rule::Action::LocalToken => BodyRule::Local(rule::placeholder_response()),
+            rule::Action::Forward => BodyRule::Send,
+        };
+        Ok(Plan {
+            path_and_query: None,
+            body,
+        })
+    }
+
+    fn send<'a>(
+        &'a self,
+        cx: SendContext<'a>,
+        parts: Parts,
+        body: Incoming,
+    ) -> BoxFuture<'a, Result<Response<upstream::VendorBody>, RuleError>> {
+        // Boxed: token exchange and replay make a large state machine that the other
+        // vendors' requests need not carry.
+        Box::pin(async move {
+            let ctx = rule::Ctx {
+                client: cx.client,
+                tokens: self.tokens.as_ref(),
+                creds: Self::creds(cx.tenant)?,
+                host: cx.host,
+                replay_limit: cx.replay_limit,
+                budget: cx.budget,
+            };
+            rule::send(ctx, parts, body).await
+        })
+    }
+
+    fn test<'a>(
+        &'a self,
+        client: &'a upstream::Client,
+        tenant: &'a EffectiveTenant,
+    ) -> BoxFuture<'a, TestOutcome> {
+        Box::pin(async move {
+            match &tenant.m3ter {
+                Some(creds) => client::test(client, self.tokens.as_ref(), creds).await,
+                None => TestOutcome::not_configured(VendorKind::M3ter),
+            }
+        })
+    }
+}
 
 /// A bearer token as handed to requests. Compared by identity (`Arc::ptr_eq`) so that a
 /// refusal drops only the token that was refused, not one a concurrent refresh put in its

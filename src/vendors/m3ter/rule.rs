@@ -23,10 +23,10 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 
 use super::{BearerToken, TokenSource};
-use crate::proxy::canonical::CanonicalPath;
-use crate::proxy::error::ProxyError;
 use crate::tenants::M3terCreds;
 use crate::upstream::{self, full_body};
+use crate::vendors::error::RuleError;
+use crate::vendors::path::CanonicalPath;
 
 /// What sidekey does with an m3ter request.
 #[derive(Debug, PartialEq, Eq)]
@@ -45,7 +45,7 @@ const ORGANIZATIONS: &str = "organizations";
 
 /// Checks the path against the tenant's organisation.
 ///
-/// The path is canonical (`proxy::canonical`), so its segments are what m3ter reads. A first
+/// The path is canonical (`vendors::path`), so its segments are what m3ter reads. A first
 /// segment `organizations` must be followed by the tenant's organisation (UUIDs compare
 /// case-insensitively); `/organizations` alone names none and is refused too. m3ter paths
 /// are case-sensitive, so `Organizations` in any other case is refused as non-canonical
@@ -54,7 +54,7 @@ pub(crate) fn check(
     method: &Method,
     path: CanonicalPath<'_>,
     creds: &M3terCreds,
-) -> Result<Action, ProxyError> {
+) -> Result<Action, RuleError> {
     if path.as_str() == "/oauth/token" && method == Method::POST {
         return Ok(Action::LocalToken);
     }
@@ -63,11 +63,11 @@ pub(crate) fn check(
         Some(ORGANIZATIONS) => {
             let org = segments.next().unwrap_or("");
             if !org.eq_ignore_ascii_case(&creds.org_id) {
-                return Err(ProxyError::OrgMismatch(org.to_owned()));
+                return Err(RuleError::OrgMismatch(org.to_owned()));
             }
         }
         Some(first) if first.eq_ignore_ascii_case(ORGANIZATIONS) => {
-            return Err(ProxyError::bad_request(
+            return Err(RuleError::malformed(
                 "m3ter paths are case-sensitive: write /organizations/",
             ));
         }
@@ -97,7 +97,7 @@ pub(crate) struct Ctx<'a> {
     pub host: &'a str,
     pub replay_limit: usize,
     /// Bodies kept for replay are held within the proxy's byte budget.
-    pub budget: &'a crate::proxy::BodyBudget,
+    pub budget: &'a crate::budget::BodyBudget,
 }
 
 /// Sends `parts` + `body` (URI and headers already prepared) with a bearer token, replaying
@@ -106,7 +106,7 @@ pub(crate) async fn send(
     ctx: Ctx<'_>,
     parts: http::request::Parts,
     body: Incoming,
-) -> Result<Response<upstream::VendorBody>, ProxyError> {
+) -> Result<Response<upstream::VendorBody>, RuleError> {
     let token = fetch_token(&ctx).await?;
     // A body is kept only when its length is known, within the replay limit, and within the
     // proxy's body budget; otherwise it streams.
@@ -120,7 +120,7 @@ pub(crate) async fn send(
         Some(_) => Limited::new(body, ctx.replay_limit)
             .collect()
             .await
-            .map_err(|_| ProxyError::bad_request("reading the request body failed"))?
+            .map_err(|_| crate::budget::BudgetError::Read)?
             .to_bytes(),
         _ => {
             // Too big or of unknown length to keep: stream it, no replay.
@@ -171,22 +171,21 @@ fn refused(status: StatusCode) -> bool {
     status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN
 }
 
-async fn fetch_token(ctx: &Ctx<'_>) -> Result<BearerToken, ProxyError> {
+async fn fetch_token(ctx: &Ctx<'_>) -> Result<BearerToken, RuleError> {
     ctx.tokens
         .token(ctx.creds)
         .await
-        .map_err(|e| ProxyError::TokenExchangeFailed(e.message))
+        .map_err(|e| RuleError::TokenExchange(e.message))
 }
 
 fn with_token(
     parts: http::request::Parts,
     body: upstream::Body,
     token: &BearerToken,
-) -> Result<Request<upstream::Body>, ProxyError> {
+) -> Result<Request<upstream::Body>, RuleError> {
     let mut req = Request::from_parts(parts, body);
-    let mut value = HeaderValue::try_from(format!("Bearer {}", token.expose())).map_err(|_| {
-        ProxyError::TokenExchangeFailed("m3ter returned an unusable token".to_owned())
-    })?;
+    let mut value = HeaderValue::try_from(format!("Bearer {}", token.expose()))
+        .map_err(|_| RuleError::TokenExchange("m3ter returned an unusable token".to_owned()))?;
     value.set_sensitive(true);
     req.headers_mut().insert(AUTHORIZATION, value);
     Ok(req)
@@ -195,22 +194,27 @@ fn with_token(
 async fn forward(
     ctx: &Ctx<'_>,
     req: Request<upstream::Body>,
-) -> Result<Response<upstream::VendorBody>, ProxyError> {
+) -> Result<Response<upstream::VendorBody>, RuleError> {
     ctx.client
         .send(req)
         .await
-        .map_err(|e| ProxyError::upstream("m3ter", ctx.host, e))
+        .map_err(|source| RuleError::Upstream {
+            vendor: "m3ter",
+            host: ctx.host.to_owned(),
+            source,
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::RefusalCode as _;
 
     fn creds() -> M3terCreds {
         crate::vendors::m3ter::test_creds("k", "s")
     }
 
-    fn check(method: &Method, path: &str, creds: &M3terCreds) -> Result<Action, ProxyError> {
+    fn check(method: &Method, path: &str, creds: &M3terCreds) -> Result<Action, RuleError> {
         super::check(method, CanonicalPath::new(path)?, creds)
     }
 

@@ -16,7 +16,19 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::ProxyError;
+/// Why a body was not taken into memory; the proxy maps each to its documented refusal.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BudgetError {
+    /// The body is longer than the caller's per-request limit (413 `body_too_large`).
+    #[error("the request body exceeds the {limit}-byte limit")]
+    TooLarge { limit: usize },
+    /// The budget has no room for it now (503 `body_budget_exhausted`).
+    #[error("the body memory budget is exhausted")]
+    Exhausted,
+    /// The app's connection failed while the body was read (400 `bad_request`).
+    #[error("reading the request body failed")]
+    Read,
+}
 
 /// Gauge of the bytes of request bodies held in memory now.
 pub const METRIC_HELD_BYTES: &str = "sidekey_proxy_body_budget_held_bytes";
@@ -58,24 +70,24 @@ impl BodyBudget {
     }
 
     /// Reserves `bytes` for a body about to be read, or refuses with `body_budget_exhausted`.
-    pub fn reserve(&self, bytes: u64) -> Result<Reserved, ProxyError> {
+    pub fn reserve(&self, bytes: u64) -> Result<Reserved, BudgetError> {
         let mut reserved = self.empty();
-        let bytes = usize::try_from(bytes).map_err(|_| ProxyError::BodyBudgetExhausted)?;
+        let bytes = usize::try_from(bytes).map_err(|_| BudgetError::Exhausted)?;
         self.grow(&mut reserved, bytes)?;
         Ok(reserved)
     }
 
     /// Reserves `bytes` more for `reserved`, or refuses with `body_budget_exhausted`.
-    pub fn grow(&self, reserved: &mut Reserved, bytes: usize) -> Result<(), ProxyError> {
+    pub fn grow(&self, reserved: &mut Reserved, bytes: usize) -> Result<(), BudgetError> {
         if bytes == 0 {
             return Ok(());
         }
-        let n = u32::try_from(bytes).map_err(|_| ProxyError::BodyBudgetExhausted)?;
+        let n = u32::try_from(bytes).map_err(|_| BudgetError::Exhausted)?;
         let permit = self
             .free
             .clone()
             .try_acquire_many_owned(n)
-            .map_err(|_| ProxyError::BodyBudgetExhausted)?;
+            .map_err(|_| BudgetError::Exhausted)?;
         match &mut reserved.permit {
             Some(held) => held.merge(permit),
             None => reserved.permit = Some(permit),
@@ -91,8 +103,8 @@ impl BodyBudget {
         &self,
         mut body: Incoming,
         limit: usize,
-    ) -> Result<(Bytes, Reserved), ProxyError> {
-        let too_large = ProxyError::BodyTooLarge { limit };
+    ) -> Result<(Bytes, Reserved), BudgetError> {
+        let too_large = BudgetError::TooLarge { limit };
         let declared = body.size_hint().exact();
         let mut reserved = self.empty();
         let mut buf = match declared {
@@ -104,8 +116,7 @@ impl BodyBudget {
             None => BytesMut::new(),
         };
         while let Some(frame) = body.frame().await {
-            let frame =
-                frame.map_err(|_| ProxyError::bad_request("reading the request body failed"))?;
+            let frame = frame.map_err(|_| BudgetError::Read)?;
             let Ok(data) = frame.into_data() else {
                 continue;
             };
@@ -148,10 +159,7 @@ mod tests {
             let budget = BodyBudget::new(100);
             let a = budget.reserve(60).unwrap();
             assert_eq!(held_gauge(&handle.render()), Some(60.0));
-            assert!(matches!(
-                budget.reserve(41),
-                Err(ProxyError::BodyBudgetExhausted)
-            ));
+            assert!(matches!(budget.reserve(41), Err(BudgetError::Exhausted)));
             let mut b = budget.reserve(40).unwrap();
             assert!(budget.grow(&mut b, 1).is_err(), "full");
             assert_eq!(budget.held(), 100);
