@@ -1,11 +1,12 @@
-//! A mock vendor upstream for `bench/run.sh`: HTTPS (rustls with ring) on `127.0.0.1:PORT`,
+//! A mock vendor upstream for `bench/run.sh` and `.ci/docs-examples`: HTTPS (rustls with ring) on `127.0.0.1:PORT`,
 //! HTTP/1.1 with keep-alive, a certificate for every vendor host from a throwaway CA it
 //! generates at start and writes to `--ca-dir` (so sidekey, nginx and curl can verify it).
 //!
-//! It answers every request at once with a fixed JSON body, `POST /oauth/token` with an m3ter
-//! token, and checks the credential each proxy should have injected, answering 401 when it is
-//! missing or wrong: a broken injection then shows up as non-2xx in the benchmark instead of
-//! as a fast run. It is a benchmark tool, not part of sidekey: built with
+//! It answers every request at once with a fixed JSON body (Mailkit's `/rpc.fcgi` with an
+//! XML-RPC one), `POST /oauth/token` with an m3ter token, and checks the credential each
+//! proxy should have injected, answering 401 when it is missing or wrong: a broken injection
+//! then shows up as non-2xx in the benchmark (or a failed docs example) instead of as a fast
+//! run. It is a test tool, not part of sidekey: built with
 //! `cargo build --release --example mock_vendor`, never installed.
 //!
 //! ```text
@@ -46,6 +47,7 @@ const CERT_NAMES: &[&str] = &[
 const M3TER_TOKEN: &str = "bench-token";
 const TOKEN_BODY: &str =
     r#"{"token_type":"Bearer","access_token":"bench-token","expires_in":18000}"#;
+const XMLRPC_BODY: &str = r#"<?xml version="1.0"?><methodResponse><params><param><value><string>ok</string></value></param></params></methodResponse>"#;
 const SMALL_BODY: &str = r#"{"data":[{"id":1,"name":"bench-device","online":true}]}"#;
 
 #[derive(Parser, Debug)]
@@ -183,7 +185,7 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Response<Full<Bytes>>
                 }
             }
         }
-        "api.m3ter.com" => {
+        "api.m3ter.com" | "ingest.m3ter.com" => {
             let got = parts
                 .headers
                 .get(hyper::header::AUTHORIZATION)
@@ -202,6 +204,15 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Response<Full<Bytes>>
             }
         }
         _ => {}
+    }
+    // XML-RPC clients (Python's xmlrpc.client) read only an XML-RPC answer.
+    if host == "api.mailkit.eu" && parts.uri.path() == "/rpc.fcgi" {
+        let mut r = respond(StatusCode::OK, Bytes::from_static(XMLRPC_BODY.as_bytes()));
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/xml"),
+        );
+        return r;
     }
     let large = parts.uri.query().is_some_and(|q| q.contains("size=large"));
     let out = if large { &st.large_body } else { &st.body };

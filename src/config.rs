@@ -50,17 +50,21 @@ pub enum LogFormat {
 /// Flags of `sidekey serve`. Every flag also reads `SIDEKEY_<FLAG_IN_CAPS>`.
 #[derive(Args, Clone, Debug)]
 pub struct ServeArgs {
-    /// Data plane: where apps send plain HTTP (HTTP/1.1 and h2c).
-    #[arg(long, env = "SIDEKEY_PROXY_LISTEN", default_value = "127.0.0.1:8080")]
+    /// Data plane: where apps send plain HTTP (HTTP/1.1 and h2c). HOST:PORT, HOST an IP
+    /// address or a host name (see --admin-listen).
+    #[arg(long, env = "SIDEKEY_PROXY_LISTEN", default_value = "127.0.0.1:8080", value_parser = crate::listen_addr::parse)]
     pub proxy_listen: SocketAddr,
 
-    /// Control plane (gRPC): HOST:PORT, or unix:/path for a socket (mode 0600 from the
+    /// Control plane (gRPC): HOST:PORT (HOST an IP address or a host name, as for
+    /// --admin-listen), or unix:/path for a socket (mode 0600 from the
     /// start; only a stale socket at the path is replaced, any other file is refused).
     #[arg(long, env = "SIDEKEY_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: GrpcListen,
 
-    /// Admin endpoints: /metrics, /healthz, /readyz.
-    #[arg(long, env = "SIDEKEY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    /// Admin endpoints: /metrics, /healthz, /readyz. HOST:PORT, HOST an IP address or a
+    /// host name (e.g. localhost:9090), which binds the first IPv4 address it resolves to
+    /// at start (else its first IPv6 address).
+    #[arg(long, env = "SIDEKEY_ADMIN_LISTEN", default_value = "127.0.0.1:9090", value_parser = crate::listen_addr::parse)]
     pub admin_listen: SocketAddr,
 
     /// Directory of the embedded store (created with mode 0700 if absent); with --store

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod document;
+pub mod listen_addr;
 pub mod model;
 pub mod proxy;
 pub mod secret;

@@ -7,10 +7,10 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use tracing_subscriber::EnvFilter;
 
-use sidekey::cli::{Cli, ClientCommand, Command};
+use sidekey::cli::{Cli, ClientCommand, Command, Exit};
 use sidekey::config::{LogFormat, ServeConfig};
 
 fn init_logging(format: LogFormat) {
@@ -135,6 +135,15 @@ fn main() -> ExitCode {
         }
         Command::Tenants { client, command } => (client, ClientCommand::Tenants(command)),
         Command::Partner { client, command } => (client, ClientCommand::Partner(command)),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "sidekey",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
         Command::Store { command } => {
             let env = sidekey::cli::store::StoreEnv {
                 master_key: std::env::var("SIDEKEY_MASTER_KEY").ok(),
@@ -163,10 +172,10 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(sidekey::cli::run_client(client, command)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("sidekey: {message}");
-            ExitCode::FAILURE
+        Ok(()) => Exit::Ok.into(),
+        Err(failure) => {
+            eprintln!("sidekey: {}", failure.message);
+            failure.exit.into()
         }
     }
 }

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 
+mod support;
+
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const OTHER_KEY: &str = "HxwdHh8AAQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRo=";
 const ORG: &str = "0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa";
@@ -18,6 +20,8 @@ struct Server {
     child: Child,
     socket: PathBuf,
     log: mpsc::Receiver<String>,
+    /// The "sidekey ready" line, naming the addresses bound.
+    ready: String,
     /// Reads the server's stderr into `log` until `log` is dropped or stderr ends.
     reader: Option<std::thread::JoinHandle<()>>,
 }
@@ -39,7 +43,8 @@ fn serve_with_env(
     env: &[(&str, &str)],
 ) -> Result<Server, String> {
     let socket = dir.join("grpc.sock");
-    let mut child = bin()
+    let mut command = bin();
+    command
         .args([
             "serve",
             "--proxy-listen",
@@ -47,9 +52,14 @@ fn serve_with_env(
             "--admin-listen",
             "127.0.0.1:0",
         ])
-        .args(extra)
-        .arg("--grpc-listen")
-        .arg(format!("unix:{}", socket.display()))
+        .args(extra);
+    // A test may give its own --grpc-listen (a TCP one); the socket is the default.
+    if !extra.contains(&"--grpc-listen") {
+        command
+            .arg("--grpc-listen")
+            .arg(format!("unix:{}", socket.display()));
+    }
+    let mut child = command
         .arg("--data-dir")
         .arg(dir.join("data"))
         .env("SIDEKEY_MASTER_KEY", key)
@@ -78,6 +88,7 @@ fn serve_with_env(
                 child,
                 socket,
                 log: rx,
+                ready: line,
                 reader: Some(reader),
             });
         }
@@ -347,7 +358,7 @@ fn a_server_that_is_not_running_is_reported_plainly() {
         .unwrap();
     let err = stderr(&out);
     assert!(
-        err.contains("cannot reach sidekey") && err.contains("sidekey serve"),
+        err.contains("there is no socket at unix:") && err.contains("sidekey serve"),
         "{err}"
     );
 }
@@ -766,4 +777,414 @@ fn an_emptied_store_file_stops_serve_instead_of_starting_empty() {
     );
     assert!(!err.contains("created a new store"), "{err}");
     assert_eq!(std::fs::metadata(&file).unwrap().len(), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// The client as a new user meets it: --server forms, what a wrong port reads as, exit codes.
+
+impl Server {
+    /// The address the ready line gives for `name` (proxy, grpc or admin).
+    fn addr(&self, name: &str) -> String {
+        let key = format!("{name}=");
+        let start = self.ready.find(&key).expect("address in the ready line") + key.len();
+        self.ready[start..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+/// `sidekey ARGS --server SERVER`, with no token.
+fn cli_at(server: &str, args: &[&str]) -> Output {
+    bin()
+        .args(args)
+        .args(["--server", server])
+        .env_remove("SIDEKEY_SERVER")
+        .env_remove("SIDEKEY_CA_FILE")
+        .env_remove("SIDEKEY_GRPC_TOKEN")
+        .env_remove("SIDEKEY_GRPC_TOKEN_FILE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn exit_code(o: &Output) -> i32 {
+    o.status.code().expect("exited, not killed")
+}
+
+fn failure(o: &Output, code: i32) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(exit_code(o), code, "stderr: {err}");
+    err
+}
+
+#[test]
+fn server_flag_takes_every_form_and_names_what_a_wrong_address_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    // A host name as a listen address, too.
+    let server = serve_with(dir.path(), KEY, &["--grpc-listen", "localhost:0"], "info").unwrap();
+    let grpc = server.addr("grpc");
+    let authority = grpc.strip_prefix("http://").unwrap();
+    assert!(authority.starts_with("127.0.0.1:"), "{}", server.ready);
+    let port = authority.rsplit_once(':').unwrap().1;
+
+    for form in [
+        authority.to_owned(),
+        grpc.clone(),
+        format!("{grpc}/"),
+        format!("localhost:{port}"),
+    ] {
+        stdout(&cli_at(&form, &["tenants", "list"]));
+    }
+
+    // The admin and proxy ports answer HTTP/2 but not gRPC.
+    for plane in ["admin", "proxy"] {
+        let err = failure(&cli_at(&server.addr(plane), &["tenants", "list"]), 1);
+        assert!(
+            err.contains("not gRPC")
+                && err.contains("admin or proxy port")
+                && err.contains("127.0.0.1:50051"),
+            "{plane}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "one sentence: {err}");
+    }
+
+    // A closed port.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let err = failure(&cli_at(&closed_addr, &["tenants", "list"]), 1);
+    assert!(
+        err.contains("nothing listens on") && err.contains("connection refused"),
+        "{err}"
+    );
+
+    // An HTTP/1.1-only web server: answers 400 to the HTTP/2 preface and hangs up.
+    let web = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let web_addr = web.local_addr().unwrap().to_string();
+    let web_thread = std::thread::spawn(move || {
+        use std::io::Read;
+        if let Ok((mut conn, _)) = web.accept() {
+            conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(
+                b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            );
+        }
+    });
+    let err = failure(&cli_at(&web_addr, &["tenants", "list"]), 1);
+    assert!(
+        err.contains("not in HTTP/2") && err.contains("https://"),
+        "{err}"
+    );
+    web_thread.join().unwrap();
+
+    // https:// to the plain control plane: no silent fallback to plain text.
+    let err = failure(
+        &cli_at(&format!("https://{authority}"), &["tenants", "list"]),
+        1,
+    );
+    assert!(
+        err.contains("TLS handshake") && err.contains("http://"),
+        "{err}"
+    );
+
+    // Usage errors: a malformed address, --ca-file without https.
+    for bad in [
+        "127.0.0.1",
+        "ftp://127.0.0.1:1",
+        "unix:relative.sock",
+        "http://h:1/path",
+    ] {
+        let err = failure(&cli_at(bad, &["tenants", "list"]), 2);
+        assert!(
+            err.contains("HOST:PORT") || err.contains("unix:"),
+            "{bad}: {err}"
+        );
+    }
+    let err = failure(
+        &cli_at(
+            authority,
+            &["tenants", "list", "--ca-file", "/nonexistent.pem"],
+        ),
+        2,
+    );
+    assert!(err.contains("--ca-file applies to an https://"), "{err}");
+}
+
+/// A TLS terminator (test CA, ALPN h2) in front of the control plane's socket, as an
+/// ingress or service mesh would stand in front of sidekey.
+async fn tls_front(ca: &support::TestCa, socket: PathBuf) -> std::net::SocketAddr {
+    let (chain, key) = ca.server_cert(&["localhost", "127.0.0.1"]);
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                // A failed handshake (the untrusting client) just ends this connection.
+                if let Ok(mut tls) = acceptor.accept(tcp).await
+                    && let Ok(mut unix) = tokio::net::UnixStream::connect(&socket).await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut unix).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn https_server_is_verified_with_the_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), KEY).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = support::TestCa::new("sidekey control-plane test CA");
+    let front = runtime.block_on(tls_front(&ca, server.socket.clone()));
+    let url = format!("https://localhost:{}", front.port());
+
+    // Not trusted without the CA: refused, and the sentence says what to give.
+    let err = failure(&cli_at(&url, &["tenants", "list"]), 1);
+    assert!(
+        err.contains("not trusted") && err.contains("--ca-file"),
+        "{err}"
+    );
+
+    let ca_file = ca.pem_file();
+    let ca_file = ca_file.to_str().unwrap();
+    stdout(&cli_at(
+        &url,
+        &[
+            "tenants",
+            "create",
+            "tls-ok",
+            "--ca-file",
+            ca_file,
+            "-o",
+            "json",
+        ],
+    ));
+    let out = stdout(&cli_at(
+        &format!("https://127.0.0.1:{}", front.port()),
+        &["tenants", "list", "--ca-file", ca_file],
+    ));
+    assert!(out.contains("tls-ok"), "{out}");
+
+    // A CA file that holds no certificate is refused before dialling.
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let err = failure(
+        &cli_at(
+            &url,
+            &["tenants", "list", "--ca-file", empty.to_str().unwrap()],
+        ),
+        1,
+    );
+    assert!(err.contains("no PEM certificate"), "{err}");
+}
+
+#[test]
+fn exit_codes_let_scripts_branch_on_not_found_and_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), KEY).unwrap();
+    let err = failure(&server.cli(&["tenants", "get", "ghost"]), 3);
+    assert!(err.contains("not found"), "{err}");
+    failure(&server.cli(&["tenants", "delete", "ghost"]), 3);
+
+    stdout(&server.cli(&["tenants", "create", "acme"]));
+    let err = failure(&server.cli(&["tenants", "create", "acme"]), 4);
+    assert!(err.contains("exists"), "{err}");
+    let err = failure(
+        &server.cli(&[
+            "tenants",
+            "update",
+            "acme",
+            "--display-name",
+            "A",
+            "--etag",
+            "stale",
+        ]),
+        4,
+    );
+    assert!(err.contains("etag"), "{err}");
+
+    // Usage: a flag clap refuses, and an update with nothing to change.
+    failure(&server.cli(&["tenants", "list", "--no-such-flag"]), 2);
+    failure(&server.cli(&["tenants", "update", "acme"]), 2);
+    // A refused request is a plain failure.
+    failure(&server.cli(&["tenants", "create", "Not Valid!"]), 1);
+    stdout(&server.cli(&["tenants", "delete", "acme"]));
+
+    for args in [
+        &["--help"][..],
+        &["tenants", "--help"],
+        &["partner", "--help"],
+    ] {
+        let help = stdout(&bin().args(args).output().unwrap());
+        assert!(
+            help.contains("3 not found") && help.contains("4 conflict"),
+            "{help}"
+        );
+    }
+}
+
+#[test]
+fn every_read_command_prints_yaml_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    // Vendor calls go to a closed port: `tenants test` fails fast, without the internet.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let connect_to = format!("online.miradore.com:443:127.0.0.1:{port}");
+    let server = serve_with(dir.path(), KEY, &["--connect-to", &connect_to], "info").unwrap();
+    let key_file = dir.path().join("mira.key");
+    std::fs::write(&key_file, "mira-secret-1").unwrap();
+    stdout(&server.cli(&[
+        "tenants",
+        "create",
+        "acme",
+        "--display-name",
+        "Acme",
+        "--miradore-site",
+        "acme",
+        "--miradore-api-key-file",
+        key_file.to_str().unwrap(),
+    ]));
+
+    let yaml = stdout(&server.cli(&["tenants", "get", "acme", "-o", "yaml"]));
+    assert!(
+        yaml.contains("id: acme\n") && yaml.contains("site: acme"),
+        "{yaml}"
+    );
+    assert!(!yaml.contains("mira-secret-1"), "{yaml}");
+    // The YAML is a document `apply` takes back, the secret kept by its fingerprint.
+    let applied = stdout(&server.cli_with_stdin(
+        &["tenants", "apply", "-f", "-", "-o", "yaml"],
+        Some(&yaml.replace("displayName: Acme", "displayName: Acme Two")),
+    ));
+    assert!(applied.contains("displayName: Acme Two"), "{applied}");
+    let yaml = stdout(&server.cli(&["tenants", "list", "-o", "yaml"]));
+    assert!(
+        yaml.starts_with("tenants:\n") && yaml.contains("id: acme"),
+        "{yaml}"
+    );
+    stdout(&server.cli(&["partner", "get", "-o", "yaml"]));
+
+    let out = server.cli(&[
+        "tenants", "test", "acme", "--vendor", "miradore", "-o", "json",
+    ]);
+    failure(&out, 1);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["tenant"], "acme");
+    assert_eq!(doc["vendor"], "miradore");
+    assert_eq!(doc["ok"], false);
+    let out = server.cli(&[
+        "tenants", "test", "acme", "--vendor", "miradore", "-o", "yaml",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("ok: false") && text.contains("vendor: miradore"),
+        "{text}"
+    );
+    failure(&server.cli(&["tenants", "get", "acme", "-o", "xml"]), 2);
+}
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "_sidekey()"),
+        ("zsh", "#compdef sidekey"),
+        ("fish", "complete -c sidekey"),
+        ("powershell", "Register-ArgumentCompleter"),
+    ] {
+        let out = stdout(&bin().args(["completions", shell]).output().unwrap());
+        assert!(
+            out.contains(marker) && out.contains("tenants"),
+            "{shell}: {out}"
+        );
+    }
+    let err = failure(&bin().args(["completions", "tcsh"]).output().unwrap(), 2);
+    assert!(err.contains("tcsh"), "{err}");
+}
+
+/// docs/quickstart-kubernetes.md's tenants file, as the quickstart turns it into a Secret:
+/// `serve --tenants-file` applies it, with the key file beside it.
+#[test]
+fn quickstart_tenants_file_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_dir = dir.path().join("tenants");
+    std::fs::create_dir(&secret_dir).unwrap();
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/kubernetes/overlays/quickstart/tenants.yaml");
+    let text = std::fs::read_to_string(manifest).unwrap();
+    // The Secret's mount path in the pod, here a temporary directory.
+    assert!(
+        text.contains("/etc/sidekey/tenants/acme-miradore-api-key"),
+        "{text}"
+    );
+    let text = text.replace(
+        "/etc/sidekey/tenants/",
+        &format!("{}/", secret_dir.display()),
+    );
+    std::fs::write(secret_dir.join("tenants.yaml"), text).unwrap();
+    std::fs::write(secret_dir.join("acme-miradore-api-key"), "quickstart-key").unwrap();
+    let file = secret_dir.join("tenants.yaml");
+    let server = serve_with(
+        dir.path(),
+        KEY,
+        &["--tenants-file", file.to_str().unwrap()],
+        "info",
+    )
+    .unwrap();
+    let out = stdout(&server.cli(&["tenants", "get", "acme", "-o", "json"]));
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["miradore"]["site"], "acme", "{out}");
+    assert!(
+        doc["miradore"]["apiKey"]["fingerprint"].is_string(),
+        "{out}"
+    );
+}
+
+/// A gRPC server that is not sidekey (here one serving only grpc.health.v1).
+#[test]
+fn another_grpc_server_is_named_as_such() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    });
+    let err = failure(&cli_at(&addr.to_string(), &["tenants", "list"]), 1);
+    assert!(
+        err.contains("is a gRPC server, but not sidekey's control plane"),
+        "{err}"
+    );
 }

@@ -1,5 +1,6 @@
 //! The `sidekey` command line: `serve`, and the control-plane client commands
-//! `tenants create|get|list|update|delete|test|apply` and `partner get|update`.
+//! `tenants create|get|list|update|delete|test|apply` and `partner get|update`; and
+//! `completions`. Exit status: see [`Exit`].
 
 pub mod client;
 pub mod flags;
@@ -15,7 +16,7 @@ use tonic::Code;
 use crate::config::ServeArgs;
 use crate::document::{self, TenantDoc, kept_secrets};
 use crate::proto;
-use client::{ClientArgs, explain};
+use client::{ClientArgs, ConnectError, Server, explain};
 use flags::ConnectionFlags;
 use render::Output;
 
@@ -23,7 +24,8 @@ use render::Output;
 #[command(
     name = "sidekey",
     version,
-    about = "Auth-proxy sidecar: injects per-tenant vendor credentials (Miradore, m3ter, Mailkit)"
+    about = "Auth-proxy sidecar: injects per-tenant vendor credentials (Miradore, m3ter, Mailkit)",
+    after_help = EXIT_STATUS_HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -35,6 +37,7 @@ pub enum Command {
     /// Run the proxy, the control plane and the admin endpoints.
     Serve(Box<ServeArgs>),
     /// Manage tenants on a running sidekey.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Tenants {
         #[command(flatten)]
         client: ClientArgs,
@@ -42,6 +45,7 @@ pub enum Command {
         command: TenantsCommand,
     },
     /// Manage the partner defaults that tenants' blank fields inherit.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Partner {
         #[command(flatten)]
         client: ClientArgs,
@@ -53,6 +57,72 @@ pub enum Command {
         #[command(subcommand)]
         command: store::StoreCommand,
     },
+    /// Print a shell completion script, e.g. `sidekey completions bash > /etc/bash_completion.d/sidekey`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The exit status of every `sidekey` command, as `sidekey --help` lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    Ok = 0,
+    /// The command failed: unreachable server, refused request, unreadable file...
+    Failure = 1,
+    /// The command line is wrong (clap's own status for a bad flag or value, too).
+    Usage = 2,
+    /// The tenant (or other record) named does not exist.
+    NotFound = 3,
+    /// A conflict: the tenant already exists, or its etag changed since it was read.
+    Conflict = 4,
+}
+
+pub const EXIT_STATUS_HELP: &str = "Exit status: 0 success, 1 failure, 2 usage error (a wrong flag or value), \
+3 not found (no such tenant), 4 conflict (the tenant already exists, or --etag no longer matches).";
+
+impl From<Exit> for std::process::ExitCode {
+    fn from(e: Exit) -> Self {
+        Self::from(e as u8)
+    }
+}
+
+/// A client command that did not succeed: the sentence to print and the exit status.
+#[derive(Debug)]
+pub struct Failure {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Self {
+        Self {
+            exit: Exit::Usage,
+            message: message.into(),
+        }
+    }
+
+    /// A failed call: not found and conflicts get their own status so scripts can branch.
+    fn status(server: &Server, status: &tonic::Status) -> Self {
+        let exit = match status.code() {
+            Code::NotFound => Exit::NotFound,
+            Code::AlreadyExists | Code::Aborted => Exit::Conflict,
+            _ => Exit::Failure,
+        };
+        Self {
+            exit,
+            message: explain(server, status),
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self {
+            exit: Exit::Failure,
+            message,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -106,6 +176,8 @@ pub enum TenantsCommand {
         id: String,
         #[arg(long, value_enum)]
         vendor: VendorArg,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
     },
     /// Create or replace a tenant from a YAML or JSON document.
     Apply {
@@ -164,29 +236,43 @@ fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-fn print_json(v: &serde_json::Value) {
+/// Prints `v` as `-o json` or `-o yaml` asks (the same document either way); `table` is
+/// printed by each command's own renderer.
+fn print_document(v: &serde_json::Value, output: Output) {
     // Serialising a Value cannot fail.
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    match output {
+        Output::Yaml => print!("{}", serde_yaml_ng::to_string(v).unwrap_or_default()),
+        Output::Json | Output::Table => {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
+        }
+    }
 }
 
 fn print_tenant(t: &proto::Tenant, output: Output) {
     match output {
         Output::Table => print!("{}", render::tenant_table(t)),
-        Output::Json => print_json(&render::tenant_json(t)),
+        Output::Json | Output::Yaml => print_document(&render::tenant_json(t), output),
     }
 }
 
 fn print_partner(p: &proto::PartnerDefaults, output: Output) {
     match output {
         Output::Table => print!("{}", render::partner_table(p)),
-        Output::Json => print_json(&render::partner_json(p)),
+        Output::Json | Output::Yaml => print_document(&render::partner_json(p), output),
     }
 }
 
-/// Runs a client command; `Err` holds the message to print before exiting with status 1.
-pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<(), String> {
-    let mut api = client.connect(env_var("SIDEKEY_GRPC_TOKEN")).await?;
-    let call = |s: tonic::Status| explain(&s);
+/// Runs a client command; `Err` holds the message to print and the exit status.
+pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<(), Failure> {
+    let server = client.server.clone();
+    let mut api = client
+        .connect(env_var("SIDEKEY_GRPC_TOKEN"))
+        .await
+        .map_err(|e| match e {
+            ConnectError::Usage(m) => Failure::usage(m),
+            ConnectError::Failed(m) => Failure::from(m),
+        })?;
+    let call = |s: tonic::Status| Failure::status(&server, &s);
     match command {
         ClientCommand::Tenants(cmd) => match cmd {
             TenantsCommand::Create {
@@ -241,9 +327,12 @@ pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<()
                 }
                 match output {
                     Output::Table => print!("{}", render::list_table(&all)),
-                    Output::Json => print_json(&serde_json::json!({
-                        "tenants": all.iter().map(render::tenant_json).collect::<Vec<_>>()
-                    })),
+                    Output::Json | Output::Yaml => print_document(
+                        &serde_json::json!({
+                            "tenants": all.iter().map(render::tenant_json).collect::<Vec<_>>()
+                        }),
+                        output,
+                    ),
                 }
             }
             TenantsCommand::Update {
@@ -274,7 +363,9 @@ pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<()
                     paths.push(v.path().to_owned());
                 }
                 if paths.is_empty() {
-                    return Err("nothing to update: give at least one field flag".into());
+                    return Err(Failure::usage(
+                        "nothing to update: give at least one field flag",
+                    ));
                 }
                 let strip = |v: VendorArg| remove.contains(&v);
                 let tenant = proto::Tenant {
@@ -305,32 +396,44 @@ pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<()
                 .map_err(call)?;
                 println!("deleted tenant {id}");
             }
-            TenantsCommand::Test { id, vendor } => {
+            TenantsCommand::Test { id, vendor, output } => {
                 let r = api
                     .test_tenant(proto::TestTenantRequest {
-                        id,
+                        id: id.clone(),
                         vendor: vendor.proto() as i32,
                     })
                     .await
                     .map_err(call)?
                     .into_inner();
-                println!(
-                    "{}: {} (HTTP {})",
-                    if r.ok { "ok" } else { "refused" },
-                    r.message,
-                    r.http_status
-                );
+                match output {
+                    Output::Table => println!(
+                        "{}: {} (HTTP {})",
+                        if r.ok { "ok" } else { "refused" },
+                        r.message,
+                        r.http_status
+                    ),
+                    Output::Json | Output::Yaml => print_document(
+                        &serde_json::json!({
+                            "tenant": id,
+                            "vendor": vendor.path(),
+                            "ok": r.ok,
+                            "httpStatus": r.http_status,
+                            "message": r.message,
+                        }),
+                        output,
+                    ),
+                }
                 if !r.ok {
-                    return Err(if r.http_status == 0 {
+                    return Err(Failure::from(if r.http_status == 0 {
                         format!("the test call to {} got no answer", vendor.path())
                     } else {
                         format!("{} did not accept the credentials", vendor.path())
-                    });
+                    }));
                 }
             }
             TenantsCommand::Apply { file, output } => {
                 let tenant = read_document(file).await?;
-                let t = apply(&mut api, tenant).await?;
+                let t = apply(&mut api, &server, tenant).await?;
                 print_tenant(&t, output);
             }
         },
@@ -363,7 +466,9 @@ pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<()
                     }
                 }
                 if paths.is_empty() {
-                    return Err("nothing to update: give at least one field flag".into());
+                    return Err(Failure::usage(
+                        "nothing to update: give at least one field flag",
+                    ));
                 }
                 let strip = |v: VendorArg| remove.contains(&v);
                 let p = api
@@ -422,7 +527,11 @@ async fn read_document(file: PathBuf) -> Result<proto::Tenant, String> {
 /// by fingerprint only (as `get -o json` prints it) keeps the stored value, provided the
 /// fingerprint still matches it; the update is conditional on the etag read, so a concurrent
 /// change makes it fail rather than be overwritten.
-async fn apply(api: &mut client::Client, tenant: proto::Tenant) -> Result<proto::Tenant, String> {
+async fn apply(
+    api: &mut client::Client,
+    server: &Server,
+    tenant: proto::Tenant,
+) -> Result<proto::Tenant, Failure> {
     let kept = kept_secrets((&tenant).into());
     let current = match api
         .get_tenant(proto::GetTenantRequest {
@@ -433,10 +542,10 @@ async fn apply(api: &mut client::Client, tenant: proto::Tenant) -> Result<proto:
         Ok(r) => r.into_inner(),
         Err(s) if s.code() == Code::NotFound => {
             if let Some((path, _)) = kept.first() {
-                return Err(format!(
+                return Err(Failure::from(format!(
                     "{path}: only a fingerprint is given, and tenant {:?} does not exist to keep a secret from; give value or valueFrom",
                     tenant.id
-                ));
+                )));
             }
             return api
                 .create_tenant(proto::CreateTenantRequest {
@@ -444,9 +553,9 @@ async fn apply(api: &mut client::Client, tenant: proto::Tenant) -> Result<proto:
                 })
                 .await
                 .map(tonic::Response::into_inner)
-                .map_err(|s| explain(&s));
+                .map_err(|s| Failure::status(server, &s));
         }
-        Err(s) => return Err(explain(&s)),
+        Err(s) => return Err(Failure::status(server, &s)),
     };
     fn fp(s: &Option<proto::Secret>) -> Option<&str> {
         s.as_ref().map(|s| s.fingerprint.as_str())
@@ -460,10 +569,10 @@ async fn apply(api: &mut client::Client, tenant: proto::Tenant) -> Result<proto:
     };
     for (path, fingerprint) in &kept {
         if stored(path) != Some(*fingerprint) {
-            return Err(format!(
+            return Err(Failure::from(format!(
                 "{path}: the fingerprint {fingerprint} is not that of the stored secret ({}); give value or valueFrom to change it",
                 stored(path).unwrap_or("none stored")
-            ));
+            )));
         }
     }
 
@@ -501,7 +610,7 @@ async fn apply(api: &mut client::Client, tenant: proto::Tenant) -> Result<proto:
     })
     .await
     .map(tonic::Response::into_inner)
-    .map_err(|s| explain(&s))
+    .map_err(|s| Failure::status(server, &s))
 }
 
 /// The client commands, split from `Command` so `serve` needs no client arguments.

@@ -1,4 +1,5 @@
-//! How the CLI prints tenants: a readable table by default, proto3 JSON with `-o json`.
+//! How the CLI prints tenants: a readable table by default, proto3 JSON with `-o json`,
+//! the same document as YAML with `-o yaml`.
 
 use serde_json::{Map, Value, json};
 
@@ -10,6 +11,7 @@ pub enum Output {
     #[default]
     Table,
     Json,
+    Yaml,
 }
 
 fn ts(t: &Option<prost_types::Timestamp>) -> Value {

@@ -50,9 +50,9 @@ impl FromStr for GrpcListen {
             }
             Ok(Self::Unix(PathBuf::from(path)))
         } else {
-            s.parse()
+            crate::listen_addr::parse(s)
                 .map(Self::Tcp)
-                .map_err(|_| format!("{s:?} is neither HOST:PORT (an IP address) nor unix:/path"))
+                .map_err(|e| format!("{e}, nor unix:/path"))
         }
     }
 }
