@@ -61,10 +61,30 @@ def check_sidekey(where, c):
         problem(where, "SIDEKEY_ADMIN_LISTEN must bind all addresses: the kubelet probes the pod IP")
     if env.get("SIDEKEY_PROXY_LISTEN", "127.0.0.1:8080").split(":")[0] != "127.0.0.1":
         problem(where, "the proxy must stay on loopback")
+    if env.get("SIDEKEY_STORE") == "etcd":
+        check_fleet(where, c, env)
     mounts = c.get("volumeMounts") or []
     for m in mounts:
         if m.get("subPath"):
             problem(where, f"mount {m['name']} uses subPath: Secret updates would not reach it")
+
+
+def check_fleet(where, c, env):
+    """Fleet mode (docs/operations.md, "Fleet mode"): what sidekey refuses at start, caught
+    before a rollout, and no etcd password in the manifest."""
+    if "SIDEKEY_TENANTS_FILE" in env:
+        problem(where, "fleet mode (SIDEKEY_STORE=etcd) refuses SIDEKEY_TENANTS_FILE")
+    if "SIDEKEY_ETCD_ENDPOINTS" not in env:
+        problem(where, "fleet mode needs SIDEKEY_ETCD_ENDPOINTS")
+    if "SIDEKEY_MASTER_KEY_FILE" not in env and "SIDEKEY_MASTER_KEY" not in env:
+        problem(where, "fleet mode needs the fleet's master key (SIDEKEY_MASTER_KEY_FILE)")
+    for e in c.get("env") or []:
+        if e["name"] in ("SIDEKEY_ETCD_PASSWORD", "SIDEKEY_MASTER_KEY") and "value" in e:
+            problem(where, f"{e['name']} must come from a Secret (valueFrom), not a value")
+    endpoints = (env.get("SIDEKEY_ETCD_ENDPOINTS") or "").split(",")
+    if any(e.startswith("http://") for e in endpoints):
+        problem(where, "etcd endpoints must be https:// (the records are sealed, the "
+                "password and client identity are not)")
 
 
 def check_pod(where, spec):

@@ -10,7 +10,33 @@ use clap::{Args, ValueEnum};
 
 use crate::control::GrpcListen;
 use crate::secret::Secret;
+use crate::store::etcd::{self, EtcdConfig};
 use crate::upstream::ConnectTo;
+
+/// The environment variable holding the etcd password (no flag: a password never sits on a
+/// command line). `--etcd-password-file` is the alternative.
+pub const ETCD_PASSWORD_ENV: &str = "SIDEKEY_ETCD_PASSWORD";
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// redb in --data-dir: the tenants of this one sidekey.
+    #[default]
+    Embedded,
+    /// etcd: the tenants shared by every sidekey on the same --etcd-prefix (fleet mode).
+    Etcd,
+}
+
+/// The store `serve` opens.
+#[derive(Clone, Debug)]
+pub enum StoreChoice {
+    Embedded,
+    /// The password, if any, is still in `password_file` or in the config (from the
+    /// environment); `serve` reads the file at start.
+    Etcd {
+        config: Box<EtcdConfig>,
+        password_file: Option<PathBuf>,
+    },
+}
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -41,9 +67,17 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDEKEY_ADMIN_LISTEN", default_value = "127.0.0.1:9090", value_parser = crate::listen_addr::parse)]
     pub admin_listen: SocketAddr,
 
-    /// Directory of the embedded store (created with mode 0700 if absent).
+    /// Directory of the embedded store (created with mode 0700 if absent); with --store
+    /// etcd, of the encrypted snapshot cache.
     #[arg(long, env = "SIDEKEY_DATA_DIR", default_value = "./sidekey-data")]
     pub data_dir: PathBuf,
+
+    /// Where tenants are stored: embedded (one sidekey) or etcd (shared by a fleet).
+    #[arg(long, env = "SIDEKEY_STORE", value_enum, default_value_t = StoreKind::Embedded)]
+    pub store: StoreKind,
+
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 
     /// File holding the master key(s) that seal secrets at rest. Without it and without
     /// SIDEKEY_MASTER_KEY, a key is generated into the data directory (with a warning).
@@ -65,7 +99,6 @@ pub struct ServeArgs {
     /// (comma-separated in the environment variable).
     #[arg(long, env = "SIDEKEY_CONNECT_TO", value_delimiter = ',')]
     pub connect_to: Vec<ConnectTo>,
-
     /// YAML file declaring tenants (and optionally partner defaults), e.g. a mounted
     /// Kubernetes Secret: applied before sidekey turns ready, then whenever it changes.
     #[arg(long, env = "SIDEKEY_TENANTS_FILE")]
@@ -123,6 +156,69 @@ pub struct ServeArgs {
     pub shutdown_grace: Duration,
 }
 
+/// How to reach etcd: flags of `serve --store etcd` and of `store copy`. Every flag also
+/// reads its `SIDEKEY_ETCD_*` variable.
+#[derive(Args, Clone, Debug)]
+pub struct EtcdArgs {
+    /// etcd endpoints, http://HOST:PORT or https://HOST:PORT (comma-separated in the
+    /// environment variable). Required with --store etcd.
+    #[arg(long, env = "SIDEKEY_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Key prefix of this fleet's records in etcd; starts and ends with '/'.
+    #[arg(long, env = "SIDEKEY_ETCD_PREFIX", default_value = etcd::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+
+    /// PEM CA bundle that signs etcd's server certificates (https endpoints).
+    #[arg(long, env = "SIDEKEY_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// PEM client certificate for etcd (--client-cert-auth); with --etcd-key.
+    #[arg(long, env = "SIDEKEY_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// PEM private key of --etcd-cert.
+    #[arg(long, env = "SIDEKEY_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// etcd user; its password comes from --etcd-password-file or SIDEKEY_ETCD_PASSWORD.
+    #[arg(long, env = "SIDEKEY_ETCD_USER")]
+    pub etcd_user: Option<String>,
+
+    /// File holding the etcd user's password (one line).
+    #[arg(long, env = "SIDEKEY_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
+
+    /// Most writes sidekey puts in one etcd transaction: etcd's own --max-txn-ops (128 by
+    /// default); a larger batch is refused whole.
+    #[arg(long, env = "SIDEKEY_ETCD_MAX_TXN_OPS", default_value_t = etcd::DEFAULT_MAX_TXN_OPS)]
+    pub etcd_max_txn_ops: usize,
+
+    /// Deadline of each etcd request and connection attempt; also how long an HTTP/2 ping
+    /// (every 10 s) may go unanswered before a silent etcd counts as lost.
+    #[arg(long, env = "SIDEKEY_ETCD_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub etcd_timeout: Duration,
+}
+
+impl EtcdArgs {
+    /// The settings, with the password from `password_env` (SIDEKEY_ETCD_PASSWORD) if set;
+    /// `--etcd-password-file` is returned apart, to be read when the store is opened.
+    pub fn into_config(self, password_env: Option<String>) -> (EtcdConfig, Option<PathBuf>) {
+        let config = EtcdConfig {
+            endpoints: self.etcd_endpoints,
+            prefix: self.etcd_prefix,
+            ca: self.etcd_ca,
+            cert: self.etcd_cert,
+            key: self.etcd_key,
+            user: self.etcd_user,
+            password: password_env.filter(|v| !v.is_empty()).map(Secret::new),
+            max_txn_ops: self.etcd_max_txn_ops,
+            timeout: self.etcd_timeout,
+        };
+        (config, self.etcd_password_file)
+    }
+}
+
 /// Everything `serve` needs, resolved.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -130,6 +226,7 @@ pub struct ServeConfig {
     pub grpc_listen: GrpcListen,
     pub admin_listen: SocketAddr,
     pub data_dir: PathBuf,
+    pub store: StoreChoice,
     pub master_key_file: Option<PathBuf>,
     /// The value of SIDEKEY_MASTER_KEY, read once at start.
     pub master_key: Option<Secret>,
@@ -157,13 +254,29 @@ pub struct InterceptCaFiles {
 
 impl ServeArgs {
     /// Resolves the flags, taking the master key value from `master_key_env`
-    /// (SIDEKEY_MASTER_KEY, which has no flag so that a key never sits on a command line).
-    pub fn into_config(self, master_key_env: Option<String>) -> ServeConfig {
+    /// (SIDEKEY_MASTER_KEY, which has no flag so that a key never sits on a command line) and
+    /// the etcd password from `etcd_password_env` (SIDEKEY_ETCD_PASSWORD, likewise).
+    pub fn into_config(
+        self,
+        master_key_env: Option<String>,
+        etcd_password_env: Option<String>,
+    ) -> ServeConfig {
+        let store = match self.store {
+            StoreKind::Embedded => StoreChoice::Embedded,
+            StoreKind::Etcd => {
+                let (config, password_file) = self.etcd.into_config(etcd_password_env);
+                StoreChoice::Etcd {
+                    config: Box::new(config),
+                    password_file,
+                }
+            }
+        };
         ServeConfig {
             proxy_listen: self.proxy_listen,
             grpc_listen: self.grpc_listen,
             admin_listen: self.admin_listen,
             data_dir: self.data_dir,
+            store,
             master_key_file: self.master_key_file,
             master_key: master_key_env.filter(|v| !v.is_empty()).map(Secret::new),
             grpc_token_file: self.grpc_token_file,
@@ -199,6 +312,7 @@ impl ServeConfig {
             grpc_listen: GrpcListen::Tcp(any),
             admin_listen: any,
             data_dir,
+            store: StoreChoice::Embedded,
             master_key_file: None,
             master_key: None,
             grpc_token_file: None,

@@ -119,7 +119,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (client, command) = match cli.command {
         Command::Serve(args) => {
-            let config = args.into_config(std::env::var("SIDEKEY_MASTER_KEY").ok());
+            let config = args.into_config(
+                std::env::var("SIDEKEY_MASTER_KEY").ok(),
+                std::env::var(sidekey::config::ETCD_PASSWORD_ENV).ok(),
+            );
             init_logging(config.log_format);
             let runtime = match serve_runtime() {
                 Ok(r) => r,
@@ -154,8 +157,11 @@ fn main() -> ExitCode {
             };
         }
         Command::Store { command } => {
-            return match sidekey::cli::store::run(command, std::env::var("SIDEKEY_MASTER_KEY").ok())
-            {
+            let env = sidekey::cli::store::StoreEnv {
+                master_key: std::env::var("SIDEKEY_MASTER_KEY").ok(),
+                etcd_password: std::env::var(sidekey::config::ETCD_PASSWORD_ENV).ok(),
+            };
+            return match sidekey::cli::store::run(command, env) {
                 Ok(line) => {
                     println!("{line}");
                     ExitCode::SUCCESS

@@ -13,11 +13,14 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::admin::{self, Readiness};
-use crate::config::ServeConfig;
+use crate::config::{ServeConfig, StoreChoice};
 use crate::control::{self, ControlToken, GrpcListener, TenantApi};
 use crate::intercept::{InterceptCa, Leaves};
 use crate::proxy::{self, Proxy, ProxyConfig};
+use crate::store::Store;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::etcd::EtcdStore;
+use crate::store::health::StoreHealth;
 use crate::store::master_key::{MasterKeySource, MasterKeys};
 use crate::tenants::Catalog;
 use crate::tenants_file::{TenantsFile, TenantsFileStatus};
@@ -89,27 +92,47 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     let data_dir = config.data_dir.clone();
     // The recorder must exist before the store sets its health gauge.
     let _ = crate::admin::metrics_handle();
+    let choice = resolve_store(&config, &source)?;
+    let store_place = match &choice {
+        StoreChoice::Embedded => config.data_dir.display().to_string(),
+        StoreChoice::Etcd { config, .. } => {
+            format!(
+                "etcd {} under {}",
+                config.endpoints.join(","),
+                config.prefix
+            )
+        }
+    };
     // Key loading and opening redb are blocking file work.
-    let store = tokio::task::spawn_blocking(move || {
+    let (store, store_health) = tokio::task::spawn_blocking(move || {
         let keys = MasterKeys::load(&source, &data_dir)
             .map_err(|e| StartError::MasterKey(e.to_string()))?;
-        EmbeddedStore::open(&data_dir, keys).map_err(|e| StartError::Store {
-            dir: data_dir.display().to_string(),
-            message: e.to_string(),
-        })
+        let opened: (Arc<dyn Store>, StoreHealth) = match choice {
+            StoreChoice::Embedded => {
+                let store =
+                    EmbeddedStore::open(&data_dir, keys).map_err(|e| StartError::Store {
+                        dir: data_dir.display().to_string(),
+                        message: e.to_string(),
+                    })?;
+                let health = store.health();
+                (Arc::new(store), health)
+            }
+            StoreChoice::Etcd { config, .. } => {
+                let store = EtcdStore::new(*config, keys, Some(&data_dir))
+                    .map_err(|e| StartError::Config(e.to_string()))?;
+                let health = store.health();
+                (Arc::new(store), health)
+            }
+        };
+        Ok::<_, StartError>(opened)
     })
     .await
     .map_err(|e| StartError::Config(format!("start-up task failed: {e}")))??;
-    let store_health = store.health();
-    let catalog =
-        Arc::new(
-            Catalog::open(Arc::new(store))
-                .await
-                .map_err(|e| StartError::Store {
-                    dir: config.data_dir.display().to_string(),
-                    message: e.to_string(),
-                })?,
-        );
+    let catalog = Arc::new(Catalog::open(store).await.map_err(|e| StartError::Store {
+        dir: store_place,
+        message: e.to_string(),
+    })?);
+    catalog.follow();
     // Declared tenants are in force before any listener accepts a request.
     let mut tenants_file = match &config.tenants_file {
         Some(path) => {
@@ -220,9 +243,37 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         };
         admin::serve(admin_listener, admin_ready, stopped).await;
     });
-    readiness.set(true);
-    tracing::info!(proxy = %proxy_addr, grpc = %grpc_url, admin = %admin_addr,
-        tenants = catalog.snapshot().load().len(), "sidekey ready");
+    let mut loaded = catalog.loaded();
+    if *loaded.borrow() {
+        readiness.set(true);
+        tracing::info!(proxy = %proxy_addr, grpc = %grpc_url, admin = %admin_addr,
+            tenants = catalog.snapshot().load().len(), "sidekey ready");
+    } else {
+        // Ready with the first load; `drain` raises `stop` before clearing readiness, so
+        // whichever runs last, a draining sidekey stays not ready.
+        let readiness = readiness.clone();
+        let mut stopping = stop.subscribe();
+        let snapshot = catalog.snapshot();
+        tasks.spawn(async move {
+            let first_load = tokio::select! {
+                loaded = loaded.wait_for(|l| *l) => loaded.is_ok(),
+                _ = stopping.wait_for(|s| *s) => false,
+            };
+            if first_load {
+                readiness.set(true);
+                if *stopping.borrow() {
+                    readiness.set(false);
+                } else {
+                    tracing::info!(
+                        tenants = snapshot.load().len(),
+                        "sidekey ready: first load from the store"
+                    );
+                }
+            }
+        });
+        tracing::info!(proxy = %proxy_addr, grpc = %grpc_url, admin = %admin_addr,
+            "sidekey listening; not ready until the store can be loaded");
+    }
     Ok(Running {
         proxy_addr,
         grpc_url,
@@ -238,6 +289,42 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     })
 }
 
+/// Checks the store settings against the rest and reads the etcd password file.
+fn resolve_store(config: &ServeConfig, key: &MasterKeySource) -> Result<StoreChoice, StartError> {
+    let StoreChoice::Etcd {
+        config: etcd,
+        password_file,
+    } = &config.store
+    else {
+        return Ok(StoreChoice::Embedded);
+    };
+    if config.tenants_file.is_some() {
+        return Err(StartError::Config(
+            "--tenants-file cannot be used with --store etcd: in fleet mode tenants are written \
+             through the control plane (or `sidekey store copy`) into etcd, once for every \
+             replica"
+                .into(),
+        ));
+    }
+    if matches!(key, MasterKeySource::Generate) {
+        return Err(StartError::Config(
+            "--store etcd needs the fleet's master key in --master-key-file or \
+             SIDEKEY_MASTER_KEY: a key generated per replica could not open the others' records"
+                .into(),
+        ));
+    }
+    let etcd = etcd
+        .as_ref()
+        .clone()
+        .with_password_file(password_file.as_deref())
+        .map_err(StartError::Config)?;
+    etcd.validate().map_err(StartError::Config)?;
+    Ok(StoreChoice::Etcd {
+        config: Box::new(etcd),
+        password_file: None,
+    })
+}
+
 fn local_addr(l: &TcpListener) -> SocketAddr {
     l.local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -247,8 +334,8 @@ impl Running {
     /// Starts the drain: `/readyz` answers 503 from now on and the proxy and control
     /// listeners stop accepting; in-flight requests go on. [`Running::shutdown`] waits.
     pub fn drain(&self) {
-        self.readiness.set(false);
         self.stop.send_replace(true);
+        self.readiness.set(false);
     }
 
     /// Drains, gives in-flight work the grace period, then stops the admin endpoints.

@@ -214,12 +214,24 @@ impl ClientArgs {
                 .map_err(unreachable)?,
             Server::Tls { authority } => {
                 let tls = tls_config(self.ca_file.as_deref()).map_err(ConnectError::Failed)?;
-                let connector = HttpsConnectorBuilder::new()
+                let https = HttpsConnectorBuilder::new()
                     .with_tls_config(tls)
                     .https_only()
                     .enable_http2()
                     .wrap_connector(tcp_connector());
-                endpoint(format!("https://{authority}"))?
+                // tonic built with its own TLS (the etcd client enables it) refuses an https://
+                // URI it does not encrypt itself, after this connector already has. So tonic
+                // gets http:// and this connector, which only speaks TLS, sees https://.
+                let connector = tower::service_fn(move |uri: http::Uri| {
+                    let mut https = https.clone();
+                    async move {
+                        let mut parts = uri.into_parts();
+                        parts.scheme = Some(http::uri::Scheme::HTTPS);
+                        let uri = http::Uri::from_parts(parts)?;
+                        tower::Service::call(&mut https, uri).await
+                    }
+                });
+                endpoint(format!("http://{authority}"))?
                     .connect_with_connector(connector)
                     .await
                     .map_err(unreachable)?

@@ -36,7 +36,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the proxy, the control plane and the admin endpoints.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage tenants on a running sidekey.
     #[command(after_help = EXIT_STATUS_HELP)]
     Tenants {

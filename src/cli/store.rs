@@ -1,10 +1,22 @@
 //! `sidekey store backup|verify`: offline-safe tools on the embedded store's file. Both open
 //! it read-only, so they run beside a live `sidekey serve` (which opens it in redb's
 //! single-writer mode, letting readers share the file) and never change it.
+//!
+//! `sidekey store copy`: every record of one store into another (an embedded store into
+//! etcd for fleet mode, or etcd onto itself to re-seal under a new master key), see
+//! [`crate::store::copy`].
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
 
 use clap::Subcommand;
+
+use crate::config::EtcdArgs;
+use crate::store::Store;
+use crate::store::copy::{CopyReport, copy};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::etcd::EtcdStore;
 
 use crate::store::embedded::{self, DATA_FILE, VerifyReport};
 use crate::store::master_key::{GENERATED_KEY_FILE, MASTER_KEY_ENV, MasterKeySource, MasterKeys};
@@ -35,10 +47,62 @@ pub enum StoreCommand {
         #[arg(long, env = "SIDEKEY_MASTER_KEY_FILE")]
         master_key_file: Option<PathBuf>,
     },
+    /// Copy every tenant and the partner defaults of one store into another, opening and
+    /// sealing records again in memory only (the active master key seals the copy). Refuses
+    /// before writing anything when the destination already has any of those tenants,
+    /// unless --overwrite.
+    Copy {
+        /// The source: embedded:DIR (a data directory, its sidekey stopped) or etcd (the
+        /// --etcd-* settings).
+        #[arg(long)]
+        from: StoreSpec,
+        /// The destination, in the same form.
+        #[arg(long)]
+        to: StoreSpec,
+        /// Replace the destination's records that the source has too.
+        #[arg(long)]
+        overwrite: bool,
+        /// The master key file, as for serve (new key first to re-seal under it). Without it
+        /// and without SIDEKEY_MASTER_KEY, an embedded side's generated key (master.key in
+        /// its directory) is used.
+        #[arg(long, env = "SIDEKEY_MASTER_KEY_FILE")]
+        master_key_file: Option<PathBuf>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+}
+
+/// One side of `store copy`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreSpec {
+    Embedded(PathBuf),
+    Etcd,
+}
+
+impl FromStr for StoreSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            _ if s == "etcd" => Ok(StoreSpec::Etcd),
+            Some(("embedded", dir)) if !dir.is_empty() => Ok(StoreSpec::Embedded(dir.into())),
+            _ => Err(format!("{s:?}: expected embedded:DIR or etcd")),
+        }
+    }
+}
+
+/// What `run` needs from the environment besides the flags.
+#[derive(Clone, Debug, Default)]
+pub struct StoreEnv {
+    /// SIDEKEY_MASTER_KEY.
+    pub master_key: Option<String>,
+    /// SIDEKEY_ETCD_PASSWORD.
+    pub etcd_password: Option<String>,
 }
 
 /// Runs a store command; the line to print, or the error.
-pub fn run(command: StoreCommand, master_key_env: Option<String>) -> Result<String, String> {
+pub fn run(command: StoreCommand, env: StoreEnv) -> Result<String, String> {
+    let master_key_env = env.master_key.clone();
     match command {
         StoreCommand::Backup { data_dir, out } => {
             let source = data_dir.join(DATA_FILE);
@@ -64,7 +128,100 @@ pub fn run(command: StoreCommand, master_key_env: Option<String>) -> Result<Stri
                 describe(&report)
             ))
         }
+        StoreCommand::Copy {
+            from,
+            to,
+            overwrite,
+            master_key_file,
+            etcd,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the runtime: {e}"))?;
+            let report =
+                runtime.block_on(copy_stores(from, to, overwrite, master_key_file, etcd, env))?;
+            Ok(format!(
+                "copied {} tenant{} ({} created, {} replaced){}",
+                report.created + report.replaced,
+                if report.created + report.replaced == 1 {
+                    ""
+                } else {
+                    "s"
+                },
+                report.created,
+                report.replaced,
+                if report.partner {
+                    " and the partner defaults"
+                } else {
+                    ""
+                }
+            ))
+        }
     }
+}
+
+async fn copy_stores(
+    from: StoreSpec,
+    to: StoreSpec,
+    overwrite: bool,
+    master_key_file: Option<PathBuf>,
+    etcd: EtcdArgs,
+    env: StoreEnv,
+) -> Result<CopyReport, String> {
+    if from == to && (from != StoreSpec::Etcd || !overwrite) {
+        return Err(
+            "--from and --to are the same store: only etcd onto itself with --overwrite (to \
+             re-seal every record under the active master key) makes sense"
+                .into(),
+        );
+    }
+    let (etcd, password_file) = etcd.into_config(env.etcd_password);
+    let etcd = etcd.with_password_file(password_file.as_deref())?;
+    let batch = etcd.max_txn_ops;
+    // The key: given, or an embedded side's generated one; never generated here.
+    let key_dir = [&from, &to].into_iter().find_map(|s| match s {
+        StoreSpec::Embedded(dir) => Some(dir.clone()),
+        StoreSpec::Etcd => None,
+    });
+    let keys = || match &key_dir {
+        Some(dir) => load_keys(dir, master_key_file.clone(), env.master_key.clone()),
+        None if master_key_file.is_none() && env.master_key.is_none() => Err(format!(
+            "no master key: give --master-key-file or {MASTER_KEY_ENV}"
+        )),
+        None => load_keys(
+            Path::new("."),
+            master_key_file.clone(),
+            env.master_key.clone(),
+        ),
+    };
+    let open = |spec: &StoreSpec, must_exist: bool| -> Result<Arc<dyn Store>, String> {
+        match spec {
+            StoreSpec::Embedded(dir) => {
+                if must_exist && !dir.join(DATA_FILE).exists() {
+                    return Err(format!(
+                        "no store in {}: {DATA_FILE} does not exist",
+                        dir.display()
+                    ));
+                }
+                EmbeddedStore::open(dir, keys()?)
+                    .map(|s| Arc::new(s) as Arc<dyn Store>)
+                    .map_err(|e| format!("{}: {e}", dir.display()))
+            }
+            StoreSpec::Etcd => EtcdStore::new(etcd.clone(), keys()?, None)
+                .map(|s| Arc::new(s) as Arc<dyn Store>)
+                .map_err(|e| e.to_string()),
+        }
+    };
+    let source = open(&from, true)?;
+    let destination = if from == to {
+        source.clone()
+    } else {
+        open(&to, false)?
+    };
+    copy(source.as_ref(), destination.as_ref(), overwrite, batch)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn load_keys(

@@ -82,7 +82,7 @@ impl TenantApi {
                     .map_err(|_| invalid_field("page_token", "not a token from ListTenants"))?,
             )
         };
-        let (page, more) = self.catalog.list(after.as_deref(), limit).await;
+        let (page, more) = self.catalog.list(after.as_deref(), limit).await?;
         let next_page_token = match (more, page.last()) {
             (true, Some(last)) => URL_SAFE_NO_PAD.encode(&last.id),
             _ => String::new(),
@@ -174,7 +174,7 @@ impl TenantApi {
         _request: Request<proto::GetPartnerDefaultsRequest>,
     ) -> Result<Response<proto::PartnerDefaults>, Status> {
         Ok(Response::new(convert::partner_out(
-            &self.catalog.partner().await,
+            &self.catalog.partner().await?,
         )))
     }
 

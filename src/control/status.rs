@@ -83,6 +83,11 @@ impl From<CatalogError> for Status {
             CatalogError::AlreadyExists(_) => Status::already_exists(e.to_string()),
             CatalogError::Aborted => stale_etag(),
             CatalogError::Invalid(v) => invalid(v),
+            // An unreachable shared store (etcd) is logged by the store once per change of
+            // state, not here per call; its message says what was and was not done.
+            CatalogError::Store(crate::store::StoreError::Unavailable(message)) => {
+                Status::unavailable(message)
+            }
             CatalogError::Store(e) => {
                 // Store errors carry no secret; the details help an operator. A failing disk
                 // is logged by the store once per change of state, not here per write.

@@ -1,15 +1,24 @@
 //! Durable storage of tenants and partner defaults, behind the small [`Store`] trait.
 //!
 //! The embedded backend ([`embedded::EmbeddedStore`], redb in `--data-dir`) serves one
-//! sidecar. The trait is shaped for a shared backend too (etcd and the like): every write is
-//! a compare-and-set on the record's revision, revisions are store-wide and increasing, and
-//! [`Store::watch`] lets a backend that others write to tell the catalog to reload.
+//! sidecar; the etcd backend ([`etcd::EtcdStore`]) a fleet of them. Every write is a
+//! compare-and-set on the record's revision, revisions are store-wide and increasing, and
+//! [`Store::follow`] lets a backend that others write to hand the catalog each change.
 //!
 //! Records cross this trait with their secrets in plain [`crate::secret::Secret`]s; sealing
 //! them at rest is the backend's job ([`sealing`]).
 
 pub mod backend;
+pub mod codec;
+pub mod copy;
+mod doc;
 pub mod embedded;
+pub mod etcd;
+mod etcd_cache;
+mod etcd_config;
+mod etcd_conn;
+mod etcd_follow;
+mod etcd_mirror;
 mod files;
 pub mod health;
 pub mod master_key;
@@ -17,7 +26,7 @@ pub mod record;
 pub mod sealing;
 
 use async_trait::async_trait;
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 
 use crate::model::{PartnerRecord, TenantRecord};
 
@@ -65,9 +74,38 @@ pub enum StoreError {
     /// The disk failed (full, I/O error); the store recovers by itself once it works again.
     #[error("store I/O failure: {0}")]
     Io(String),
-    /// The backend failed otherwise (unreachable, in use, misused).
+    /// The backend cannot be reached (a shared store's cluster is down or partitioned away);
+    /// the message says since when and what to expect.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The write is larger than the backend takes in one transaction; the message says the
+    /// limit. Retrying the same write cannot succeed.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The backend failed otherwise (in use, misused).
     #[error("store failure: {0}")]
     Backend(String),
+}
+
+/// One change to a shared store, as [`Store::follow`] reports it, in revision order. It may
+/// be a change this process made itself: applying it again is harmless.
+#[derive(Debug)]
+pub enum StoreEvent {
+    /// One record written or deleted at `revision`.
+    Changed { revision: u64, change: Change },
+    /// Everything anew: the first load after a start without one, or after the backend lost
+    /// the thread of changes (etcd compacted past the revision followed).
+    Reloaded(StoredState),
+}
+
+#[derive(Debug)]
+pub enum Change {
+    PutTenant(TenantRecord),
+    /// Deleted, or rewritten with a value that does not open (logged by the backend): either
+    /// way the tenant is no longer served.
+    RemoveTenant(String),
+    /// A deleted partner record is reported as the never-written default.
+    PutPartner(PartnerRecord),
 }
 
 #[async_trait]
@@ -86,9 +124,11 @@ pub trait Store: Send + Sync + 'static {
         self.commit_batch(vec![(mutation, expect)]).await
     }
 
-    /// For backends that other processes write to: a receiver notified after each foreign
-    /// change, upon which the catalog reloads. `None` for a backend only this process writes.
-    fn watch(&self) -> Option<watch::Receiver<u64>> {
+    /// For backends that other processes write to: the changes after the last
+    /// [`Store::load`] (or, if that load failed, a [`StoreEvent::Reloaded`] once the backend
+    /// can load), for as long as the receiver is kept. Called once; `None` for a backend only
+    /// this process writes.
+    fn follow(&self) -> Option<mpsc::Receiver<StoreEvent>> {
         None
     }
 }

@@ -8,6 +8,9 @@
 //! ```
 #![allow(dead_code)]
 
+/// A real etcd and a cuttable relay to it, for the fleet tests.
+pub mod etcd;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -45,13 +45,12 @@ use crate::store::files;
 use crate::store::health::StoreHealth;
 use crate::store::master_key::{KeyId, MASTER_KEY_ENV, MasterKeys};
 use crate::store::record::{self, RecordError, RecordKind};
-use crate::store::sealing::{self, SealError};
+use crate::store::sealing;
 use crate::store::{Expect, Mutation, Store, StoreError, StoredState};
 
-mod doc;
 mod offline;
 
-use doc::{PARTNER_PLACE, PartnerDoc, TenantDoc, tenant_place};
+use super::doc::{PARTNER_PLACE, PartnerDoc, TenantDoc, seal_error, tenant_place};
 
 use offline::{VerifyError, verify};
 pub use offline::{VerifyReport, backup_file, verify_file};
@@ -910,14 +909,6 @@ fn backend(e: impl Into<redb::Error>) -> StoreError {
     }
 }
 
-/// Sealing errors name the place and key id, never the value, so they pass through as is.
-fn seal_error(e: SealError) -> StoreError {
-    match e {
-        SealError::Random => StoreError::Backend(e.to_string()),
-        other => StoreError::Key(other.to_string()),
-    }
-}
-
 fn record_error(e: RecordError) -> StoreError {
     match e {
         RecordError::Random => StoreError::Backend(e.to_string()),
@@ -973,8 +964,8 @@ mod tests {
     use crate::secret::Secret;
     use crate::testing::LogCapture;
 
-    use super::doc::ConnectionsDoc;
     use super::*;
+    use crate::store::doc::ConnectionsDoc;
 
     use crate::testing::{KEY_A, KEY_B, key_ring};
 

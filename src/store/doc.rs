@@ -1,14 +1,13 @@
-//! The records as stored: serde_json of these `*Doc` structs, which mirror the model with
-//! each secret replaced by its sealed string (see [`crate::store::sealing`]), so the plain
-//! value never reaches the encoder. The whole document is then sealed as a record
-//! ([`crate::store::record`]).
+//! The records as stored, by every backend: serde_json of these `*Doc` structs, which mirror
+//! the model with each secret replaced by its sealed string (see [`crate::store::sealing`]),
+//! so the plain value never reaches the encoder. The whole document is then sealed as a
+//! record ([`crate::store::record`]; for etcd, [`crate::store::codec`]).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
-use super::seal_error;
 use crate::model::{
     Connections, M3terConn, MailkitConn, MiradoreConn, PartnerRecord, TenantRecord,
 };
@@ -17,32 +16,40 @@ use crate::store::StoreError;
 use crate::store::master_key::{KeyId, MasterKeys};
 use crate::store::sealing::{self, SealError};
 
-pub(super) const PARTNER_PLACE: &str = "partner";
+/// Sealing errors name the place and key id, never the value, so they pass through as is.
+pub(crate) fn seal_error(e: SealError) -> StoreError {
+    match e {
+        SealError::Random => StoreError::Backend(e.to_string()),
+        other => StoreError::Key(other.to_string()),
+    }
+}
 
-pub(super) fn tenant_place(id: &str) -> String {
+pub(crate) const PARTNER_PLACE: &str = "partner";
+
+pub(crate) fn tenant_place(id: &str) -> String {
     format!("tenant/{id}")
 }
 
 #[derive(Serialize, Deserialize)]
-pub(super) struct TenantDoc {
+pub(crate) struct TenantDoc {
     id: String,
     display_name: String,
-    pub(super) connections: ConnectionsDoc,
-    pub(super) revision: u64,
+    pub(crate) connections: ConnectionsDoc,
+    pub(crate) revision: u64,
     create_time: TimeDoc,
     update_time: TimeDoc,
 }
 
 #[derive(Serialize, Deserialize)]
-pub(super) struct PartnerDoc {
-    pub(super) connections: ConnectionsDoc,
-    pub(super) revision: u64,
+pub(crate) struct PartnerDoc {
+    pub(crate) connections: ConnectionsDoc,
+    pub(crate) revision: u64,
     update_time: Option<TimeDoc>,
 }
 
 /// Each `Option<String>` secret below holds a sealed value (see [`sealing`]), never a plain one.
 #[derive(Serialize, Deserialize, Default)]
-pub(super) struct ConnectionsDoc {
+pub(crate) struct ConnectionsDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     miradore: Option<MiradoreDoc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -52,13 +59,13 @@ pub(super) struct ConnectionsDoc {
 }
 
 #[derive(Serialize, Deserialize)]
-pub(super) struct MiradoreDoc {
+pub(crate) struct MiradoreDoc {
     site: String,
     api_key: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
-pub(super) struct M3terDoc {
+pub(crate) struct M3terDoc {
     access_key_id: String,
     api_secret: Option<String>,
     org_id: String,
@@ -66,20 +73,20 @@ pub(super) struct M3terDoc {
 }
 
 #[derive(Serialize, Deserialize)]
-pub(super) struct MailkitDoc {
+pub(crate) struct MailkitDoc {
     client_id: String,
     client_md5: Option<String>,
 }
 
 /// A time as seconds and nanoseconds since the Unix epoch.
 #[derive(Serialize, Deserialize)]
-pub(super) struct TimeDoc {
+pub(crate) struct TimeDoc {
     secs: u64,
     nanos: u32,
 }
 
 impl TimeDoc {
-    pub(super) fn from_time(t: SystemTime) -> Result<Self, StoreError> {
+    pub(crate) fn from_time(t: SystemTime) -> Result<Self, StoreError> {
         let d = t
             .duration_since(UNIX_EPOCH)
             .map_err(|_| StoreError::Backend("a record time is before 1970".into()))?;
@@ -89,7 +96,7 @@ impl TimeDoc {
         })
     }
 
-    pub(super) fn to_time(&self) -> Result<SystemTime, StoreError> {
+    pub(crate) fn to_time(&self) -> Result<SystemTime, StoreError> {
         let bad = || StoreError::Backend("a stored time is out of range: corrupted".into());
         // Duration::new panics when nanos carry past u64::MAX seconds.
         if self.nanos >= 1_000_000_000 {
@@ -102,7 +109,7 @@ impl TimeDoc {
 }
 
 impl TenantDoc {
-    pub(super) fn seal(keys: &MasterKeys, r: &TenantRecord) -> Result<Self, StoreError> {
+    pub(crate) fn seal(keys: &MasterKeys, r: &TenantRecord) -> Result<Self, StoreError> {
         Ok(Self {
             id: r.id.clone(),
             display_name: r.display_name.clone(),
@@ -115,7 +122,7 @@ impl TenantDoc {
 
     /// `key` is the table key the record was read under; the secrets are opened for that
     /// place, so a record moved under another id fails to open.
-    pub(super) fn open(self, keys: &MasterKeys, key: &str) -> Result<TenantRecord, StoreError> {
+    pub(crate) fn open(self, keys: &MasterKeys, key: &str) -> Result<TenantRecord, StoreError> {
         if self.id != key {
             return Err(StoreError::Backend(format!(
                 "the record stored under tenant {key:?} names tenant {:?}: corrupted",
@@ -134,7 +141,7 @@ impl TenantDoc {
 }
 
 impl PartnerDoc {
-    pub(super) fn seal(keys: &MasterKeys, r: &PartnerRecord) -> Result<Self, StoreError> {
+    pub(crate) fn seal(keys: &MasterKeys, r: &PartnerRecord) -> Result<Self, StoreError> {
         Ok(Self {
             connections: ConnectionsDoc::seal(keys, PARTNER_PLACE, &r.connections)?,
             revision: r.revision,
@@ -142,7 +149,7 @@ impl PartnerDoc {
         })
     }
 
-    pub(super) fn open(self, keys: &MasterKeys) -> Result<PartnerRecord, StoreError> {
+    pub(crate) fn open(self, keys: &MasterKeys) -> Result<PartnerRecord, StoreError> {
         Ok(PartnerRecord {
             connections: self.connections.open(keys, PARTNER_PLACE)?,
             revision: self.revision,
@@ -156,7 +163,7 @@ impl PartnerDoc {
 }
 
 impl ConnectionsDoc {
-    pub(super) fn seal(
+    pub(crate) fn seal(
         keys: &MasterKeys,
         owner: &str,
         c: &Connections,
@@ -205,7 +212,7 @@ impl ConnectionsDoc {
         })
     }
 
-    pub(super) fn open(self, keys: &MasterKeys, owner: &str) -> Result<Connections, StoreError> {
+    pub(crate) fn open(self, keys: &MasterKeys, owner: &str) -> Result<Connections, StoreError> {
         let open = |field: &str, s: Option<String>| -> Result<Option<Secret>, StoreError> {
             s.map(|s| open_secret(keys, &format!("{owner}/{field}"), &s))
                 .transpose()
@@ -244,7 +251,7 @@ impl ConnectionsDoc {
     }
 
     /// The sealed secrets with their field paths, for rotation.
-    pub(super) fn sealed_mut(&mut self) -> Vec<(&'static str, &mut String)> {
+    pub(crate) fn sealed_mut(&mut self) -> Vec<(&'static str, &mut String)> {
         let mut out = Vec::new();
         if let Some(s) = self.miradore.as_mut().and_then(|m| m.api_key.as_mut()) {
             out.push(("miradore.api_key", s));
@@ -259,7 +266,7 @@ impl ConnectionsDoc {
     }
 
     /// Re-seals under the active key each secret an older key sealed; returns how many.
-    pub(super) fn reseal(
+    pub(crate) fn reseal(
         &mut self,
         keys: &MasterKeys,
         owner: &str,
