@@ -28,10 +28,156 @@ impl VendorKind {
     }
 }
 
+// ---- the credential schema ----
+//
+// Each connection record declares its fields once, in `Connection::FIELDS`: the name used in
+// field paths and update masks, whether it is a secret, its format rule and whether it is
+// required. Validation (`tenants::validate`), resolution against the partner defaults
+// (`tenants::effective`) and the update masks (`control::convert`) walk these tables, and
+// `Connections::for_each_vendor` lists the connections, so none of them names a vendor's
+// fields by hand.
+
+/// A format rule: `Err` says what is wrong, without repeating the value.
+pub type FormatRule = fn(&str) -> Result<(), String>;
+
+/// One field of a connection, read through [`Field::get`] and written through
+/// [`Field::get_mut`].
+pub struct Field<C> {
+    /// Its name in field paths and update masks (`site`, `api_key`).
+    pub name: &'static str,
+    /// A blank value is not inherited and no partner default fills it: resolution reports
+    /// it missing. Optional fields resolve to blank.
+    pub required: bool,
+    /// Checked on every non-blank value (for a secret, after the rules every secret obeys).
+    pub rule: FormatRule,
+    pub get: fn(&C) -> FieldRef<'_>,
+    pub get_mut: fn(&mut C) -> FieldMut<'_>,
+}
+
+/// A field's value: text (blank when empty) or a secret (blank when `None`).
+pub enum FieldRef<'a> {
+    Text(&'a String),
+    Secret(&'a Option<Secret>),
+}
+
+pub enum FieldMut<'a> {
+    Text(&'a mut String),
+    Secret(&'a mut Option<Secret>),
+}
+
+impl FieldRef<'_> {
+    pub fn is_blank(&self) -> bool {
+        match self {
+            FieldRef::Text(s) => s.is_empty(),
+            FieldRef::Secret(s) => s.is_none(),
+        }
+    }
+}
+
+impl<C> Field<C> {
+    /// Sets this field of `dst` to its value in `src` (blank when `src` is `None`).
+    pub fn copy(&self, dst: &mut C, src: Option<&C>) {
+        match ((self.get_mut)(dst), src.map(|c| (self.get)(c))) {
+            (FieldMut::Text(d), Some(FieldRef::Text(s))) => s.clone_into(d),
+            (FieldMut::Secret(d), Some(FieldRef::Secret(s))) => d.clone_from(s),
+            (FieldMut::Text(d), _) => d.clear(),
+            (FieldMut::Secret(d), _) => *d = None,
+        }
+    }
+}
+
+/// A vendor's connection record, as an operator writes it.
+pub trait Connection: Clone + Default + 'static {
+    const VENDOR: VendorKind;
+    /// Every field, in the order errors and update-mask paths list them.
+    const FIELDS: &'static [Field<Self>];
+}
+
+/// What a walk over [`Connections`] does with each vendor's slot.
+pub trait VendorVisitor {
+    fn visit<C: Connection>(
+        &mut self,
+        get: fn(&Connections) -> &Option<C>,
+        get_mut: fn(&mut Connections) -> &mut Option<C>,
+    );
+}
+
+fn any(_: &str) -> Result<(), String> {
+    Ok(())
+}
+
+/// `[A-Za-z0-9-]{1,63}`, case kept.
+pub fn is_miradore_site(s: &str) -> bool {
+    (1..=63).contains(&s.len()) && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+}
+
+/// 8-4-4-4-12 hex digits.
+pub fn is_uuid(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`: a DNS label, lower case.
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// Longest accepted m3ter access key ID, in bytes.
+pub const MAX_ACCESS_KEY_ID_LEN: usize = 256;
+
+fn problem(ok: bool, description: &str) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(description.to_owned())
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MiradoreConn {
     pub site: String,
     pub api_key: Option<Secret>,
+}
+
+impl Connection for MiradoreConn {
+    const VENDOR: VendorKind = VendorKind::Miradore;
+    const FIELDS: &'static [Field<Self>] = &[
+        Field {
+            name: "site",
+            required: true,
+            rule: |s| {
+                problem(
+                    is_miradore_site(s),
+                    "must be 1-63 letters, digits or '-' (case is kept)",
+                )
+            },
+            get: |c| FieldRef::Text(&c.site),
+            get_mut: |c| FieldMut::Text(&mut c.site),
+        },
+        Field {
+            name: "api_key",
+            required: true,
+            // The key travels in the X-API-Key header, which must be visible ASCII.
+            rule: |s| {
+                problem(
+                    s.bytes().all(|b| b.is_ascii_graphic()),
+                    "must be visible ASCII characters without spaces",
+                )
+            },
+            get: |c| FieldRef::Secret(&c.api_key),
+            get_mut: |c| FieldMut::Secret(&mut c.api_key),
+        },
+    ];
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -42,10 +188,90 @@ pub struct M3terConn {
     pub environment: String,
 }
 
+impl Connection for M3terConn {
+    const VENDOR: VendorKind = VendorKind::M3ter;
+    const FIELDS: &'static [Field<Self>] = &[
+        Field {
+            name: "access_key_id",
+            required: true,
+            // It is the user part of HTTP Basic credentials, where ':' ends it.
+            rule: |s| {
+                if s.len() <= MAX_ACCESS_KEY_ID_LEN
+                    && s.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+                {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "must be at most {MAX_ACCESS_KEY_ID_LEN} visible ASCII characters, without ':' or spaces"
+                    ))
+                }
+            },
+            get: |c| FieldRef::Text(&c.access_key_id),
+            get_mut: |c| FieldMut::Text(&mut c.access_key_id),
+        },
+        Field {
+            name: "api_secret",
+            required: true,
+            rule: any,
+            get: |c| FieldRef::Secret(&c.api_secret),
+            get_mut: |c| FieldMut::Secret(&mut c.api_secret),
+        },
+        Field {
+            name: "org_id",
+            required: true,
+            rule: |s| problem(is_uuid(s), "must be a UUID (8-4-4-4-12 hex digits)"),
+            get: |c| FieldRef::Text(&c.org_id),
+            get_mut: |c| FieldMut::Text(&mut c.org_id),
+        },
+        Field {
+            name: "environment",
+            required: false,
+            rule: |s| {
+                problem(
+                    is_dns_label(s),
+                    "must be empty, \"prod\", or a DNS label (lower-case letters, digits, '-')",
+                )
+            },
+            get: |c| FieldRef::Text(&c.environment),
+            get_mut: |c| FieldMut::Text(&mut c.environment),
+        },
+    ];
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MailkitConn {
     pub client_id: String,
     pub client_md5: Option<Secret>,
+}
+
+impl Connection for MailkitConn {
+    const VENDOR: VendorKind = VendorKind::Mailkit;
+    const FIELDS: &'static [Field<Self>] = &[
+        Field {
+            name: "client_id",
+            required: true,
+            rule: |s| {
+                problem(
+                    s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()),
+                    "must be 1-20 digits",
+                )
+            },
+            get: |c| FieldRef::Text(&c.client_id),
+            get_mut: |c| FieldMut::Text(&mut c.client_id),
+        },
+        Field {
+            name: "client_md5",
+            required: true,
+            rule: |s| {
+                problem(
+                    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "must be 32 hex digits",
+                )
+            },
+            get: |c| FieldRef::Secret(&c.client_md5),
+            get_mut: |c| FieldMut::Secret(&mut c.client_md5),
+        },
+    ];
 }
 
 /// One optional connection per vendor.
@@ -54,6 +280,15 @@ pub struct Connections {
     pub miradore: Option<MiradoreConn>,
     pub m3ter: Option<M3terConn>,
     pub mailkit: Option<MailkitConn>,
+}
+
+impl Connections {
+    /// Visits every vendor's slot, in the order of [`VendorKind::ALL`].
+    pub fn for_each_vendor(v: &mut impl VendorVisitor) {
+        v.visit(|c| &c.miradore, |c| &mut c.miradore);
+        v.visit(|c| &c.m3ter, |c| &mut c.m3ter);
+        v.visit(|c| &c.mailkit, |c| &mut c.mailkit);
+    }
 }
 
 /// A tenant as stored. `revision` is the store-wide revision of its last write (its etag).

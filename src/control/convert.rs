@@ -3,6 +3,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::model::{Connection, VendorVisitor};
 use crate::proto;
 use crate::secret::Secret;
 use crate::tenants::validate::echo;
@@ -164,20 +165,26 @@ pub fn connections_in(c: ProtoConnections<'_>) -> Connections {
 
 // ---- field masks ----
 
-/// Every path an update mask may name within a connection set.
-const CONNECTION_PATHS: &[&str] = &[
-    "miradore",
-    "miradore.site",
-    "miradore.api_key",
-    "m3ter",
-    "m3ter.access_key_id",
-    "m3ter.api_secret",
-    "m3ter.org_id",
-    "m3ter.environment",
-    "mailkit",
-    "mailkit.client_id",
-    "mailkit.client_md5",
-];
+/// Every path an update mask may name within a connection set: each vendor, then each of
+/// its declared fields (`m3ter`, `m3ter.access_key_id`, ...).
+fn connection_paths() -> Vec<String> {
+    struct Paths(Vec<String>);
+    impl VendorVisitor for Paths {
+        fn visit<C: Connection>(
+            &mut self,
+            _: fn(&Connections) -> &Option<C>,
+            _: fn(&mut Connections) -> &mut Option<C>,
+        ) {
+            let vendor = C::VENDOR.as_str();
+            self.0.push(vendor.to_owned());
+            self.0
+                .extend(C::FIELDS.iter().map(|f| format!("{vendor}.{}", f.name)));
+        }
+    }
+    let mut paths = Paths(Vec::new());
+    Connections::for_each_vendor(&mut paths);
+    paths.0
+}
 
 /// Most paths an update mask may name: there are 12 updatable paths, so a longer mask
 /// repeats or invents paths.
@@ -195,10 +202,11 @@ pub fn check_mask(paths: &[String], extra: &[&str]) -> Result<(), Vec<FieldViola
             ),
         )]);
     }
+    let connection_paths = connection_paths();
     let mut bad = paths
         .iter()
         .enumerate()
-        .filter(|(_, p)| !CONNECTION_PATHS.contains(&p.as_str()) && !extra.contains(&p.as_str()))
+        .filter(|(_, p)| !connection_paths.contains(p) && !extra.contains(&p.as_str()))
         .map(|(i, p)| {
             FieldViolation::new(
                 format!("update_mask.paths[{i}]"),
@@ -213,7 +221,12 @@ pub fn check_mask(paths: &[String], extra: &[&str]) -> Result<(), Vec<FieldViola
         "update_mask",
         format!(
             "updatable paths: {}",
-            [extra, CONNECTION_PATHS].concat().join(", ")
+            extra
+                .iter()
+                .copied()
+                .chain(connection_paths.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     )];
     out.extend(bad);
@@ -224,81 +237,62 @@ pub fn check_mask(paths: &[String], extra: &[&str]) -> Result<(), Vec<FieldViola
 /// connection replaces it (removes it when `req` has none); naming a field sets it, blank
 /// meaning "inherit from the partner defaults", creating the connection if needed.
 pub fn apply_mask(target: &mut Connections, req: &Connections, paths: &[String]) {
-    for path in paths {
-        match path.as_str() {
-            "miradore" => target.miradore = req.miradore.clone(),
-            "m3ter" => target.m3ter = req.m3ter.clone(),
-            "mailkit" => target.mailkit = req.mailkit.clone(),
-            "miradore.site" => {
-                target.miradore.get_or_insert_default().site = field(&req.miradore, |c| &c.site)
-            }
-            "miradore.api_key" => {
-                target.miradore.get_or_insert_default().api_key =
-                    req.miradore.as_ref().and_then(|c| c.api_key.clone())
-            }
-            "m3ter.access_key_id" => {
-                target.m3ter.get_or_insert_default().access_key_id =
-                    field(&req.m3ter, |c| &c.access_key_id)
-            }
-            "m3ter.api_secret" => {
-                target.m3ter.get_or_insert_default().api_secret =
-                    req.m3ter.as_ref().and_then(|c| c.api_secret.clone())
-            }
-            "m3ter.org_id" => {
-                target.m3ter.get_or_insert_default().org_id = field(&req.m3ter, |c| &c.org_id)
-            }
-            "m3ter.environment" => {
-                target.m3ter.get_or_insert_default().environment =
-                    field(&req.m3ter, |c| &c.environment)
-            }
-            "mailkit.client_id" => {
-                target.mailkit.get_or_insert_default().client_id =
-                    field(&req.mailkit, |c| &c.client_id)
-            }
-            "mailkit.client_md5" => {
-                target.mailkit.get_or_insert_default().client_md5 =
-                    req.mailkit.as_ref().and_then(|c| c.client_md5.clone())
+    struct Apply<'a> {
+        target: &'a mut Connections,
+        req: &'a Connections,
+        path: &'a str,
+    }
+    impl VendorVisitor for Apply<'_> {
+        fn visit<C: Connection>(
+            &mut self,
+            get: fn(&Connections) -> &Option<C>,
+            get_mut: fn(&mut Connections) -> &mut Option<C>,
+        ) {
+            let Some(rest) = self.path.strip_prefix(C::VENDOR.as_str()) else {
+                return;
+            };
+            if rest.is_empty() {
+                get_mut(self.target).clone_from(get(self.req));
+            } else if let Some(field) = rest
+                .strip_prefix('.')
+                .and_then(|name| C::FIELDS.iter().find(|f| f.name == name))
+            {
+                let dst = get_mut(self.target).get_or_insert_default();
+                field.copy(dst, get(self.req).as_ref());
             }
             // Other paths were refused by `check_mask`.
-            _ => {}
         }
     }
-}
-
-fn field<C>(conn: &Option<C>, get: impl Fn(&C) -> &String) -> String {
-    conn.as_ref().map(|c| get(c).clone()).unwrap_or_default()
+    for path in paths {
+        Connections::for_each_vendor(&mut Apply { target, req, path });
+    }
 }
 
 /// The update an empty mask means: every field present in the request (non-empty strings,
 /// set secrets, connections present) is set; nothing is cleared.
 pub fn merge_present(target: &mut Connections, req: &Connections) {
-    fn set(dst: &mut String, src: &str) {
-        if !src.is_empty() {
-            src.clone_into(dst);
+    struct Merge<'a> {
+        target: &'a mut Connections,
+        req: &'a Connections,
+    }
+    impl VendorVisitor for Merge<'_> {
+        fn visit<C: Connection>(
+            &mut self,
+            get: fn(&Connections) -> &Option<C>,
+            get_mut: fn(&mut Connections) -> &mut Option<C>,
+        ) {
+            let Some(req) = get(self.req) else {
+                return;
+            };
+            let dst = get_mut(self.target).get_or_insert_default();
+            for field in C::FIELDS {
+                if !(field.get)(req).is_blank() {
+                    field.copy(dst, Some(req));
+                }
+            }
         }
     }
-    fn set_secret(dst: &mut Option<Secret>, src: &Option<Secret>) {
-        if src.is_some() {
-            dst.clone_from(src);
-        }
-    }
-    if let Some(r) = &req.miradore {
-        let t = target.miradore.get_or_insert_default();
-        set(&mut t.site, &r.site);
-        set_secret(&mut t.api_key, &r.api_key);
-    }
-    if let Some(r) = &req.m3ter {
-        let t = target.m3ter.get_or_insert_default();
-        set(&mut t.access_key_id, &r.access_key_id);
-        set_secret(&mut t.api_secret, &r.api_secret);
-        set(&mut t.org_id, &r.org_id);
-        set(&mut t.environment, &r.environment);
-    }
-    if let Some(r) = &req.mailkit {
-        let t = target.mailkit.get_or_insert_default();
-        set(&mut t.client_id, &r.client_id);
-        set_secret(&mut t.client_md5, &r.client_md5);
-    }
+    Connections::for_each_vendor(&mut Merge { target, req });
 }
 
 #[cfg(test)]
