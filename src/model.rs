@@ -5,7 +5,9 @@
 
 use std::time::SystemTime;
 
+use crate::proto;
 use crate::secret::Secret;
+use crate::wire::{ProtoConnections, ProtoConnectionsOwned};
 
 /// The three vendors sidekey serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -41,8 +43,9 @@ impl VendorKind {
 pub type FormatRule = fn(&str) -> Result<(), String>;
 
 /// One field of a connection, read through [`Field::get`] and written through
-/// [`Field::get_mut`].
-pub struct Field<C> {
+/// [`Field::get_mut`]; the same field of the `sidekey.v1` message through [`Field::proto`]
+/// and [`Field::proto_mut`].
+pub struct Field<C: Connection> {
     /// Its name in field paths and update masks (`site`, `api_key`).
     pub name: &'static str,
     /// A blank value is not inherited and no partner default fills it: resolution reports
@@ -52,6 +55,19 @@ pub struct Field<C> {
     pub rule: FormatRule,
     pub get: fn(&C) -> FieldRef<'_>,
     pub get_mut: fn(&mut C) -> FieldMut<'_>,
+    pub proto: fn(&C::Proto) -> ProtoRef<'_>,
+    pub proto_mut: fn(&mut C::Proto) -> ProtoMut<'_>,
+}
+
+/// A field of a `sidekey.v1` connection message: text, or a `Secret` message.
+pub enum ProtoRef<'a> {
+    Text(&'a String),
+    Secret(&'a Option<proto::Secret>),
+}
+
+pub enum ProtoMut<'a> {
+    Text(&'a mut String),
+    Secret(&'a mut Option<proto::Secret>),
 }
 
 /// A field's value: text (blank when empty) or a secret (blank when `None`).
@@ -74,7 +90,7 @@ impl FieldRef<'_> {
     }
 }
 
-impl<C> Field<C> {
+impl<C: Connection> Field<C> {
     /// Sets this field of `dst` to its value in `src` (blank when `src` is `None`).
     pub fn copy(&self, dst: &mut C, src: Option<&C>) {
         match ((self.get_mut)(dst), src.map(|c| (self.get)(c))) {
@@ -88,18 +104,26 @@ impl<C> Field<C> {
 
 /// A vendor's connection record, as an operator writes it.
 pub trait Connection: Clone + Default + 'static {
+    /// Its `sidekey.v1` message (`MiradoreConnection`), whose fields have the same names.
+    type Proto: Clone + Default + 'static;
     const VENDOR: VendorKind;
+    /// The `sidekey.v1.Vendor` value that names it (`TestTenant`).
+    const PROTO_VENDOR: proto::Vendor;
     /// Every field, in the order errors and update-mask paths list them.
     const FIELDS: &'static [Field<Self>];
 }
 
-/// What a walk over [`Connections`] does with each vendor's slot.
+/// Where a vendor's connection sits in [`Connections`] and in the `sidekey.v1` messages.
+pub struct Slot<C: Connection> {
+    pub get: fn(&Connections) -> &Option<C>,
+    pub get_mut: fn(&mut Connections) -> &mut Option<C>,
+    pub proto: for<'a> fn(&ProtoConnections<'a>) -> Option<&'a C::Proto>,
+    pub proto_mut: fn(&mut ProtoConnectionsOwned) -> &mut Option<C::Proto>,
+}
+
+/// What a walk over the vendors ([`Connections::for_each_vendor`]) does with each.
 pub trait VendorVisitor {
-    fn visit<C: Connection>(
-        &mut self,
-        get: fn(&Connections) -> &Option<C>,
-        get_mut: fn(&mut Connections) -> &mut Option<C>,
-    );
+    fn visit<C: Connection>(&mut self, slot: &Slot<C>);
 }
 
 fn any(_: &str) -> Result<(), String> {
@@ -150,7 +174,9 @@ pub struct MiradoreConn {
 }
 
 impl Connection for MiradoreConn {
+    type Proto = proto::MiradoreConnection;
     const VENDOR: VendorKind = VendorKind::Miradore;
+    const PROTO_VENDOR: proto::Vendor = proto::Vendor::Miradore;
     const FIELDS: &'static [Field<Self>] = &[
         Field {
             name: "site",
@@ -163,6 +189,8 @@ impl Connection for MiradoreConn {
             },
             get: |c| FieldRef::Text(&c.site),
             get_mut: |c| FieldMut::Text(&mut c.site),
+            proto: |c| ProtoRef::Text(&c.site),
+            proto_mut: |c| ProtoMut::Text(&mut c.site),
         },
         Field {
             name: "api_key",
@@ -176,6 +204,8 @@ impl Connection for MiradoreConn {
             },
             get: |c| FieldRef::Secret(&c.api_key),
             get_mut: |c| FieldMut::Secret(&mut c.api_key),
+            proto: |c| ProtoRef::Secret(&c.api_key),
+            proto_mut: |c| ProtoMut::Secret(&mut c.api_key),
         },
     ];
 }
@@ -189,7 +219,9 @@ pub struct M3terConn {
 }
 
 impl Connection for M3terConn {
+    type Proto = proto::M3terConnection;
     const VENDOR: VendorKind = VendorKind::M3ter;
+    const PROTO_VENDOR: proto::Vendor = proto::Vendor::M3ter;
     const FIELDS: &'static [Field<Self>] = &[
         Field {
             name: "access_key_id",
@@ -208,6 +240,8 @@ impl Connection for M3terConn {
             },
             get: |c| FieldRef::Text(&c.access_key_id),
             get_mut: |c| FieldMut::Text(&mut c.access_key_id),
+            proto: |c| ProtoRef::Text(&c.access_key_id),
+            proto_mut: |c| ProtoMut::Text(&mut c.access_key_id),
         },
         Field {
             name: "api_secret",
@@ -215,6 +249,8 @@ impl Connection for M3terConn {
             rule: any,
             get: |c| FieldRef::Secret(&c.api_secret),
             get_mut: |c| FieldMut::Secret(&mut c.api_secret),
+            proto: |c| ProtoRef::Secret(&c.api_secret),
+            proto_mut: |c| ProtoMut::Secret(&mut c.api_secret),
         },
         Field {
             name: "org_id",
@@ -222,6 +258,8 @@ impl Connection for M3terConn {
             rule: |s| problem(is_uuid(s), "must be a UUID (8-4-4-4-12 hex digits)"),
             get: |c| FieldRef::Text(&c.org_id),
             get_mut: |c| FieldMut::Text(&mut c.org_id),
+            proto: |c| ProtoRef::Text(&c.org_id),
+            proto_mut: |c| ProtoMut::Text(&mut c.org_id),
         },
         Field {
             name: "environment",
@@ -234,6 +272,8 @@ impl Connection for M3terConn {
             },
             get: |c| FieldRef::Text(&c.environment),
             get_mut: |c| FieldMut::Text(&mut c.environment),
+            proto: |c| ProtoRef::Text(&c.environment),
+            proto_mut: |c| ProtoMut::Text(&mut c.environment),
         },
     ];
 }
@@ -245,7 +285,9 @@ pub struct MailkitConn {
 }
 
 impl Connection for MailkitConn {
+    type Proto = proto::MailkitConnection;
     const VENDOR: VendorKind = VendorKind::Mailkit;
+    const PROTO_VENDOR: proto::Vendor = proto::Vendor::Mailkit;
     const FIELDS: &'static [Field<Self>] = &[
         Field {
             name: "client_id",
@@ -258,6 +300,8 @@ impl Connection for MailkitConn {
             },
             get: |c| FieldRef::Text(&c.client_id),
             get_mut: |c| FieldMut::Text(&mut c.client_id),
+            proto: |c| ProtoRef::Text(&c.client_id),
+            proto_mut: |c| ProtoMut::Text(&mut c.client_id),
         },
         Field {
             name: "client_md5",
@@ -270,6 +314,8 @@ impl Connection for MailkitConn {
             },
             get: |c| FieldRef::Secret(&c.client_md5),
             get_mut: |c| FieldMut::Secret(&mut c.client_md5),
+            proto: |c| ProtoRef::Secret(&c.client_md5),
+            proto_mut: |c| ProtoMut::Secret(&mut c.client_md5),
         },
     ];
 }
@@ -285,9 +331,24 @@ pub struct Connections {
 impl Connections {
     /// Visits every vendor's slot, in the order of [`VendorKind::ALL`].
     pub fn for_each_vendor(v: &mut impl VendorVisitor) {
-        v.visit(|c| &c.miradore, |c| &mut c.miradore);
-        v.visit(|c| &c.m3ter, |c| &mut c.m3ter);
-        v.visit(|c| &c.mailkit, |c| &mut c.mailkit);
+        v.visit(&Slot {
+            get: |c| &c.miradore,
+            get_mut: |c| &mut c.miradore,
+            proto: |c| c.miradore,
+            proto_mut: |c| &mut c.miradore,
+        });
+        v.visit(&Slot {
+            get: |c| &c.m3ter,
+            get_mut: |c| &mut c.m3ter,
+            proto: |c| c.m3ter,
+            proto_mut: |c| &mut c.m3ter,
+        });
+        v.visit(&Slot {
+            get: |c| &c.mailkit,
+            get_mut: |c| &mut c.mailkit,
+            proto: |c| c.mailkit,
+            proto_mut: |c| &mut c.mailkit,
+        });
     }
 }
 

@@ -3,15 +3,12 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::model::{Connection, VendorVisitor};
+use crate::model::{Connection, FieldMut, FieldRef, ProtoMut, ProtoRef, Slot, VendorVisitor};
 use crate::proto;
 use crate::secret::Secret;
 use crate::tenants::validate::echo;
-use crate::tenants::{
-    Connections, FieldViolation, M3terConn, MailkitConn, MiradoreConn, PartnerRecord, TenantRecord,
-    VendorKind,
-};
-use crate::wire::ProtoConnections;
+use crate::tenants::{Connections, FieldViolation, PartnerRecord, TenantRecord, VendorKind};
+use crate::wire::{ProtoConnections, ProtoConnectionsOwned};
 
 /// The etag of a record: its revision, as an opaque string.
 pub fn etag(revision: u64) -> String {
@@ -54,54 +51,57 @@ fn secret_out(s: &Option<Secret>) -> Option<proto::Secret> {
     })
 }
 
-pub fn connections_out(
-    c: &Connections,
-) -> (
-    Option<proto::MiradoreConnection>,
-    Option<proto::M3terConnection>,
-    Option<proto::MailkitConnection>,
-) {
-    (
-        c.miradore.as_ref().map(|m| proto::MiradoreConnection {
-            site: m.site.clone(),
-            api_key: secret_out(&m.api_key),
-        }),
-        c.m3ter.as_ref().map(|m| proto::M3terConnection {
-            access_key_id: m.access_key_id.clone(),
-            api_secret: secret_out(&m.api_secret),
-            org_id: m.org_id.clone(),
-            environment: m.environment.clone(),
-        }),
-        c.mailkit.as_ref().map(|m| proto::MailkitConnection {
-            client_id: m.client_id.clone(),
-            client_md5: secret_out(&m.client_md5),
-        }),
-    )
+/// The connections of a record as sent to clients: every field, secrets as fingerprints.
+pub fn connections_out(c: &Connections) -> ProtoConnectionsOwned {
+    struct Out<'a> {
+        conns: &'a Connections,
+        out: ProtoConnectionsOwned,
+    }
+    impl VendorVisitor for Out<'_> {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+            let Some(conn) = (slot.get)(self.conns) else {
+                return;
+            };
+            let msg = (slot.proto_mut)(&mut self.out).get_or_insert_default();
+            for field in C::FIELDS {
+                match ((field.get)(conn), (field.proto_mut)(msg)) {
+                    (FieldRef::Text(v), ProtoMut::Text(out)) => v.clone_into(out),
+                    (FieldRef::Secret(v), ProtoMut::Secret(out)) => *out = secret_out(v),
+                    // A field is text or a secret in both.
+                    _ => {}
+                }
+            }
+        }
+    }
+    let mut out = Out {
+        conns: c,
+        out: ProtoConnectionsOwned::default(),
+    };
+    Connections::for_each_vendor(&mut out);
+    out.out
 }
 
 pub fn tenant_out(t: &TenantRecord) -> proto::Tenant {
-    let (miradore, m3ter, mailkit) = connections_out(&t.connections);
-    proto::Tenant {
+    let mut out = proto::Tenant {
         id: t.id.clone(),
         display_name: t.display_name.clone(),
-        miradore,
-        m3ter,
-        mailkit,
         etag: etag(t.revision),
         create_time: Some(timestamp(t.create_time)),
         update_time: Some(timestamp(t.update_time)),
-    }
+        ..Default::default()
+    };
+    connections_out(&t.connections).set_in_tenant(&mut out);
+    out
 }
 
 pub fn partner_out(p: &PartnerRecord) -> proto::PartnerDefaults {
-    let (miradore, m3ter, mailkit) = connections_out(&p.connections);
-    proto::PartnerDefaults {
-        miradore,
-        m3ter,
-        mailkit,
+    let mut out = proto::PartnerDefaults {
         etag: etag(p.revision),
         update_time: p.update_time.map(timestamp),
-    }
+        ..Default::default()
+    };
+    connections_out(&p.connections).set_in_partner(&mut out);
+    out
 }
 
 // ---- proto -> model ----
@@ -116,11 +116,17 @@ fn secret_in(s: &Option<proto::Secret>) -> Option<Secret> {
 
 /// The `sidekey.v1.Vendor` value of a vendor.
 pub fn vendor_out(kind: VendorKind) -> proto::Vendor {
-    match kind {
-        VendorKind::Miradore => proto::Vendor::Miradore,
-        VendorKind::M3ter => proto::Vendor::M3ter,
-        VendorKind::Mailkit => proto::Vendor::Mailkit,
+    struct Find(VendorKind, proto::Vendor);
+    impl VendorVisitor for Find {
+        fn visit<C: Connection>(&mut self, _: &Slot<C>) {
+            if C::VENDOR == self.0 {
+                self.1 = C::PROTO_VENDOR;
+            }
+        }
     }
+    let mut find = Find(kind, proto::Vendor::Unspecified);
+    Connections::for_each_vendor(&mut find);
+    find.1
 }
 
 /// The vendor a `sidekey.v1.Vendor` value names; `None` for `VENDOR_UNSPECIFIED` and
@@ -144,23 +150,34 @@ pub fn vendor_names() -> String {
     }
 }
 
+/// The connections of a request as the model holds them.
 pub fn connections_in(c: ProtoConnections<'_>) -> Connections {
-    Connections {
-        miradore: c.miradore.map(|m| MiradoreConn {
-            site: m.site.clone(),
-            api_key: secret_in(&m.api_key),
-        }),
-        m3ter: c.m3ter.map(|m| M3terConn {
-            access_key_id: m.access_key_id.clone(),
-            api_secret: secret_in(&m.api_secret),
-            org_id: m.org_id.clone(),
-            environment: m.environment.clone(),
-        }),
-        mailkit: c.mailkit.map(|m| MailkitConn {
-            client_id: m.client_id.clone(),
-            client_md5: secret_in(&m.client_md5),
-        }),
+    struct In<'a> {
+        msgs: ProtoConnections<'a>,
+        out: Connections,
     }
+    impl VendorVisitor for In<'_> {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+            let Some(msg) = (slot.proto)(&self.msgs) else {
+                return;
+            };
+            let conn = (slot.get_mut)(&mut self.out).get_or_insert_default();
+            for field in C::FIELDS {
+                match ((field.proto)(msg), (field.get_mut)(conn)) {
+                    (ProtoRef::Text(v), FieldMut::Text(out)) => v.clone_into(out),
+                    (ProtoRef::Secret(v), FieldMut::Secret(out)) => *out = secret_in(v),
+                    // A field is text or a secret in both.
+                    _ => {}
+                }
+            }
+        }
+    }
+    let mut conns = In {
+        msgs: c,
+        out: Connections::default(),
+    };
+    Connections::for_each_vendor(&mut conns);
+    conns.out
 }
 
 // ---- field masks ----
@@ -170,11 +187,7 @@ pub fn connections_in(c: ProtoConnections<'_>) -> Connections {
 fn connection_paths() -> Vec<String> {
     struct Paths(Vec<String>);
     impl VendorVisitor for Paths {
-        fn visit<C: Connection>(
-            &mut self,
-            _: fn(&Connections) -> &Option<C>,
-            _: fn(&mut Connections) -> &mut Option<C>,
-        ) {
+        fn visit<C: Connection>(&mut self, _: &Slot<C>) {
             let vendor = C::VENDOR.as_str();
             self.0.push(vendor.to_owned());
             self.0
@@ -243,22 +256,18 @@ pub fn apply_mask(target: &mut Connections, req: &Connections, paths: &[String])
         path: &'a str,
     }
     impl VendorVisitor for Apply<'_> {
-        fn visit<C: Connection>(
-            &mut self,
-            get: fn(&Connections) -> &Option<C>,
-            get_mut: fn(&mut Connections) -> &mut Option<C>,
-        ) {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
             let Some(rest) = self.path.strip_prefix(C::VENDOR.as_str()) else {
                 return;
             };
             if rest.is_empty() {
-                get_mut(self.target).clone_from(get(self.req));
+                (slot.get_mut)(self.target).clone_from((slot.get)(self.req));
             } else if let Some(field) = rest
                 .strip_prefix('.')
                 .and_then(|name| C::FIELDS.iter().find(|f| f.name == name))
             {
-                let dst = get_mut(self.target).get_or_insert_default();
-                field.copy(dst, get(self.req).as_ref());
+                let dst = (slot.get_mut)(self.target).get_or_insert_default();
+                field.copy(dst, (slot.get)(self.req).as_ref());
             }
             // Other paths were refused by `check_mask`.
         }
@@ -276,15 +285,11 @@ pub fn merge_present(target: &mut Connections, req: &Connections) {
         req: &'a Connections,
     }
     impl VendorVisitor for Merge<'_> {
-        fn visit<C: Connection>(
-            &mut self,
-            get: fn(&Connections) -> &Option<C>,
-            get_mut: fn(&mut Connections) -> &mut Option<C>,
-        ) {
-            let Some(req) = get(self.req) else {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+            let Some(req) = (slot.get)(self.req) else {
                 return;
             };
-            let dst = get_mut(self.target).get_or_insert_default();
+            let dst = (slot.get_mut)(self.target).get_or_insert_default();
             for field in C::FIELDS {
                 if !(field.get)(req).is_blank() {
                     field.copy(dst, Some(req));
@@ -298,6 +303,7 @@ pub fn merge_present(target: &mut Connections, req: &Connections) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tenants::M3terConn;
 
     #[test]
     fn vendor_values_map_both_ways() {
@@ -404,7 +410,7 @@ mod tests {
 
     #[test]
     fn reads_carry_fingerprints_not_values() {
-        let (_, m3ter, _) = connections_out(&conns_with_m3ter("topsecret"));
+        let m3ter = connections_out(&conns_with_m3ter("topsecret")).m3ter;
         let s = m3ter.unwrap().api_secret.unwrap();
         assert!(s.value.is_empty());
         assert_eq!(s.fingerprint, Secret::new("topsecret").fingerprint());

@@ -2,7 +2,7 @@
 //! (`google.rpc.BadRequest` on the gRPC side). Completeness (a required field blank in both
 //! the tenant and the partner defaults) is checked in [`super::effective`].
 
-use super::model::{Connection, Connections, FieldRef, VendorVisitor};
+use super::model::{Connection, Connections, FieldRef, Slot, VendorVisitor};
 use crate::secret::Secret;
 
 use super::model::is_dns_label;
@@ -129,12 +129,8 @@ pub fn validate_connections(conns: &Connections, prefix: &str, out: &mut Vec<Fie
         out: &'a mut Vec<FieldViolation>,
     }
     impl VendorVisitor for Check<'_> {
-        fn visit<C: Connection>(
-            &mut self,
-            get: fn(&Connections) -> &Option<C>,
-            _: fn(&mut Connections) -> &mut Option<C>,
-        ) {
-            if let Some(conn) = get(self.conns) {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+            if let Some(conn) = (slot.get)(self.conns) {
                 validate_connection(conn, self.prefix, self.out);
             }
         }
