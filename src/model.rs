@@ -370,3 +370,32 @@ pub struct PartnerRecord {
     pub revision: u64,
     pub update_time: Option<SystemTime>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each declared field is text or a secret in both the record and the message (the
+    /// conversions skip a field whose two sides disagree), and every vendor has a slot.
+    #[test]
+    fn every_field_has_the_same_kind_in_record_and_message() {
+        struct Check(Vec<VendorKind>);
+        impl VendorVisitor for Check {
+            fn visit<C: Connection>(&mut self, _: &Slot<C>) {
+                let (conn, msg) = (C::default(), C::Proto::default());
+                for f in C::FIELDS {
+                    let same = matches!(
+                        ((f.get)(&conn), (f.proto)(&msg)),
+                        (FieldRef::Text(_), ProtoRef::Text(_))
+                            | (FieldRef::Secret(_), ProtoRef::Secret(_))
+                    );
+                    assert!(same, "{}.{}", C::VENDOR.as_str(), f.name);
+                }
+                self.0.push(C::VENDOR);
+            }
+        }
+        let mut check = Check(Vec::new());
+        Connections::for_each_vendor(&mut check);
+        assert_eq!(check.0, VendorKind::ALL);
+    }
+}

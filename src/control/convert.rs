@@ -199,8 +199,8 @@ fn connection_paths() -> Vec<String> {
     paths.0
 }
 
-/// Most paths an update mask may name: there are 12 updatable paths, so a longer mask
-/// repeats or invents paths.
+/// Most paths an update mask may name: there are 12 updatable paths (`display_name` and
+/// those of `connection_paths`), so a longer mask repeats or invents paths.
 pub const MAX_MASK_PATHS: usize = 32;
 
 /// Checks that every path of `mask` is updatable; `extra` lists further accepted paths.
@@ -368,6 +368,28 @@ mod tests {
         let m = target.m3ter.unwrap();
         assert_eq!(m.org_id, "other");
         assert_eq!(m.api_secret.unwrap().expose(), "s");
+    }
+
+    #[test]
+    fn mask_paths_follow_the_declared_fields() {
+        assert_eq!(
+            connection_paths(),
+            [
+                "miradore",
+                "miradore.site",
+                "miradore.api_key",
+                "m3ter",
+                "m3ter.access_key_id",
+                "m3ter.api_secret",
+                "m3ter.org_id",
+                "m3ter.environment",
+                "mailkit",
+                "mailkit.client_id",
+                "mailkit.client_md5",
+            ]
+        );
+        // display_name and the connection paths, with room for a few vendors more.
+        assert!(connection_paths().len() < MAX_MASK_PATHS);
     }
 
     #[test]
