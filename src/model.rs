@@ -34,10 +34,11 @@ impl VendorKind {
 //
 // Each connection record declares its fields once, in `Connection::FIELDS`: the name used in
 // field paths and update masks, whether it is a secret, its format rule and whether it is
-// required. Validation (`tenants::validate`), resolution against the partner defaults
-// (`tenants::effective`) and the update masks (`control::convert`) walk these tables, and
-// `Connections::for_each_vendor` lists the connections, so none of them names a vendor's
-// fields by hand.
+// required, and the same field of its `sidekey.v1` message. `Connections::for_each_vendor`
+// lists the vendors once. Validation (`tenants::validate`), resolution against the partner
+// defaults (`tenants::effective`), the proto conversions and update masks
+// (`control::convert`), the CLI's output and `tenants apply` walk these tables, so none of
+// them names a vendor's fields by hand. docs/adding-a-vendor.md lists what still does.
 
 /// A format rule: `Err` says what is wrong, without repeating the value.
 pub type FormatRule = fn(&str) -> Result<(), String>;
@@ -46,10 +47,10 @@ pub type FormatRule = fn(&str) -> Result<(), String>;
 /// [`Field::get_mut`]; the same field of the `sidekey.v1` message through [`Field::proto`]
 /// and [`Field::proto_mut`].
 pub struct Field<C: Connection> {
-    /// Its name in field paths and update masks (`site`, `api_key`).
+    /// Its name in field paths, update masks and the message (`site`, `api_key`).
     pub name: &'static str,
-    /// A blank value is not inherited and no partner default fills it: resolution reports
-    /// it missing. Optional fields resolve to blank.
+    /// Blank in both the tenant and the partner defaults, resolution reports it missing; an
+    /// optional field then resolves to blank.
     pub required: bool,
     /// Checked on every non-blank value (for a secret, after the rules every secret obeys).
     pub rule: FormatRule,
