@@ -669,3 +669,83 @@ pub enum ClientCommand {
     Tenants(TenantsCommand),
     Partner(PartnerCommand),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update_args(args: &[&str]) -> (ConnectionFlags, Vec<VendorArg>) {
+        let argv = ["sidekey", "tenants", "update", "acme"].iter().chain(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Tenants {
+                command:
+                    TenantsCommand::Update {
+                        connections,
+                        remove,
+                        ..
+                    },
+                ..
+            } => (*connections, remove),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn vendor_arguments_take_every_vendor_name_and_nothing_else() {
+        let (flags, remove) = update_args(&["--remove", "m3ter", "--remove", "mailkit"]);
+        assert_eq!(
+            remove,
+            [VendorArg(VendorKind::M3ter), VendorArg(VendorKind::Mailkit)]
+        );
+        assert!(flags.parse(&|_| None).unwrap().flagged.is_empty());
+        for kind in VendorKind::ALL {
+            let (_, remove) = update_args(&["--remove", kind.as_str()]);
+            assert_eq!(remove, [VendorArg(kind)]);
+            assert_eq!(remove[0].proto(), crate::control::convert::vendor_out(kind));
+        }
+        let argv = ["sidekey", "tenants", "update", "acme", "--remove", "nope"];
+        assert!(Cli::try_parse_from(argv).is_err());
+    }
+
+    #[test]
+    fn bare_vendor_flags_and_remove_shape_the_request() {
+        let (flags, _) = update_args(&["--miradore", "--m3ter-org-id", "o"]);
+        let mut c = flags.parse(&|_| None).unwrap();
+        assert_eq!(c.flagged, [VendorKind::Miradore]);
+        assert_eq!(c.paths, ["m3ter.org_id"]);
+        assert!(c.connections.miradore.is_some() && c.connections.m3ter.is_some());
+        remove_vendor(&mut c.connections, VendorKind::M3ter);
+        assert!(c.connections.miradore.is_some() && c.connections.m3ter.is_none());
+    }
+
+    #[test]
+    fn apply_masks_every_field_but_kept_secrets_and_removes_absent_vendors() {
+        let kept_secret = Some(proto::Secret {
+            value: String::new(),
+            fingerprint: "sha256:0123".into(),
+        });
+        let tenant = proto::Tenant {
+            m3ter: Some(proto::M3terConnection {
+                api_secret: kept_secret,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let kept = kept_secrets((&tenant).into());
+        assert_eq!(
+            secret_fingerprints((&tenant).into()),
+            [("m3ter.api_secret".to_owned(), "sha256:0123")]
+        );
+        assert_eq!(
+            apply_paths((&tenant).into(), &kept),
+            [
+                "display_name",
+                "miradore",
+                "m3ter.access_key_id",
+                "m3ter.org_id",
+                "m3ter.environment",
+                "mailkit",
+            ]
+        );
+    }
+}
