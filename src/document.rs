@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::model::{Connection, Connections, ProtoRef, Slot, VendorVisitor};
 use crate::proto;
 use crate::wire::ProtoConnections;
 
@@ -494,29 +495,33 @@ fn resolve_secret(
 }
 
 /// The secrets given by fingerprint only, as `(update-mask path, fingerprint)`.
-pub fn kept_secrets<'a>(c: ProtoConnections<'a>) -> Vec<(&'static str, &'a str)> {
-    let kept = |s: &'a Option<proto::Secret>| {
-        s.as_ref()
-            .filter(|s| s.value.is_empty() && !s.fingerprint.is_empty())
-            .map(|s| s.fingerprint.as_str())
+pub fn kept_secrets(c: ProtoConnections<'_>) -> Vec<(String, &str)> {
+    struct Kept<'a> {
+        msgs: ProtoConnections<'a>,
+        out: Vec<(String, &'a str)>,
+    }
+    impl<'a> VendorVisitor for Kept<'a> {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+            let Some(msg) = (slot.proto)(&self.msgs) else {
+                return;
+            };
+            for field in C::FIELDS {
+                if let ProtoRef::Secret(Some(s)) = (field.proto)(msg)
+                    && s.value.is_empty()
+                    && !s.fingerprint.is_empty()
+                {
+                    let path = format!("{}.{}", C::VENDOR.as_str(), field.name);
+                    self.out.push((path, s.fingerprint.as_str()));
+                }
+            }
+        }
+    }
+    let mut kept = Kept {
+        msgs: c,
+        out: Vec::new(),
     };
-    [
-        (
-            "miradore.api_key",
-            c.miradore.and_then(|c| kept(&c.api_key)),
-        ),
-        (
-            "m3ter.api_secret",
-            c.m3ter.and_then(|c| kept(&c.api_secret)),
-        ),
-        (
-            "mailkit.client_md5",
-            c.mailkit.and_then(|c| kept(&c.client_md5)),
-        ),
-    ]
-    .into_iter()
-    .filter_map(|(path, fp)| fp.map(|fp| (path, fp)))
-    .collect()
+    Connections::for_each_vendor(&mut kept);
+    kept.out
 }
 
 #[cfg(test)]
@@ -639,7 +644,7 @@ mod tests {
         let t = doc.into_proto(&|_: &str| None).unwrap();
         assert_eq!(
             kept_secrets((&t).into()),
-            [("mailkit.client_md5", "sha256:0123")]
+            [("mailkit.client_md5".to_owned(), "sha256:0123")]
         );
         assert!(t.mailkit.unwrap().client_md5.unwrap().value.is_empty());
     }

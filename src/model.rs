@@ -5,7 +5,9 @@
 
 use std::time::SystemTime;
 
+use crate::proto;
 use crate::secret::Secret;
+use crate::wire::{ProtoConnections, ProtoConnectionsOwned};
 
 /// The three vendors sidekey serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -28,10 +30,185 @@ impl VendorKind {
     }
 }
 
+// ---- the credential schema ----
+//
+// Each connection record declares its fields once, in `Connection::FIELDS`: the name used in
+// field paths and update masks, whether it is a secret, its format rule and whether it is
+// required, and the same field of its `sidekey.v1` message. `Connections::for_each_vendor`
+// lists the vendors once. Validation (`tenants::validate`), resolution against the partner
+// defaults (`tenants::effective`), the proto conversions and update masks
+// (`control::convert`), the CLI's output and `tenants apply` walk these tables, so none of
+// them names a vendor's fields by hand. docs/adding-a-vendor.md lists what still does.
+
+/// A format rule: `Err` says what is wrong, without repeating the value.
+pub type FormatRule = fn(&str) -> Result<(), String>;
+
+/// One field of a connection, read through [`Field::get`] and written through
+/// [`Field::get_mut`]; the same field of the `sidekey.v1` message through [`Field::proto`]
+/// and [`Field::proto_mut`].
+pub struct Field<C: Connection> {
+    /// Its name in field paths, update masks and the message (`site`, `api_key`).
+    pub name: &'static str,
+    /// Blank in both the tenant and the partner defaults, resolution reports it missing; an
+    /// optional field then resolves to blank.
+    pub required: bool,
+    /// Checked on every non-blank value (for a secret, after the rules every secret obeys).
+    pub rule: FormatRule,
+    pub get: fn(&C) -> FieldRef<'_>,
+    pub get_mut: fn(&mut C) -> FieldMut<'_>,
+    pub proto: fn(&C::Proto) -> ProtoRef<'_>,
+    pub proto_mut: fn(&mut C::Proto) -> ProtoMut<'_>,
+}
+
+/// A field of a `sidekey.v1` connection message: text, or a `Secret` message.
+pub enum ProtoRef<'a> {
+    Text(&'a String),
+    Secret(&'a Option<proto::Secret>),
+}
+
+pub enum ProtoMut<'a> {
+    Text(&'a mut String),
+    Secret(&'a mut Option<proto::Secret>),
+}
+
+/// A field's value: text (blank when empty) or a secret (blank when `None`).
+pub enum FieldRef<'a> {
+    Text(&'a String),
+    Secret(&'a Option<Secret>),
+}
+
+pub enum FieldMut<'a> {
+    Text(&'a mut String),
+    Secret(&'a mut Option<Secret>),
+}
+
+impl FieldRef<'_> {
+    pub fn is_blank(&self) -> bool {
+        match self {
+            FieldRef::Text(s) => s.is_empty(),
+            FieldRef::Secret(s) => s.is_none(),
+        }
+    }
+}
+
+impl<C: Connection> Field<C> {
+    /// Sets this field of `dst` to its value in `src` (blank when `src` is `None`).
+    pub fn copy(&self, dst: &mut C, src: Option<&C>) {
+        match ((self.get_mut)(dst), src.map(|c| (self.get)(c))) {
+            (FieldMut::Text(d), Some(FieldRef::Text(s))) => s.clone_into(d),
+            (FieldMut::Secret(d), Some(FieldRef::Secret(s))) => d.clone_from(s),
+            (FieldMut::Text(d), _) => d.clear(),
+            (FieldMut::Secret(d), _) => *d = None,
+        }
+    }
+}
+
+/// A vendor's connection record, as an operator writes it.
+pub trait Connection: Clone + Default + 'static {
+    /// Its `sidekey.v1` message (`MiradoreConnection`), whose fields have the same names.
+    type Proto: Clone + Default + 'static;
+    const VENDOR: VendorKind;
+    /// The `sidekey.v1.Vendor` value that names it (`TestTenant`).
+    const PROTO_VENDOR: proto::Vendor;
+    /// Every field, in the order errors and update-mask paths list them.
+    const FIELDS: &'static [Field<Self>];
+}
+
+/// Where a vendor's connection sits in [`Connections`] and in the `sidekey.v1` messages.
+pub struct Slot<C: Connection> {
+    pub get: fn(&Connections) -> &Option<C>,
+    pub get_mut: fn(&mut Connections) -> &mut Option<C>,
+    pub proto: for<'a> fn(&ProtoConnections<'a>) -> Option<&'a C::Proto>,
+    pub proto_mut: fn(&mut ProtoConnectionsOwned) -> &mut Option<C::Proto>,
+}
+
+/// What a walk over the vendors ([`Connections::for_each_vendor`]) does with each.
+pub trait VendorVisitor {
+    fn visit<C: Connection>(&mut self, slot: &Slot<C>);
+}
+
+fn any(_: &str) -> Result<(), String> {
+    Ok(())
+}
+
+/// `[A-Za-z0-9-]{1,63}`, case kept.
+pub fn is_miradore_site(s: &str) -> bool {
+    (1..=63).contains(&s.len()) && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+}
+
+/// 8-4-4-4-12 hex digits.
+pub fn is_uuid(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`: a DNS label, lower case.
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// Longest accepted m3ter access key ID, in bytes.
+pub const MAX_ACCESS_KEY_ID_LEN: usize = 256;
+
+fn problem(ok: bool, description: &str) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(description.to_owned())
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MiradoreConn {
     pub site: String,
     pub api_key: Option<Secret>,
+}
+
+impl Connection for MiradoreConn {
+    type Proto = proto::MiradoreConnection;
+    const VENDOR: VendorKind = VendorKind::Miradore;
+    const PROTO_VENDOR: proto::Vendor = proto::Vendor::Miradore;
+    const FIELDS: &'static [Field<Self>] = &[
+        Field {
+            name: "site",
+            required: true,
+            rule: |s| {
+                problem(
+                    is_miradore_site(s),
+                    "must be 1-63 letters, digits or '-' (case is kept)",
+                )
+            },
+            get: |c| FieldRef::Text(&c.site),
+            get_mut: |c| FieldMut::Text(&mut c.site),
+            proto: |c| ProtoRef::Text(&c.site),
+            proto_mut: |c| ProtoMut::Text(&mut c.site),
+        },
+        Field {
+            name: "api_key",
+            required: true,
+            // The key travels in the X-API-Key header, which must be visible ASCII.
+            rule: |s| {
+                problem(
+                    s.bytes().all(|b| b.is_ascii_graphic()),
+                    "must be visible ASCII characters without spaces",
+                )
+            },
+            get: |c| FieldRef::Secret(&c.api_key),
+            get_mut: |c| FieldMut::Secret(&mut c.api_key),
+            proto: |c| ProtoRef::Secret(&c.api_key),
+            proto_mut: |c| ProtoMut::Secret(&mut c.api_key),
+        },
+    ];
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -42,10 +219,106 @@ pub struct M3terConn {
     pub environment: String,
 }
 
+impl Connection for M3terConn {
+    type Proto = proto::M3terConnection;
+    const VENDOR: VendorKind = VendorKind::M3ter;
+    const PROTO_VENDOR: proto::Vendor = proto::Vendor::M3ter;
+    const FIELDS: &'static [Field<Self>] = &[
+        Field {
+            name: "access_key_id",
+            required: true,
+            // It is the user part of HTTP Basic credentials, where ':' ends it.
+            rule: |s| {
+                if s.len() <= MAX_ACCESS_KEY_ID_LEN
+                    && s.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+                {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "must be at most {MAX_ACCESS_KEY_ID_LEN} visible ASCII characters, without ':' or spaces"
+                    ))
+                }
+            },
+            get: |c| FieldRef::Text(&c.access_key_id),
+            get_mut: |c| FieldMut::Text(&mut c.access_key_id),
+            proto: |c| ProtoRef::Text(&c.access_key_id),
+            proto_mut: |c| ProtoMut::Text(&mut c.access_key_id),
+        },
+        Field {
+            name: "api_secret",
+            required: true,
+            rule: any,
+            get: |c| FieldRef::Secret(&c.api_secret),
+            get_mut: |c| FieldMut::Secret(&mut c.api_secret),
+            proto: |c| ProtoRef::Secret(&c.api_secret),
+            proto_mut: |c| ProtoMut::Secret(&mut c.api_secret),
+        },
+        Field {
+            name: "org_id",
+            required: true,
+            rule: |s| problem(is_uuid(s), "must be a UUID (8-4-4-4-12 hex digits)"),
+            get: |c| FieldRef::Text(&c.org_id),
+            get_mut: |c| FieldMut::Text(&mut c.org_id),
+            proto: |c| ProtoRef::Text(&c.org_id),
+            proto_mut: |c| ProtoMut::Text(&mut c.org_id),
+        },
+        Field {
+            name: "environment",
+            required: false,
+            rule: |s| {
+                problem(
+                    is_dns_label(s),
+                    "must be empty, \"prod\", or a DNS label (lower-case letters, digits, '-')",
+                )
+            },
+            get: |c| FieldRef::Text(&c.environment),
+            get_mut: |c| FieldMut::Text(&mut c.environment),
+            proto: |c| ProtoRef::Text(&c.environment),
+            proto_mut: |c| ProtoMut::Text(&mut c.environment),
+        },
+    ];
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MailkitConn {
     pub client_id: String,
     pub client_md5: Option<Secret>,
+}
+
+impl Connection for MailkitConn {
+    type Proto = proto::MailkitConnection;
+    const VENDOR: VendorKind = VendorKind::Mailkit;
+    const PROTO_VENDOR: proto::Vendor = proto::Vendor::Mailkit;
+    const FIELDS: &'static [Field<Self>] = &[
+        Field {
+            name: "client_id",
+            required: true,
+            rule: |s| {
+                problem(
+                    s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()),
+                    "must be 1-20 digits",
+                )
+            },
+            get: |c| FieldRef::Text(&c.client_id),
+            get_mut: |c| FieldMut::Text(&mut c.client_id),
+            proto: |c| ProtoRef::Text(&c.client_id),
+            proto_mut: |c| ProtoMut::Text(&mut c.client_id),
+        },
+        Field {
+            name: "client_md5",
+            required: true,
+            rule: |s| {
+                problem(
+                    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "must be 32 hex digits",
+                )
+            },
+            get: |c| FieldRef::Secret(&c.client_md5),
+            get_mut: |c| FieldMut::Secret(&mut c.client_md5),
+            proto: |c| ProtoRef::Secret(&c.client_md5),
+            proto_mut: |c| ProtoMut::Secret(&mut c.client_md5),
+        },
+    ];
 }
 
 /// One optional connection per vendor.
@@ -54,6 +327,30 @@ pub struct Connections {
     pub miradore: Option<MiradoreConn>,
     pub m3ter: Option<M3terConn>,
     pub mailkit: Option<MailkitConn>,
+}
+
+impl Connections {
+    /// Visits every vendor's slot, in the order of [`VendorKind::ALL`].
+    pub fn for_each_vendor(v: &mut impl VendorVisitor) {
+        v.visit(&Slot {
+            get: |c| &c.miradore,
+            get_mut: |c| &mut c.miradore,
+            proto: |c| c.miradore,
+            proto_mut: |c| &mut c.miradore,
+        });
+        v.visit(&Slot {
+            get: |c| &c.m3ter,
+            get_mut: |c| &mut c.m3ter,
+            proto: |c| c.m3ter,
+            proto_mut: |c| &mut c.m3ter,
+        });
+        v.visit(&Slot {
+            get: |c| &c.mailkit,
+            get_mut: |c| &mut c.mailkit,
+            proto: |c| c.mailkit,
+            proto_mut: |c| &mut c.mailkit,
+        });
+    }
 }
 
 /// A tenant as stored. `revision` is the store-wide revision of its last write (its etag).
@@ -73,4 +370,33 @@ pub struct PartnerRecord {
     pub connections: Connections,
     pub revision: u64,
     pub update_time: Option<SystemTime>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each declared field is text or a secret in both the record and the message (the
+    /// conversions skip a field whose two sides disagree), and every vendor has a slot.
+    #[test]
+    fn every_field_has_the_same_kind_in_record_and_message() {
+        struct Check(Vec<VendorKind>);
+        impl VendorVisitor for Check {
+            fn visit<C: Connection>(&mut self, _: &Slot<C>) {
+                let (conn, msg) = (C::default(), C::Proto::default());
+                for f in C::FIELDS {
+                    let same = matches!(
+                        ((f.get)(&conn), (f.proto)(&msg)),
+                        (FieldRef::Text(_), ProtoRef::Text(_))
+                            | (FieldRef::Secret(_), ProtoRef::Secret(_))
+                    );
+                    assert!(same, "{}.{}", C::VENDOR.as_str(), f.name);
+                }
+                self.0.push(C::VENDOR);
+            }
+        }
+        let mut check = Check(Vec::new());
+        Connections::for_each_vendor(&mut check);
+        assert_eq!(check.0, VendorKind::ALL);
+    }
 }

@@ -85,7 +85,7 @@ fn parse_declared(path: &Path, text: &str, sources: &dyn Sources) -> Result<Decl
     };
     let env = sources;
     // A fingerprint names a value without carrying it; a file has no stored value to keep.
-    let refuse_kept = |prefix: &str, kept: Vec<(&str, &str)>| match kept.first() {
+    let refuse_kept = |prefix: &str, kept: Vec<(String, &str)>| match kept.first() {
         Some((path, _)) => Err(format!(
             "{prefix}.{path}: only a fingerprint is given; give value or valueFrom"
         )),

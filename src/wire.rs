@@ -33,3 +33,26 @@ impl<'a> From<&'a proto::PartnerDefaults> for ProtoConnections<'a> {
         }
     }
 }
+
+/// The connections of one message, owned: what the conversions from the model build before
+/// they go into a `Tenant` or `PartnerDefaults`.
+#[derive(Clone, Debug, Default)]
+pub struct ProtoConnectionsOwned {
+    pub miradore: Option<proto::MiradoreConnection>,
+    pub m3ter: Option<proto::M3terConnection>,
+    pub mailkit: Option<proto::MailkitConnection>,
+}
+
+impl ProtoConnectionsOwned {
+    pub fn set_in_tenant(self, t: &mut proto::Tenant) {
+        t.miradore = self.miradore;
+        t.m3ter = self.m3ter;
+        t.mailkit = self.mailkit;
+    }
+
+    pub fn set_in_partner(self, p: &mut proto::PartnerDefaults) {
+        p.miradore = self.miradore;
+        p.m3ter = self.m3ter;
+        p.mailkit = self.mailkit;
+    }
+}

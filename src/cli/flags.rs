@@ -5,7 +5,9 @@
 use std::io::Read;
 use std::path::PathBuf;
 
+use crate::model::VendorKind;
 use crate::proto;
+use crate::wire::ProtoConnectionsOwned;
 
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct ConnectionFlags {
@@ -55,12 +57,12 @@ pub struct ConnectionFlags {
     pub mailkit_client_md5_env: Option<String>,
 }
 
-/// The connections the flags describe, and the update-mask paths they name.
+/// The connections the flags describe, the update-mask paths they name, and the vendors
+/// named by their bare flag (`--miradore`).
 pub struct Parsed {
-    pub miradore: Option<proto::MiradoreConnection>,
-    pub m3ter: Option<proto::M3terConnection>,
-    pub mailkit: Option<proto::MailkitConnection>,
+    pub connections: ProtoConnectionsOwned,
     pub paths: Vec<String>,
+    pub flagged: Vec<VendorKind>,
 }
 
 impl ConnectionFlags {
@@ -156,11 +158,22 @@ impl ConnectionFlags {
                 client_md5,
             }
         });
+        let flagged = [
+            (self.miradore, VendorKind::Miradore),
+            (self.m3ter, VendorKind::M3ter),
+            (self.mailkit, VendorKind::Mailkit),
+        ]
+        .into_iter()
+        .filter_map(|(flag, kind)| flag.then_some(kind))
+        .collect();
         Ok(Parsed {
-            miradore,
-            m3ter,
-            mailkit,
+            connections: ProtoConnectionsOwned {
+                miradore,
+                m3ter,
+                mailkit,
+            },
             paths,
+            flagged,
         })
     }
 }

@@ -16,7 +16,9 @@ use tonic::Code;
 
 use crate::config::ServeArgs;
 use crate::document::{self, TenantDoc, kept_secrets};
+use crate::model::{Connection, Connections, ProtoRef, Slot, VendorKind, VendorVisitor};
 use crate::proto;
+use crate::wire::{ProtoConnections, ProtoConnectionsOwned};
 use client::{ClientArgs, ConnectError, Server, explain};
 use flags::ConnectionFlags;
 use render::Output;
@@ -161,7 +163,7 @@ pub enum TenantsCommand {
         display_name: Option<String>,
         #[command(flatten)]
         connections: Box<ConnectionFlags>,
-        /// Stop using a vendor: miradore, m3ter or mailkit. Repeatable.
+        /// Stop using a vendor. Repeatable.
         #[arg(long, value_name = "VENDOR")]
         remove: Vec<VendorArg>,
         /// Only update if the tenant's etag is still this one.
@@ -206,7 +208,7 @@ pub enum PartnerCommand {
     Update {
         #[command(flatten)]
         connections: Box<ConnectionFlags>,
-        /// Remove a vendor's defaults: miradore, m3ter or mailkit. Repeatable.
+        /// Remove a vendor's defaults. Repeatable.
         #[arg(long, value_name = "VENDOR")]
         remove: Vec<VendorArg>,
         #[arg(short, long, value_enum, default_value_t)]
@@ -214,28 +216,52 @@ pub enum PartnerCommand {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum VendorArg {
-    Miradore,
-    M3ter,
-    Mailkit,
-}
+/// A vendor named on the command line (`--vendor`, `--remove`): the name of one of the
+/// vendors of [`VendorKind::ALL`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VendorArg(VendorKind);
 
 impl VendorArg {
+    const ALL: [VendorArg; VendorKind::ALL.len()] = {
+        let mut all = [VendorArg(VendorKind::ALL[0]); VendorKind::ALL.len()];
+        let mut i = 0;
+        while i < all.len() {
+            all[i] = VendorArg(VendorKind::ALL[i]);
+            i += 1;
+        }
+        all
+    };
+
     fn path(self) -> &'static str {
-        match self {
-            Self::Miradore => "miradore",
-            Self::M3ter => "m3ter",
-            Self::Mailkit => "mailkit",
-        }
+        self.0.as_str()
     }
+
     fn proto(self) -> proto::Vendor {
-        match self {
-            Self::Miradore => proto::Vendor::Miradore,
-            Self::M3ter => proto::Vendor::M3ter,
-            Self::Mailkit => proto::Vendor::Mailkit,
+        crate::control::convert::vendor_out(self.0)
+    }
+}
+
+impl clap::ValueEnum for VendorArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.path()))
+    }
+}
+
+/// Takes `kind`'s connection out of `c` (`--remove`).
+fn remove_vendor(c: &mut ProtoConnectionsOwned, kind: VendorKind) {
+    struct Remove<'a>(&'a mut ProtoConnectionsOwned, VendorKind);
+    impl VendorVisitor for Remove<'_> {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+            if C::VENDOR == self.1 {
+                *(slot.proto_mut)(self.0) = None;
+            }
         }
     }
+    Connections::for_each_vendor(&mut Remove(c, kind));
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -288,14 +314,12 @@ pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<()
                 output,
             } => {
                 let c = connections.parse(&env_var)?;
-                let tenant = proto::Tenant {
+                let mut tenant = proto::Tenant {
                     id,
                     display_name: display_name.unwrap_or_default(),
-                    miradore: c.miradore,
-                    m3ter: c.m3ter,
-                    mailkit: c.mailkit,
                     ..Default::default()
                 };
+                c.connections.set_in_tenant(&mut tenant);
                 let t = api
                     .create_tenant(proto::CreateTenantRequest {
                         tenant: Some(tenant),
@@ -349,17 +373,13 @@ pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<()
                 etag,
                 output,
             } => {
-                let c = connections.parse(&env_var)?;
+                let mut c = connections.parse(&env_var)?;
                 let mut paths = c.paths;
                 // A bare --miradore (etc.) with no field flags adds the connection with
                 // every field inherited.
-                for (flag, name, present) in [
-                    (connections.miradore, "miradore", c.miradore.is_some()),
-                    (connections.m3ter, "m3ter", c.m3ter.is_some()),
-                    (connections.mailkit, "mailkit", c.mailkit.is_some()),
-                ] {
-                    if flag && present && !paths.iter().any(|p| p.starts_with(name)) {
-                        paths.push(name.to_owned());
+                for kind in c.flagged {
+                    if !paths.iter().any(|p| p.starts_with(kind.as_str())) {
+                        paths.push(kind.as_str().to_owned());
                     }
                 }
                 if display_name.is_some() {
@@ -373,16 +393,16 @@ pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<()
                         "nothing to update: give at least one field flag",
                     ));
                 }
-                let strip = |v: VendorArg| remove.contains(&v);
-                let tenant = proto::Tenant {
+                for v in &remove {
+                    remove_vendor(&mut c.connections, v.0);
+                }
+                let mut tenant = proto::Tenant {
                     id,
                     display_name: display_name.unwrap_or_default(),
-                    miradore: c.miradore.filter(|_| !strip(VendorArg::Miradore)),
-                    m3ter: c.m3ter.filter(|_| !strip(VendorArg::M3ter)),
-                    mailkit: c.mailkit.filter(|_| !strip(VendorArg::Mailkit)),
                     etag: etag.unwrap_or_default(),
                     ..Default::default()
                 };
+                c.connections.set_in_tenant(&mut tenant);
                 let t = api
                     .update_tenant(proto::UpdateTenantRequest {
                         tenant: Some(tenant),
@@ -457,18 +477,14 @@ pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<()
                 remove,
                 output,
             } => {
-                let c = connections.parse(&env_var)?;
+                let mut c = connections.parse(&env_var)?;
                 let mut paths = c.paths;
                 for v in &remove {
                     paths.push(v.path().to_owned());
                 }
-                for (flag, name) in [
-                    (connections.miradore, "miradore"),
-                    (connections.m3ter, "m3ter"),
-                    (connections.mailkit, "mailkit"),
-                ] {
-                    if flag && !paths.iter().any(|p| p.starts_with(name)) {
-                        paths.push(name.to_owned());
+                for kind in c.flagged {
+                    if !paths.iter().any(|p| p.starts_with(kind.as_str())) {
+                        paths.push(kind.as_str().to_owned());
                     }
                 }
                 if paths.is_empty() {
@@ -476,15 +492,14 @@ pub async fn run_client(client: ClientArgs, command: ClientCommand) -> Result<()
                         "nothing to update: give at least one field flag",
                     ));
                 }
-                let strip = |v: VendorArg| remove.contains(&v);
+                for v in &remove {
+                    remove_vendor(&mut c.connections, v.0);
+                }
+                let mut partner_defaults = proto::PartnerDefaults::default();
+                c.connections.set_in_partner(&mut partner_defaults);
                 let p = api
                     .update_partner_defaults(proto::UpdatePartnerDefaultsRequest {
-                        partner_defaults: Some(proto::PartnerDefaults {
-                            miradore: c.miradore.filter(|_| !strip(VendorArg::Miradore)),
-                            m3ter: c.m3ter.filter(|_| !strip(VendorArg::M3ter)),
-                            mailkit: c.mailkit.filter(|_| !strip(VendorArg::Mailkit)),
-                            ..Default::default()
-                        }),
+                        partner_defaults: Some(partner_defaults),
                         update_mask: Some(FieldMask { paths }),
                     })
                     .await
@@ -563,15 +578,12 @@ async fn apply(
         }
         Err(s) => return Err(Failure::status(server, &s)),
     };
-    fn fp(s: &Option<proto::Secret>) -> Option<&str> {
-        s.as_ref().map(|s| s.fingerprint.as_str())
-    }
+    let stored_secrets = secret_fingerprints((&current).into());
     let stored = |path: &str| -> Option<&str> {
-        match path {
-            "miradore.api_key" => current.miradore.as_ref().and_then(|c| fp(&c.api_key)),
-            "m3ter.api_secret" => current.m3ter.as_ref().and_then(|c| fp(&c.api_secret)),
-            _ => current.mailkit.as_ref().and_then(|c| fp(&c.client_md5)),
-        }
+        stored_secrets
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, fp)| *fp)
     };
     for (path, fingerprint) in &kept {
         if stored(path) != Some(*fingerprint) {
@@ -582,31 +594,7 @@ async fn apply(
         }
     }
 
-    let mut paths = vec!["display_name".to_owned()];
-    let mut fields = |present: bool, vendor: &str, plain: &[&str], secret: &str| {
-        if !present {
-            paths.push(vendor.to_owned());
-            return;
-        }
-        paths.extend(plain.iter().map(|f| format!("{vendor}.{f}")));
-        let secret_path = format!("{vendor}.{secret}");
-        if !kept.iter().any(|(p, _)| *p == secret_path) {
-            paths.push(secret_path);
-        }
-    };
-    fields(tenant.miradore.is_some(), "miradore", &["site"], "api_key");
-    fields(
-        tenant.m3ter.is_some(),
-        "m3ter",
-        &["access_key_id", "org_id", "environment"],
-        "api_secret",
-    );
-    fields(
-        tenant.mailkit.is_some(),
-        "mailkit",
-        &["client_id"],
-        "client_md5",
-    );
+    let paths = apply_paths((&tenant).into(), &kept);
     api.update_tenant(proto::UpdateTenantRequest {
         tenant: Some(proto::Tenant {
             etag: current.etag,
@@ -619,8 +607,151 @@ async fn apply(
     .map_err(|s| Failure::status(server, &s))
 }
 
+/// The fingerprint of each secret of `c`, by update-mask path (`m3ter.api_secret`).
+fn secret_fingerprints(c: ProtoConnections<'_>) -> Vec<(String, &str)> {
+    struct Fingerprints<'a> {
+        msgs: ProtoConnections<'a>,
+        out: Vec<(String, &'a str)>,
+    }
+    impl<'a> VendorVisitor for Fingerprints<'a> {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+            let Some(msg) = (slot.proto)(&self.msgs) else {
+                return;
+            };
+            for field in C::FIELDS {
+                if let ProtoRef::Secret(Some(s)) = (field.proto)(msg) {
+                    let path = format!("{}.{}", C::VENDOR.as_str(), field.name);
+                    self.out.push((path, s.fingerprint.as_str()));
+                }
+            }
+        }
+    }
+    let mut fps = Fingerprints {
+        msgs: c,
+        out: Vec::new(),
+    };
+    Connections::for_each_vendor(&mut fps);
+    fps.out
+}
+
+/// The update mask of `tenants apply`: the display name; each vendor the document leaves
+/// out (removed); every field of each vendor it has, except the secrets `kept` by
+/// fingerprint.
+fn apply_paths(c: ProtoConnections<'_>, kept: &[(String, &str)]) -> Vec<String> {
+    struct Paths<'a> {
+        msgs: ProtoConnections<'a>,
+        kept: &'a [(String, &'a str)],
+        out: Vec<String>,
+    }
+    impl VendorVisitor for Paths<'_> {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+            let vendor = C::VENDOR.as_str();
+            let Some(msg) = (slot.proto)(&self.msgs) else {
+                self.out.push(vendor.to_owned());
+                return;
+            };
+            let (texts, secrets): (Vec<_>, Vec<_>) = C::FIELDS
+                .iter()
+                .partition(|f| matches!((f.proto)(msg), ProtoRef::Text(_)));
+            for field in texts.into_iter().chain(secrets) {
+                let path = format!("{vendor}.{}", field.name);
+                if !self.kept.iter().any(|(p, _)| *p == path) {
+                    self.out.push(path);
+                }
+            }
+        }
+    }
+    let mut paths = Paths {
+        msgs: c,
+        kept,
+        out: vec!["display_name".to_owned()],
+    };
+    Connections::for_each_vendor(&mut paths);
+    paths.out
+}
+
 /// The client commands, split from `Command` so `serve` needs no client arguments.
 pub enum ClientCommand {
     Tenants(TenantsCommand),
     Partner(PartnerCommand),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update_args(args: &[&str]) -> (ConnectionFlags, Vec<VendorArg>) {
+        let argv = ["sidekey", "tenants", "update", "acme"].iter().chain(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Tenants {
+                command:
+                    TenantsCommand::Update {
+                        connections,
+                        remove,
+                        ..
+                    },
+                ..
+            } => (*connections, remove),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn vendor_arguments_take_every_vendor_name_and_nothing_else() {
+        let (flags, remove) = update_args(&["--remove", "m3ter", "--remove", "mailkit"]);
+        assert_eq!(
+            remove,
+            [VendorArg(VendorKind::M3ter), VendorArg(VendorKind::Mailkit)]
+        );
+        assert!(flags.parse(&|_| None).unwrap().flagged.is_empty());
+        for kind in VendorKind::ALL {
+            let (_, remove) = update_args(&["--remove", kind.as_str()]);
+            assert_eq!(remove, [VendorArg(kind)]);
+            assert_eq!(remove[0].proto(), crate::control::convert::vendor_out(kind));
+        }
+        let argv = ["sidekey", "tenants", "update", "acme", "--remove", "nope"];
+        assert!(Cli::try_parse_from(argv).is_err());
+    }
+
+    #[test]
+    fn bare_vendor_flags_and_remove_shape_the_request() {
+        let (flags, _) = update_args(&["--miradore", "--m3ter-org-id", "o"]);
+        let mut c = flags.parse(&|_| None).unwrap();
+        assert_eq!(c.flagged, [VendorKind::Miradore]);
+        assert_eq!(c.paths, ["m3ter.org_id"]);
+        assert!(c.connections.miradore.is_some() && c.connections.m3ter.is_some());
+        remove_vendor(&mut c.connections, VendorKind::M3ter);
+        assert!(c.connections.miradore.is_some() && c.connections.m3ter.is_none());
+    }
+
+    #[test]
+    fn apply_masks_every_field_but_kept_secrets_and_removes_absent_vendors() {
+        let kept_secret = Some(proto::Secret {
+            value: String::new(),
+            fingerprint: "sha256:0123".into(),
+        });
+        let tenant = proto::Tenant {
+            m3ter: Some(proto::M3terConnection {
+                api_secret: kept_secret,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let kept = kept_secrets((&tenant).into());
+        assert_eq!(
+            secret_fingerprints((&tenant).into()),
+            [("m3ter.api_secret".to_owned(), "sha256:0123")]
+        );
+        assert_eq!(
+            apply_paths((&tenant).into(), &kept),
+            [
+                "display_name",
+                "miradore",
+                "m3ter.access_key_id",
+                "m3ter.org_id",
+                "m3ter.environment",
+                "mailkit",
+            ]
+        );
+    }
 }

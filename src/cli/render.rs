@@ -3,6 +3,7 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::model::{Connection, Connections, ProtoRef, Slot, VendorVisitor};
 use crate::proto;
 use crate::wire::ProtoConnections;
 
@@ -47,33 +48,53 @@ fn compact(v: Value) -> Value {
     }
 }
 
+/// The proto3 JSON name of a field: `api_key` → `apiKey`.
+fn json_name(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut upper = false;
+    for c in field.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.push(c.to_ascii_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn connections_json(c: ProtoConnections<'_>) -> Map<String, Value> {
-    let ProtoConnections {
-        miradore: mir,
-        m3ter: m3,
-        mailkit: mk,
-    } = c;
-    let mut m = Map::new();
-    if let Some(c) = mir {
-        m.insert(
-            "miradore".into(),
-            json!({"site": c.site, "apiKey": secret(&c.api_key)}),
-        );
+    struct Json<'a> {
+        msgs: ProtoConnections<'a>,
+        out: Map<String, Value>,
     }
-    if let Some(c) = m3 {
-        m.insert(
-            "m3ter".into(),
-            json!({"accessKeyId": c.access_key_id, "apiSecret": secret(&c.api_secret),
-                   "orgId": c.org_id, "environment": c.environment}),
-        );
+    impl VendorVisitor for Json<'_> {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+            let Some(msg) = (slot.proto)(&self.msgs) else {
+                return;
+            };
+            let fields = C::FIELDS
+                .iter()
+                .map(|f| {
+                    let value = match (f.proto)(msg) {
+                        ProtoRef::Text(v) => json!(v),
+                        ProtoRef::Secret(v) => secret(v),
+                    };
+                    (json_name(f.name), value)
+                })
+                .collect::<Map<_, _>>();
+            self.out
+                .insert(C::VENDOR.as_str().into(), Value::Object(fields));
+        }
     }
-    if let Some(c) = mk {
-        m.insert(
-            "mailkit".into(),
-            json!({"clientId": c.client_id, "clientMd5": secret(&c.client_md5)}),
-        );
-    }
-    m
+    let mut json = Json {
+        msgs: c,
+        out: Map::new(),
+    };
+    Connections::for_each_vendor(&mut json);
+    json.out
 }
 
 /// The proto3 JSON mapping of a tenant (defaults omitted), which `apply -f` reads back.
@@ -105,45 +126,60 @@ fn or_inherited(s: &str) -> &str {
     if s.is_empty() { "(inherited)" } else { s }
 }
 
-fn connection_rows(c: ProtoConnections<'_>) -> Vec<(&'static str, String)> {
-    let ProtoConnections {
-        miradore: mir,
-        m3ter: m3,
-        mailkit: mk,
-    } = c;
-    vec![
-        (
-            "MIRADORE",
-            mir.as_ref().map_or("-".into(), |c| {
-                format!("site={} api_key={}", or_inherited(&c.site), fp(&c.api_key))
-            }),
-        ),
-        (
-            "M3TER",
-            m3.as_ref().map_or("-".into(), |c| {
-                format!(
-                    "access_key_id={} api_secret={} org_id={} environment={}",
-                    or_inherited(&c.access_key_id),
-                    fp(&c.api_secret),
-                    or_inherited(&c.org_id),
-                    or_inherited(&c.environment)
-                )
-            }),
-        ),
-        (
-            "MAILKIT",
-            mk.as_ref().map_or("-".into(), |c| {
-                format!(
-                    "client_id={} client_md5={}",
-                    or_inherited(&c.client_id),
-                    fp(&c.client_md5)
-                )
-            }),
-        ),
-    ]
+fn connection_rows(c: ProtoConnections<'_>) -> Vec<(String, String)> {
+    struct Rows<'a> {
+        msgs: ProtoConnections<'a>,
+        out: Vec<(String, String)>,
+    }
+    impl VendorVisitor for Rows<'_> {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+            let value = (slot.proto)(&self.msgs).map_or("-".into(), |msg| {
+                C::FIELDS
+                    .iter()
+                    .map(|f| {
+                        let value = match (f.proto)(msg) {
+                            ProtoRef::Text(v) => or_inherited(v),
+                            ProtoRef::Secret(v) => fp(v),
+                        };
+                        format!("{}={value}", f.name)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            });
+            self.out
+                .push((C::VENDOR.as_str().to_ascii_uppercase(), value));
+        }
+    }
+    let mut rows = Rows {
+        msgs: c,
+        out: Vec::new(),
+    };
+    Connections::for_each_vendor(&mut rows);
+    rows.out
 }
 
-fn key_values(rows: Vec<(&str, String)>) -> String {
+/// The vendors a tenant uses, by name.
+fn vendors_of(t: &proto::Tenant) -> Vec<&'static str> {
+    struct Used<'a> {
+        msgs: ProtoConnections<'a>,
+        out: Vec<&'static str>,
+    }
+    impl VendorVisitor for Used<'_> {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+            if (slot.proto)(&self.msgs).is_some() {
+                self.out.push(C::VENDOR.as_str());
+            }
+        }
+    }
+    let mut used = Used {
+        msgs: t.into(),
+        out: Vec::new(),
+    };
+    Connections::for_each_vendor(&mut used);
+    used.out
+}
+
+fn key_values(rows: Vec<(String, String)>) -> String {
     rows.into_iter()
         .map(|(k, v)| format!("{k:<14}{v}\n"))
         .collect()
@@ -158,20 +194,20 @@ fn ts_text(t: &Option<prost_types::Timestamp>) -> String {
 
 pub fn tenant_table(t: &proto::Tenant) -> String {
     let mut rows = vec![
-        ("ID", t.id.clone()),
-        ("DISPLAY NAME", t.display_name.clone()),
+        ("ID".into(), t.id.clone()),
+        ("DISPLAY NAME".into(), t.display_name.clone()),
     ];
     rows.extend(connection_rows(t.into()));
-    rows.push(("ETAG", t.etag.clone()));
-    rows.push(("CREATED", ts_text(&t.create_time)));
-    rows.push(("UPDATED", ts_text(&t.update_time)));
+    rows.push(("ETAG".into(), t.etag.clone()));
+    rows.push(("CREATED".into(), ts_text(&t.create_time)));
+    rows.push(("UPDATED".into(), ts_text(&t.update_time)));
     key_values(rows)
 }
 
 pub fn partner_table(p: &proto::PartnerDefaults) -> String {
     let mut rows = connection_rows(p.into());
-    rows.push(("ETAG", p.etag.clone()));
-    rows.push(("UPDATED", ts_text(&p.update_time)));
+    rows.push(("ETAG".into(), p.etag.clone()));
+    rows.push(("UPDATED".into(), ts_text(&p.update_time)));
     key_values(rows)
 }
 
@@ -181,14 +217,7 @@ pub fn list_table(tenants: &[proto::Tenant]) -> String {
         "ID", "DISPLAY NAME", "VENDORS", "UPDATED"
     );
     for t in tenants {
-        let vendors: Vec<&str> = [
-            (t.miradore.is_some(), "miradore"),
-            (t.m3ter.is_some(), "m3ter"),
-            (t.mailkit.is_some(), "mailkit"),
-        ]
-        .into_iter()
-        .filter_map(|(on, name)| on.then_some(name))
-        .collect();
+        let vendors = vendors_of(t);
         out.push_str(&format!(
             "{:<32} {:<24} {:<24} {}\n",
             t.id,
@@ -202,4 +231,72 @@ pub fn list_table(tenants: &[proto::Tenant]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fingerprint(fp: &str) -> Option<proto::Secret> {
+        Some(proto::Secret {
+            value: String::new(),
+            fingerprint: fp.into(),
+        })
+    }
+
+    fn tenant() -> proto::Tenant {
+        proto::Tenant {
+            id: "acme".into(),
+            display_name: "Acme".into(),
+            miradore: Some(proto::MiradoreConnection {
+                site: "acme".into(),
+                api_key: fingerprint("sha256:abc"),
+            }),
+            m3ter: Some(proto::M3terConnection {
+                access_key_id: "AK".into(),
+                environment: "staging".into(),
+                ..Default::default()
+            }),
+            etag: "3".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tables_show_every_declared_field_or_inherited() {
+        assert_eq!(
+            tenant_table(&tenant()),
+            "ID            acme\n\
+             DISPLAY NAME  Acme\n\
+             MIRADORE      site=acme api_key=sha256:abc\n\
+             M3TER         access_key_id=AK api_secret=(inherited) org_id=(inherited) environment=staging\n\
+             MAILKIT       -\n\
+             ETAG          3\n\
+             CREATED       -\n\
+             UPDATED       -\n"
+        );
+        let list = list_table(&[tenant()]);
+        assert_eq!(
+            list.lines()
+                .nth(1)
+                .map(str::split_whitespace)
+                .map(Iterator::collect::<Vec<_>>),
+            Some(vec!["acme", "Acme", "miradore,m3ter", "-"])
+        );
+    }
+
+    #[test]
+    fn json_uses_the_proto3_names_and_omits_blanks() {
+        let json = tenant_json(&tenant());
+        assert_eq!(
+            json,
+            json!({
+                "id": "acme",
+                "displayName": "Acme",
+                "miradore": {"site": "acme", "apiKey": {"fingerprint": "sha256:abc"}},
+                "m3ter": {"accessKeyId": "AK", "environment": "staging"},
+                "etag": "3",
+            })
+        );
+    }
 }

@@ -3,14 +3,12 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::model::{Connection, FieldMut, FieldRef, ProtoMut, ProtoRef, Slot, VendorVisitor};
 use crate::proto;
 use crate::secret::Secret;
 use crate::tenants::validate::echo;
-use crate::tenants::{
-    Connections, FieldViolation, M3terConn, MailkitConn, MiradoreConn, PartnerRecord, TenantRecord,
-    VendorKind,
-};
-use crate::wire::ProtoConnections;
+use crate::tenants::{Connections, FieldViolation, PartnerRecord, TenantRecord, VendorKind};
+use crate::wire::{ProtoConnections, ProtoConnectionsOwned};
 
 /// The etag of a record: its revision, as an opaque string.
 pub fn etag(revision: u64) -> String {
@@ -53,54 +51,57 @@ fn secret_out(s: &Option<Secret>) -> Option<proto::Secret> {
     })
 }
 
-pub fn connections_out(
-    c: &Connections,
-) -> (
-    Option<proto::MiradoreConnection>,
-    Option<proto::M3terConnection>,
-    Option<proto::MailkitConnection>,
-) {
-    (
-        c.miradore.as_ref().map(|m| proto::MiradoreConnection {
-            site: m.site.clone(),
-            api_key: secret_out(&m.api_key),
-        }),
-        c.m3ter.as_ref().map(|m| proto::M3terConnection {
-            access_key_id: m.access_key_id.clone(),
-            api_secret: secret_out(&m.api_secret),
-            org_id: m.org_id.clone(),
-            environment: m.environment.clone(),
-        }),
-        c.mailkit.as_ref().map(|m| proto::MailkitConnection {
-            client_id: m.client_id.clone(),
-            client_md5: secret_out(&m.client_md5),
-        }),
-    )
+/// The connections of a record as sent to clients: every field, secrets as fingerprints.
+pub fn connections_out(c: &Connections) -> ProtoConnectionsOwned {
+    struct Out<'a> {
+        conns: &'a Connections,
+        out: ProtoConnectionsOwned,
+    }
+    impl VendorVisitor for Out<'_> {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+            let Some(conn) = (slot.get)(self.conns) else {
+                return;
+            };
+            let msg = (slot.proto_mut)(&mut self.out).get_or_insert_default();
+            for field in C::FIELDS {
+                match ((field.get)(conn), (field.proto_mut)(msg)) {
+                    (FieldRef::Text(v), ProtoMut::Text(out)) => v.clone_into(out),
+                    (FieldRef::Secret(v), ProtoMut::Secret(out)) => *out = secret_out(v),
+                    // A field is text or a secret in both.
+                    _ => {}
+                }
+            }
+        }
+    }
+    let mut out = Out {
+        conns: c,
+        out: ProtoConnectionsOwned::default(),
+    };
+    Connections::for_each_vendor(&mut out);
+    out.out
 }
 
 pub fn tenant_out(t: &TenantRecord) -> proto::Tenant {
-    let (miradore, m3ter, mailkit) = connections_out(&t.connections);
-    proto::Tenant {
+    let mut out = proto::Tenant {
         id: t.id.clone(),
         display_name: t.display_name.clone(),
-        miradore,
-        m3ter,
-        mailkit,
         etag: etag(t.revision),
         create_time: Some(timestamp(t.create_time)),
         update_time: Some(timestamp(t.update_time)),
-    }
+        ..Default::default()
+    };
+    connections_out(&t.connections).set_in_tenant(&mut out);
+    out
 }
 
 pub fn partner_out(p: &PartnerRecord) -> proto::PartnerDefaults {
-    let (miradore, m3ter, mailkit) = connections_out(&p.connections);
-    proto::PartnerDefaults {
-        miradore,
-        m3ter,
-        mailkit,
+    let mut out = proto::PartnerDefaults {
         etag: etag(p.revision),
         update_time: p.update_time.map(timestamp),
-    }
+        ..Default::default()
+    };
+    connections_out(&p.connections).set_in_partner(&mut out);
+    out
 }
 
 // ---- proto -> model ----
@@ -115,11 +116,17 @@ fn secret_in(s: &Option<proto::Secret>) -> Option<Secret> {
 
 /// The `sidekey.v1.Vendor` value of a vendor.
 pub fn vendor_out(kind: VendorKind) -> proto::Vendor {
-    match kind {
-        VendorKind::Miradore => proto::Vendor::Miradore,
-        VendorKind::M3ter => proto::Vendor::M3ter,
-        VendorKind::Mailkit => proto::Vendor::Mailkit,
+    struct Find(VendorKind, proto::Vendor);
+    impl VendorVisitor for Find {
+        fn visit<C: Connection>(&mut self, _: &Slot<C>) {
+            if C::VENDOR == self.0 {
+                self.1 = C::PROTO_VENDOR;
+            }
+        }
     }
+    let mut find = Find(kind, proto::Vendor::Unspecified);
+    Connections::for_each_vendor(&mut find);
+    find.1
 }
 
 /// The vendor a `sidekey.v1.Vendor` value names; `None` for `VENDOR_UNSPECIFIED` and
@@ -143,44 +150,57 @@ pub fn vendor_names() -> String {
     }
 }
 
+/// The connections of a request as the model holds them.
 pub fn connections_in(c: ProtoConnections<'_>) -> Connections {
-    Connections {
-        miradore: c.miradore.map(|m| MiradoreConn {
-            site: m.site.clone(),
-            api_key: secret_in(&m.api_key),
-        }),
-        m3ter: c.m3ter.map(|m| M3terConn {
-            access_key_id: m.access_key_id.clone(),
-            api_secret: secret_in(&m.api_secret),
-            org_id: m.org_id.clone(),
-            environment: m.environment.clone(),
-        }),
-        mailkit: c.mailkit.map(|m| MailkitConn {
-            client_id: m.client_id.clone(),
-            client_md5: secret_in(&m.client_md5),
-        }),
+    struct In<'a> {
+        msgs: ProtoConnections<'a>,
+        out: Connections,
     }
+    impl VendorVisitor for In<'_> {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+            let Some(msg) = (slot.proto)(&self.msgs) else {
+                return;
+            };
+            let conn = (slot.get_mut)(&mut self.out).get_or_insert_default();
+            for field in C::FIELDS {
+                match ((field.proto)(msg), (field.get_mut)(conn)) {
+                    (ProtoRef::Text(v), FieldMut::Text(out)) => v.clone_into(out),
+                    (ProtoRef::Secret(v), FieldMut::Secret(out)) => *out = secret_in(v),
+                    // A field is text or a secret in both.
+                    _ => {}
+                }
+            }
+        }
+    }
+    let mut conns = In {
+        msgs: c,
+        out: Connections::default(),
+    };
+    Connections::for_each_vendor(&mut conns);
+    conns.out
 }
 
 // ---- field masks ----
 
-/// Every path an update mask may name within a connection set.
-const CONNECTION_PATHS: &[&str] = &[
-    "miradore",
-    "miradore.site",
-    "miradore.api_key",
-    "m3ter",
-    "m3ter.access_key_id",
-    "m3ter.api_secret",
-    "m3ter.org_id",
-    "m3ter.environment",
-    "mailkit",
-    "mailkit.client_id",
-    "mailkit.client_md5",
-];
+/// Every path an update mask may name within a connection set: each vendor, then each of
+/// its declared fields (`m3ter`, `m3ter.access_key_id`, ...).
+fn connection_paths() -> Vec<String> {
+    struct Paths(Vec<String>);
+    impl VendorVisitor for Paths {
+        fn visit<C: Connection>(&mut self, _: &Slot<C>) {
+            let vendor = C::VENDOR.as_str();
+            self.0.push(vendor.to_owned());
+            self.0
+                .extend(C::FIELDS.iter().map(|f| format!("{vendor}.{}", f.name)));
+        }
+    }
+    let mut paths = Paths(Vec::new());
+    Connections::for_each_vendor(&mut paths);
+    paths.0
+}
 
-/// Most paths an update mask may name: there are 12 updatable paths, so a longer mask
-/// repeats or invents paths.
+/// Most paths an update mask may name: there are 12 updatable paths (`display_name` and
+/// those of `connection_paths`), so a longer mask repeats or invents paths.
 pub const MAX_MASK_PATHS: usize = 32;
 
 /// Checks that every path of `mask` is updatable; `extra` lists further accepted paths.
@@ -195,10 +215,11 @@ pub fn check_mask(paths: &[String], extra: &[&str]) -> Result<(), Vec<FieldViola
             ),
         )]);
     }
+    let connection_paths = connection_paths();
     let mut bad = paths
         .iter()
         .enumerate()
-        .filter(|(_, p)| !CONNECTION_PATHS.contains(&p.as_str()) && !extra.contains(&p.as_str()))
+        .filter(|(_, p)| !connection_paths.contains(p) && !extra.contains(&p.as_str()))
         .map(|(i, p)| {
             FieldViolation::new(
                 format!("update_mask.paths[{i}]"),
@@ -213,7 +234,12 @@ pub fn check_mask(paths: &[String], extra: &[&str]) -> Result<(), Vec<FieldViola
         "update_mask",
         format!(
             "updatable paths: {}",
-            [extra, CONNECTION_PATHS].concat().join(", ")
+            extra
+                .iter()
+                .copied()
+                .chain(connection_paths.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     )];
     out.extend(bad);
@@ -224,86 +250,60 @@ pub fn check_mask(paths: &[String], extra: &[&str]) -> Result<(), Vec<FieldViola
 /// connection replaces it (removes it when `req` has none); naming a field sets it, blank
 /// meaning "inherit from the partner defaults", creating the connection if needed.
 pub fn apply_mask(target: &mut Connections, req: &Connections, paths: &[String]) {
-    for path in paths {
-        match path.as_str() {
-            "miradore" => target.miradore = req.miradore.clone(),
-            "m3ter" => target.m3ter = req.m3ter.clone(),
-            "mailkit" => target.mailkit = req.mailkit.clone(),
-            "miradore.site" => {
-                target.miradore.get_or_insert_default().site = field(&req.miradore, |c| &c.site)
-            }
-            "miradore.api_key" => {
-                target.miradore.get_or_insert_default().api_key =
-                    req.miradore.as_ref().and_then(|c| c.api_key.clone())
-            }
-            "m3ter.access_key_id" => {
-                target.m3ter.get_or_insert_default().access_key_id =
-                    field(&req.m3ter, |c| &c.access_key_id)
-            }
-            "m3ter.api_secret" => {
-                target.m3ter.get_or_insert_default().api_secret =
-                    req.m3ter.as_ref().and_then(|c| c.api_secret.clone())
-            }
-            "m3ter.org_id" => {
-                target.m3ter.get_or_insert_default().org_id = field(&req.m3ter, |c| &c.org_id)
-            }
-            "m3ter.environment" => {
-                target.m3ter.get_or_insert_default().environment =
-                    field(&req.m3ter, |c| &c.environment)
-            }
-            "mailkit.client_id" => {
-                target.mailkit.get_or_insert_default().client_id =
-                    field(&req.mailkit, |c| &c.client_id)
-            }
-            "mailkit.client_md5" => {
-                target.mailkit.get_or_insert_default().client_md5 =
-                    req.mailkit.as_ref().and_then(|c| c.client_md5.clone())
+    struct Apply<'a> {
+        target: &'a mut Connections,
+        req: &'a Connections,
+        path: &'a str,
+    }
+    impl VendorVisitor for Apply<'_> {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+            let Some(rest) = self.path.strip_prefix(C::VENDOR.as_str()) else {
+                return;
+            };
+            if rest.is_empty() {
+                (slot.get_mut)(self.target).clone_from((slot.get)(self.req));
+            } else if let Some(field) = rest
+                .strip_prefix('.')
+                .and_then(|name| C::FIELDS.iter().find(|f| f.name == name))
+            {
+                let dst = (slot.get_mut)(self.target).get_or_insert_default();
+                field.copy(dst, (slot.get)(self.req).as_ref());
             }
             // Other paths were refused by `check_mask`.
-            _ => {}
         }
     }
-}
-
-fn field<C>(conn: &Option<C>, get: impl Fn(&C) -> &String) -> String {
-    conn.as_ref().map(|c| get(c).clone()).unwrap_or_default()
+    for path in paths {
+        Connections::for_each_vendor(&mut Apply { target, req, path });
+    }
 }
 
 /// The update an empty mask means: every field present in the request (non-empty strings,
 /// set secrets, connections present) is set; nothing is cleared.
 pub fn merge_present(target: &mut Connections, req: &Connections) {
-    fn set(dst: &mut String, src: &str) {
-        if !src.is_empty() {
-            src.clone_into(dst);
+    struct Merge<'a> {
+        target: &'a mut Connections,
+        req: &'a Connections,
+    }
+    impl VendorVisitor for Merge<'_> {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+            let Some(req) = (slot.get)(self.req) else {
+                return;
+            };
+            let dst = (slot.get_mut)(self.target).get_or_insert_default();
+            for field in C::FIELDS {
+                if !(field.get)(req).is_blank() {
+                    field.copy(dst, Some(req));
+                }
+            }
         }
     }
-    fn set_secret(dst: &mut Option<Secret>, src: &Option<Secret>) {
-        if src.is_some() {
-            dst.clone_from(src);
-        }
-    }
-    if let Some(r) = &req.miradore {
-        let t = target.miradore.get_or_insert_default();
-        set(&mut t.site, &r.site);
-        set_secret(&mut t.api_key, &r.api_key);
-    }
-    if let Some(r) = &req.m3ter {
-        let t = target.m3ter.get_or_insert_default();
-        set(&mut t.access_key_id, &r.access_key_id);
-        set_secret(&mut t.api_secret, &r.api_secret);
-        set(&mut t.org_id, &r.org_id);
-        set(&mut t.environment, &r.environment);
-    }
-    if let Some(r) = &req.mailkit {
-        let t = target.mailkit.get_or_insert_default();
-        set(&mut t.client_id, &r.client_id);
-        set_secret(&mut t.client_md5, &r.client_md5);
-    }
+    Connections::for_each_vendor(&mut Merge { target, req });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tenants::M3terConn;
 
     #[test]
     fn vendor_values_map_both_ways() {
@@ -371,6 +371,28 @@ mod tests {
     }
 
     #[test]
+    fn mask_paths_follow_the_declared_fields() {
+        assert_eq!(
+            connection_paths(),
+            [
+                "miradore",
+                "miradore.site",
+                "miradore.api_key",
+                "m3ter",
+                "m3ter.access_key_id",
+                "m3ter.api_secret",
+                "m3ter.org_id",
+                "m3ter.environment",
+                "mailkit",
+                "mailkit.client_id",
+                "mailkit.client_md5",
+            ]
+        );
+        // display_name and the connection paths, with room for a few vendors more.
+        assert!(connection_paths().len() < MAX_MASK_PATHS);
+    }
+
+    #[test]
     fn unknown_paths_are_named() {
         let err = check_mask(&["display_name".into(), "m3ter.nope".into()], &[]).unwrap_err();
         assert_eq!(err.len(), 3);
@@ -410,7 +432,7 @@ mod tests {
 
     #[test]
     fn reads_carry_fingerprints_not_values() {
-        let (_, m3ter, _) = connections_out(&conns_with_m3ter("topsecret"));
+        let m3ter = connections_out(&conns_with_m3ter("topsecret")).m3ter;
         let s = m3ter.unwrap().api_secret.unwrap();
         assert!(s.value.is_empty());
         assert_eq!(s.fingerprint, Secret::new("topsecret").fingerprint());

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use super::model::{Connections, M3terConn, MailkitConn, MiradoreConn, VendorKind};
+use super::model::{
+    Connection, Connections, FieldMut, FieldRef, M3terConn, MailkitConn, MiradoreConn, VendorKind,
+};
 use super::validate::FieldViolation;
 use crate::secret::Secret;
 
@@ -50,18 +52,12 @@ impl EffectiveTenant {
         defaults: &Connections,
     ) -> Result<Self, Vec<FieldViolation>> {
         let mut missing = Vec::new();
-        let miradore = own
-            .miradore
-            .as_ref()
-            .and_then(|c| resolve_miradore(c, defaults.miradore.as_ref(), &mut missing));
-        let m3ter = own
-            .m3ter
-            .as_ref()
-            .and_then(|c| resolve_m3ter(c, defaults.m3ter.as_ref(), &mut missing));
-        let mailkit = own
-            .mailkit
-            .as_ref()
-            .and_then(|c| resolve_mailkit(c, defaults.mailkit.as_ref(), &mut missing));
+        let miradore = resolve(&own.miradore, &defaults.miradore, &mut missing)
+            .and_then(MiradoreCreds::from_resolved);
+        let m3ter =
+            resolve(&own.m3ter, &defaults.m3ter, &mut missing).and_then(M3terCreds::from_resolved);
+        let mailkit = resolve(&own.mailkit, &defaults.mailkit, &mut missing)
+            .and_then(MailkitCreds::from_resolved);
         if !missing.is_empty() {
             return Err(missing);
         }
@@ -94,114 +90,76 @@ pub fn m3ter_hosts(environment: &str) -> (String, String) {
     }
 }
 
-fn pick<'a>(own: &'a str, inherited: Option<&'a str>) -> &'a str {
-    if own.is_empty() {
-        inherited.unwrap_or("")
-    } else {
-        own
+/// `own` with every blank field filled from `defaults`, following the vendor's declared
+/// fields ([`Connection::FIELDS`]); `None` when the tenant does not use the vendor or when
+/// a required field is blank in both (each such field is added to `missing`, by its path).
+fn resolve<C: Connection>(
+    own: &Option<C>,
+    defaults: &Option<C>,
+    missing: &mut Vec<FieldViolation>,
+) -> Option<C> {
+    let mut conn = own.clone()?;
+    let mut complete = true;
+    for field in C::FIELDS {
+        if (field.get)(&conn).is_blank() {
+            match (
+                defaults.as_ref().map(|d| (field.get)(d)),
+                (field.get_mut)(&mut conn),
+            ) {
+                (Some(FieldRef::Text(d)), FieldMut::Text(v)) => d.clone_into(v),
+                (Some(FieldRef::Secret(d)), FieldMut::Secret(v)) => v.clone_from(d),
+                _ => {}
+            }
+        }
+        if field.required && (field.get)(&conn).is_blank() {
+            missing.push(FieldViolation::missing(&format!(
+                "{}.{}",
+                C::VENDOR.as_str(),
+                field.name
+            )));
+            complete = false;
+        }
+    }
+    complete.then_some(conn)
+}
+
+// The typed credentials of each vendor, from a connection [`resolve`] returned (its required
+// secrets are set, so `None` does not happen).
+
+impl MiradoreCreds {
+    fn from_resolved(c: MiradoreConn) -> Option<Self> {
+        Some(Self {
+            site: c.site,
+            api_key: c.api_key?,
+        })
     }
 }
 
-fn pick_secret<'a>(own: &'a Option<Secret>, inherited: Option<&'a Secret>) -> Option<&'a Secret> {
-    own.as_ref().or(inherited)
-}
-
-fn require<'a>(value: &'a str, field: &str, missing: &mut Vec<FieldViolation>) -> Option<&'a str> {
-    if value.is_empty() {
-        missing.push(FieldViolation::missing(field));
-        None
-    } else {
-        Some(value)
+impl M3terCreds {
+    fn from_resolved(c: M3terConn) -> Option<Self> {
+        let (api_host, ingest_host) = m3ter_hosts(&c.environment);
+        Some(Self {
+            access_key_id: c.access_key_id,
+            api_secret: c.api_secret?,
+            org_id: c.org_id,
+            environment: if c.environment == "prod" {
+                String::new()
+            } else {
+                c.environment
+            },
+            api_host,
+            ingest_host,
+        })
     }
 }
 
-fn require_secret<'a>(
-    value: Option<&'a Secret>,
-    field: &str,
-    missing: &mut Vec<FieldViolation>,
-) -> Option<&'a Secret> {
-    if value.is_none() {
-        missing.push(FieldViolation::missing(field));
+impl MailkitCreds {
+    fn from_resolved(c: MailkitConn) -> Option<Self> {
+        Some(Self {
+            client_id: c.client_id,
+            client_md5: c.client_md5?,
+        })
     }
-    value
-}
-
-fn resolve_miradore(
-    own: &MiradoreConn,
-    d: Option<&MiradoreConn>,
-    missing: &mut Vec<FieldViolation>,
-) -> Option<MiradoreCreds> {
-    let site = require(
-        pick(&own.site, d.map(|d| d.site.as_str())),
-        "miradore.site",
-        missing,
-    );
-    let key = require_secret(
-        pick_secret(&own.api_key, d.and_then(|d| d.api_key.as_ref())),
-        "miradore.api_key",
-        missing,
-    );
-    Some(MiradoreCreds {
-        site: site?.to_owned(),
-        api_key: key?.clone(),
-    })
-}
-
-fn resolve_m3ter(
-    own: &M3terConn,
-    d: Option<&M3terConn>,
-    missing: &mut Vec<FieldViolation>,
-) -> Option<M3terCreds> {
-    let key_id = require(
-        pick(&own.access_key_id, d.map(|d| d.access_key_id.as_str())),
-        "m3ter.access_key_id",
-        missing,
-    );
-    let secret = require_secret(
-        pick_secret(&own.api_secret, d.and_then(|d| d.api_secret.as_ref())),
-        "m3ter.api_secret",
-        missing,
-    );
-    let org = require(
-        pick(&own.org_id, d.map(|d| d.org_id.as_str())),
-        "m3ter.org_id",
-        missing,
-    );
-    let environment = pick(&own.environment, d.map(|d| d.environment.as_str()));
-    let (api_host, ingest_host) = m3ter_hosts(environment);
-    Some(M3terCreds {
-        access_key_id: key_id?.to_owned(),
-        api_secret: secret?.clone(),
-        org_id: org?.to_owned(),
-        environment: if environment == "prod" {
-            String::new()
-        } else {
-            environment.to_owned()
-        },
-        api_host,
-        ingest_host,
-    })
-}
-
-fn resolve_mailkit(
-    own: &MailkitConn,
-    d: Option<&MailkitConn>,
-    missing: &mut Vec<FieldViolation>,
-) -> Option<MailkitCreds> {
-    let id = require(
-        pick(&own.client_id, d.map(|d| d.client_id.as_str())),
-        "mailkit.client_id",
-        missing,
-    );
-    let md5 = require_secret(
-        pick_secret(&own.client_md5, d.and_then(|d| d.client_md5.as_ref())),
-        "mailkit.client_md5",
-        missing,
-    );
-    Some(MailkitCreds {
-        client_id: id?.to_owned(),
-        client_md5: md5?.clone(),
-    })
 }
 
 #[cfg(test)]

@@ -2,8 +2,10 @@
 //! (`google.rpc.BadRequest` on the gRPC side). Completeness (a required field blank in both
 //! the tenant and the partner defaults) is checked in [`super::effective`].
 
-use super::model::{Connections, M3terConn, MailkitConn, MiradoreConn};
+use super::model::{Connection, Connections, FieldRef, Slot, VendorVisitor};
 use crate::secret::Secret;
+
+use super::model::is_dns_label;
 
 /// One offending field: its path (e.g. `tenant.m3ter.org_id`) and what is wrong with it.
 /// Descriptions never quote a secret value.
@@ -74,37 +76,9 @@ pub fn declared_tenant_path(index: usize, id: &str) -> String {
 pub const MAX_DISPLAY_NAME: usize = 200;
 /// Longest accepted secret value, in bytes.
 pub const MAX_SECRET_LEN: usize = 4096;
-/// Longest accepted m3ter access key ID, in bytes.
-pub const MAX_ACCESS_KEY_ID_LEN: usize = 256;
-
 /// `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`: a DNS label, lower case.
 pub fn is_tenant_id(id: &str) -> bool {
     is_dns_label(id)
-}
-
-fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-}
-
-/// `[A-Za-z0-9-]{1,63}`, case kept.
-pub fn is_miradore_site(s: &str) -> bool {
-    (1..=63).contains(&s.len()) && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
-}
-
-/// 8-4-4-4-12 hex digits.
-pub fn is_uuid(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 36
-        && b.iter().enumerate().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => *c == b'-',
-            _ => c.is_ascii_hexdigit(),
-        })
 }
 
 pub fn validate_tenant_id(id: &str, field: &str, out: &mut Vec<FieldViolation>) {
@@ -145,88 +119,46 @@ fn is_display_control(c: char) -> bool {
         )
 }
 
-/// Checks the format of every non-blank field of `conns`; `prefix` is the path of the
-/// message holding them (`tenant` or `partner_defaults`).
+/// Checks the format of every non-blank field of `conns` against its vendor's declared
+/// rules ([`Connection::FIELDS`]); `prefix` is the path of the message holding them
+/// (`tenant` or `partner_defaults`).
 pub fn validate_connections(conns: &Connections, prefix: &str, out: &mut Vec<FieldViolation>) {
-    if let Some(c) = &conns.miradore {
-        validate_miradore(c, &format!("{prefix}.miradore"), out);
+    struct Check<'a> {
+        conns: &'a Connections,
+        prefix: &'a str,
+        out: &'a mut Vec<FieldViolation>,
     }
-    if let Some(c) = &conns.m3ter {
-        validate_m3ter(c, &format!("{prefix}.m3ter"), out);
-    }
-    if let Some(c) = &conns.mailkit {
-        validate_mailkit(c, &format!("{prefix}.mailkit"), out);
-    }
-}
-
-fn validate_miradore(c: &MiradoreConn, p: &str, out: &mut Vec<FieldViolation>) {
-    if !c.site.is_empty() && !is_miradore_site(&c.site) {
-        out.push(FieldViolation::new(
-            format!("{p}.site"),
-            "must be 1-63 letters, digits or '-' (case is kept)",
-        ));
-    }
-    if let Some(key) = &c.api_key {
-        let field = format!("{p}.api_key.value");
-        if validate_secret(key, &field, out) && !key.expose().bytes().all(|b| b.is_ascii_graphic())
-        {
-            // The key travels in the X-API-Key header, which must be visible ASCII.
-            out.push(FieldViolation::new(
-                field,
-                "must be visible ASCII characters without spaces",
-            ));
+    impl VendorVisitor for Check<'_> {
+        fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+            if let Some(conn) = (slot.get)(self.conns) {
+                validate_connection(conn, self.prefix, self.out);
+            }
         }
     }
+    Connections::for_each_vendor(&mut Check { conns, prefix, out });
 }
 
-fn validate_m3ter(c: &M3terConn, p: &str, out: &mut Vec<FieldViolation>) {
-    if !c.access_key_id.is_empty()
-        && (c.access_key_id.len() > MAX_ACCESS_KEY_ID_LEN
-            || !c
-                .access_key_id
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && b != b':'))
-    {
-        // It is the user part of HTTP Basic credentials, where ':' ends it.
-        out.push(FieldViolation::new(
-            format!("{p}.access_key_id"),
-            format!(
-                "must be at most {MAX_ACCESS_KEY_ID_LEN} visible ASCII characters, without ':' or spaces"
-            ),
-        ));
-    }
-    if let Some(s) = &c.api_secret {
-        validate_secret(s, &format!("{p}.api_secret.value"), out);
-    }
-    if !c.org_id.is_empty() && !is_uuid(&c.org_id) {
-        out.push(FieldViolation::new(
-            format!("{p}.org_id"),
-            "must be a UUID (8-4-4-4-12 hex digits)",
-        ));
-    }
-    if !c.environment.is_empty() && !is_dns_label(&c.environment) {
-        out.push(FieldViolation::new(
-            format!("{p}.environment"),
-            "must be empty, \"prod\", or a DNS label (lower-case letters, digits, '-')",
-        ));
-    }
-}
-
-fn validate_mailkit(c: &MailkitConn, p: &str, out: &mut Vec<FieldViolation>) {
-    if !c.client_id.is_empty()
-        && (c.client_id.len() > 20 || !c.client_id.bytes().all(|b| b.is_ascii_digit()))
-    {
-        out.push(FieldViolation::new(
-            format!("{p}.client_id"),
-            "must be 1-20 digits",
-        ));
-    }
-    if let Some(md5) = &c.client_md5 {
-        let field = format!("{p}.client_md5.value");
-        if validate_secret(md5, &field, out)
-            && !(md5.expose().len() == 32 && md5.expose().bytes().all(|b| b.is_ascii_hexdigit()))
-        {
-            out.push(FieldViolation::new(field, "must be 32 hex digits"));
+fn validate_connection<C: Connection>(conn: &C, prefix: &str, out: &mut Vec<FieldViolation>) {
+    let vendor = C::VENDOR.as_str();
+    for field in C::FIELDS {
+        match (field.get)(conn) {
+            FieldRef::Text(value) if !value.is_empty() => {
+                if let Err(problem) = (field.rule)(value) {
+                    out.push(FieldViolation::new(
+                        format!("{prefix}.{vendor}.{}", field.name),
+                        problem,
+                    ));
+                }
+            }
+            FieldRef::Secret(Some(secret)) => {
+                let path = format!("{prefix}.{vendor}.{}.value", field.name);
+                if validate_secret(secret, &path, out)
+                    && let Err(problem) = (field.rule)(secret.expose())
+                {
+                    out.push(FieldViolation::new(path, problem));
+                }
+            }
+            FieldRef::Text(_) | FieldRef::Secret(None) => {}
         }
     }
 }
@@ -251,6 +183,7 @@ fn validate_secret(s: &Secret, field: &str, out: &mut Vec<FieldViolation>) -> bo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{M3terConn, MailkitConn, MiradoreConn, is_miradore_site, is_uuid};
 
     #[test]
     fn echoed_text_is_short_ascii_and_quoted() {
