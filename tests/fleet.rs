@@ -663,7 +663,7 @@ async fn spawn_binary(etcd: &Etcd, dir: &Path, socket: &Path) -> tokio::process:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_writes_loses_no_acknowledged_write() {
-    const CYCLES: usize = 25;
+    const CYCLES: usize = 100;
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
     let mut acknowledged: Vec<String> = Vec::new();
