@@ -56,14 +56,15 @@ pub fn decode_partner(
     doc.open(keys)
 }
 
-fn record_error(e: RecordError) -> StoreError {
+pub(super) fn record_error(e: RecordError) -> StoreError {
     match e {
         RecordError::Random => StoreError::Backend(e.to_string()),
         other => StoreError::Record(other.to_string()),
     }
 }
 
-fn write_record<T: Serialize>(
+/// Serializes `doc` and seals it whole as `kind` under `key`.
+pub(super) fn write_record<T: Serialize>(
     keys: &MasterKeys,
     kind: RecordKind,
     key: &str,
@@ -76,7 +77,7 @@ fn write_record<T: Serialize>(
 
 /// serde_json errors quote at most a position and a type, and the documents hold only
 /// sealed secrets, so the message cannot carry a secret.
-fn read_record<T: for<'a> Deserialize<'a>>(
+pub(super) fn read_record<T: for<'a> Deserialize<'a>>(
     keys: &MasterKeys,
     kind: RecordKind,
     key: &str,

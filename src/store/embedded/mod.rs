@@ -37,19 +37,20 @@ use redb::{
     Builder, ConcurrencyMode, Database, DatabaseError, Durability, ReadableDatabase, ReadableTable,
     TableDefinition, WriteTransaction,
 };
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::model::PartnerRecord;
 use crate::store::backend::{self, BackendOpener, Boxed};
 use crate::store::files;
 use crate::store::health::StoreHealth;
 use crate::store::master_key::{KeyId, MASTER_KEY_ENV, MasterKeys};
-use crate::store::record::{self, RecordError, RecordKind};
+use crate::store::record::{self, RecordKind};
 use crate::store::sealing;
 use crate::store::{Expect, Mutation, Store, StoreError, StoredState};
 
 mod offline;
 
+use super::codec::{self, write_record};
 use super::doc::{PARTNER_PLACE, PartnerDoc, TenantDoc, seal_error, tenant_place};
 
 use offline::{VerifyError, verify};
@@ -909,27 +910,8 @@ fn backend(e: impl Into<redb::Error>) -> StoreError {
     }
 }
 
-fn record_error(e: RecordError) -> StoreError {
-    match e {
-        RecordError::Random => StoreError::Backend(e.to_string()),
-        other => StoreError::Record(other.to_string()),
-    }
-}
-
 fn join_ids(ids: impl Iterator<Item = KeyId>) -> String {
     ids.map(|id| id.to_string()).collect::<Vec<_>>().join(", ")
-}
-
-/// Serializes `doc` and seals it whole as `kind` under `key`.
-fn write_record<T: Serialize>(
-    keys: &MasterKeys,
-    kind: RecordKind,
-    key: &str,
-    doc: &T,
-) -> Result<Vec<u8>, StoreError> {
-    let json = serde_json::to_vec(doc)
-        .map_err(|e| StoreError::Backend(format!("cannot encode a record: {e}")))?;
-    record::seal(keys, kind, key, &json).map_err(record_error)
 }
 
 /// Opens a record read as `kind` under `key` (a schema-1 record is plain JSON) and decodes
@@ -942,13 +924,10 @@ fn read_record<T: for<'a> Deserialize<'a>>(
     key: &str,
     bytes: &[u8],
 ) -> Result<T, StoreError> {
-    let decoded = if schema < 2 {
-        serde_json::from_slice(bytes)
-    } else {
-        let json = record::open(keys, kind, key, bytes).map_err(record_error)?;
-        serde_json::from_slice(&json)
-    };
-    decoded.map_err(|e| {
+    if schema >= 2 {
+        return codec::read_record(keys, kind, key, bytes);
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
         StoreError::Record(format!(
             "the stored {} record {key:?} does not decode: {e}",
             kind.name()
