@@ -367,6 +367,20 @@ impl Proxy {
         resp
     }
 
+    /// The tenant the app named, from the current snapshot (logged either way).
+    fn tenant(
+        &self,
+        id: std::borrow::Cow<'_, str>,
+        log: &mut RequestLog,
+    ) -> Result<Arc<crate::tenants::EffectiveTenant>, ProxyError> {
+        let Some(tenant) = self.inner.snapshot.load().tenant(&id).cloned() else {
+            log.tenant = Some(Arc::from(id.as_ref()));
+            return Err(ProxyError::UnknownTenant(id.into_owned()));
+        };
+        log.tenant = Some(tenant.id.clone());
+        Ok(tenant)
+    }
+
     async fn route(
         &self,
         mut req: Request<Incoming>,
@@ -397,13 +411,7 @@ impl Proxy {
             (Some(origin), _) => std::borrow::Cow::Borrowed(&*origin.tenant),
             (None, named) => named.ok_or(ProxyError::TenantRequired)?,
         };
-        let snapshot = self.inner.snapshot.load();
-        let Some(tenant) = snapshot.tenant(&tenant_id).cloned() else {
-            log.tenant = Some(Arc::from(tenant_id.as_ref()));
-            return Err(ProxyError::UnknownTenant(tenant_id.into_owned()));
-        };
-        drop(snapshot);
-        log.tenant = Some(tenant.id.clone());
+        let tenant = self.tenant(tenant_id, log)?;
         log.vendor = target.endpoint.vendor();
         let (vendor, host) = route::upstream_host(&target.endpoint, &tenant, vendors)?;
         log.host = Some(host.into());
@@ -489,13 +497,7 @@ impl Proxy {
         let vendors = &self.inner.vendors;
         let host = tunnel::connect_host(req.uri())?.to_ascii_lowercase();
         let tenant_id = route::tenant_id(req.headers())?.ok_or(ProxyError::TenantRequired)?;
-        let snapshot = self.inner.snapshot.load();
-        let Some(tenant) = snapshot.tenant(&tenant_id).cloned() else {
-            log.tenant = Some(Arc::from(tenant_id.as_ref()));
-            return Err(ProxyError::UnknownTenant(tenant_id.into_owned()));
-        };
-        drop(snapshot);
-        log.tenant = Some(tenant.id.clone());
+        let tenant = self.tenant(tenant_id, log)?;
         let endpoint = match vendors.by_host(&host) {
             Some(index) => Endpoint::Vendor {
                 index,
