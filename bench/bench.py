@@ -258,13 +258,15 @@ def write_tenants(path, extra=0):
             f.write(tenant_doc(i))
 
 
-def start_sidekey(procs, bins, tmp, name, cpu, ca, mock_port, tenants_file, intercept=None):
+def start_sidekey(procs, bins, tmp, name, cpu, ca, mock_port, tenants_file, intercept=None,
+                  log_level="warn"):
     proxy_port, grpc_port, admin_port = free_port(), free_port(), free_port()
     env = dict(os.environ)
     env.update(
         SIDEKEY_MASTER_KEY=base64.b64encode(os.urandom(32)).decode(),
-        # warn: one info line per request would measure the logger, not the proxy.
-        RUST_LOG="warn",
+        # warn by default: one info line per request would measure the logger, not the proxy
+        # (the `*_logs` cases measure it on purpose, at sidekey's default level, info).
+        RUST_LOG=log_level,
         # One worker for one core (taskset alone would give the same count, the variable
         # makes it explicit); with one, main.rs picks tokio's current-thread runtime.
         TOKIO_WORKER_THREADS="1",
@@ -362,6 +364,18 @@ http {{
         }}
     }}
 
+    # Access log on (the `*_logs` cases): nginx's default combined format to a file, written
+    # per request as nginx does by default (no `buffer=`), like sidekey's request log.
+    server {{
+        listen 127.0.0.1:{logs_port};
+        access_log {prefix}/access.log;
+        location /miradore/ {{
+            if ($miradore_key = "") {{ return 403; }}
+            proxy_pass https://miradore/;
+{inject}
+        }}
+    }}
+
     server {{
         listen 127.0.0.1:{port};
         location /miradore/ {{
@@ -384,13 +398,13 @@ def start_nginx(procs, tmp, cpu, ca, mock_port, keepalive, tls):
     # Run as root, nginx's worker switches to `nobody`, which must traverse to its temp dirs.
     os.chmod(tmp, 0o711)
     os.chmod(prefix, 0o755)
-    port, tls_port = free_port(), free_port()
+    port, tls_port, logs_port = free_port(), free_port(), free_port()
     conf = os.path.join(prefix, "nginx.conf")
     with open(conf, "w") as f:
         f.write(
             NGINX_CONF.format(
                 prefix=prefix, port=port, mock_port=mock_port, ca=ca, tenant=TENANT,
-                key=MIRADORE_KEY, keepalive=keepalive, tls_port=tls_port,
+                key=MIRADORE_KEY, keepalive=keepalive, tls_port=tls_port, logs_port=logs_port,
                 tls_cert=tls["cert"], tls_key=tls["key"], inject=NGINX_INJECT.format(ca=ca),
             )
         )
@@ -409,7 +423,7 @@ def start_nginx(procs, tmp, cpu, ca, mock_port, keepalive, tls):
             return True
 
     wait_until("nginx to listen", ready, p, procs, "nginx", 30)
-    return p, port, tls_port
+    return p, port, tls_port, logs_port
 
 
 def make_intercept_ca(bins, tmp):
@@ -560,11 +574,14 @@ def profile(a, cases, parties):
     r = measure(c, a, parties)
     rec.wait(timeout=a.duration + 120)
     log(f"{c['key']} under perf: {r['rps']:.0f} req/s, {r['cpu_per_10k']:.3f} CPU s / 10k")
-    # Second run, counting instead of sampling: syscalls and context switches per request.
+    flame = flamegraph(data, os.path.join(out_dir, f"flame-{c['key']}.svg"))
+    # Second run, counting instead of sampling: syscalls, context switches and heap
+    # allocations (uprobes on libc's allocator, which both proxies use) per request.
     events = ["raw_syscalls:sys_enter", "syscalls:sys_enter_read", "syscalls:sys_enter_recvfrom",
               "syscalls:sys_enter_write", "syscalls:sys_enter_writev",
               "syscalls:sys_enter_sendto", "syscalls:sys_enter_epoll_wait",
               "syscalls:sys_enter_futex", "context-switches"]
+    events += alloc_probes(parties[c["proxy"]].pid)
     stat_out = os.path.join(out_dir, f"perf-{c['key']}.stat")
     st = subprocess.Popen(
         ["taskset", "-c", str(a.load_cpu), "perf", "stat", "-x", ",", "-o", stat_out,
@@ -577,12 +594,17 @@ def profile(a, cases, parties):
     with open(out, "w") as f:
         f.write(f"==== per request ({int(r2['requests'])} requests in "
                 f"{r2['duration_us'] / 1e6:.1f} s, {r2['rps']:.0f} req/s) ====\n")
+        allocs = 0.0
         try:
             with open(stat_out) as sf:
                 for line in sf:
                     parts = line.strip().split(",")
                     if len(parts) > 2 and parts[0].replace(".", "").isdigit():
                         f.write(f"{parts[2]:<32} {float(parts[0]) / r2['requests']:8.2f}\n")
+                        if parts[2].startswith("probe_libc:"):
+                            allocs += float(parts[0])
+            if allocs:
+                f.write(f"{'heap allocations (all three)':<32} {allocs / r2['requests']:8.2f}\n")
         except OSError:
             f.write("perf stat failed\n")
     reports = [
@@ -599,8 +621,77 @@ def profile(a, cases, parties):
                 + opts,
                 stdout=f, stderr=subprocess.DEVNULL, timeout=900,
             )
+    if any(e.startswith("probe_libc:") for e in events):
+        # Third run: where the allocations come from (call graphs of the malloc probe).
+        adata = os.path.join(out_dir, f"perf-{c['key']}-alloc.data")
+        ar = subprocess.Popen(
+            ["taskset", "-c", str(a.load_cpu), "perf", "record", "-e", "probe_libc:malloc",
+             "--call-graph", "dwarf,16384", "-o", adata, "-p", pids, "--", "sleep", "2"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)
+        run_load(a, c, 2)
+        ar.wait(timeout=120)
+        with open(out, "a") as f:
+            f.write("==== heap allocations by caller (malloc calls, with call chains) ====\n")
+            f.flush()
+            subprocess.run(
+                ["perf", "report", "-i", adata, "--stdio", "--no-children", "-G",
+                 "--percent-limit", "1", "--sort", "symbol"],
+                stdout=f, stderr=subprocess.DEVNULL, timeout=900,
+            )
     log(f"wrote {os.path.relpath(out, REPO)}")
+    if flame:
+        log(f"wrote {os.path.relpath(flame, REPO)}")
     return 0
+
+
+ALLOCATORS = ("malloc", "calloc", "realloc")
+
+
+def alloc_probes(pid):
+    """perf events counting calls into libc's allocator (uprobes, added once per machine);
+    none when the kernel or perf cannot place them."""
+    libc = None
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                path = line.split()[-1]
+                if "/libc.so" in path:
+                    libc = path
+                    break
+    except OSError:
+        return []
+    if not libc:
+        return []
+    listed = subprocess.run(["perf", "probe", "-l"], capture_output=True, text=True).stdout
+    events = []
+    for fn in ALLOCATORS:
+        if f"probe_libc:{fn} " not in listed:
+            added = subprocess.run(["perf", "probe", "-q", "-x", libc, "--add", fn],
+                                   capture_output=True, text=True)
+            if added.returncode != 0:
+                log(f"no allocation counts: perf probe {fn}: {added.stderr.strip()[:200]}")
+                return []
+        events.append(f"probe_libc:{fn}")
+    return events
+
+
+def flamegraph(data, svg):
+    """A CPU flame graph of a perf recording, with inferno (bench/run.sh --perf installs it
+    from crates.io); None when it is not installed."""
+    collapse, draw = shutil.which("inferno-collapse-perf"), shutil.which("inferno-flamegraph")
+    if not (collapse and draw):
+        log("no flame graph: inferno is not installed (cargo install --locked inferno)")
+        return None
+    script = subprocess.Popen(["perf", "script", "-i", data], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+    folded = subprocess.run([collapse], stdin=script.stdout, capture_output=True, timeout=900)
+    script.wait()
+    with open(svg, "wb") as f:
+        subprocess.run([draw, "--title", os.path.basename(svg)[:-4], "--width", "1600"],
+                       input=folded.stdout, stdout=f, check=True, timeout=300)
+    return svg
 
 
 def med(xs):
@@ -761,6 +852,7 @@ def report(a, info, cases, results, extra):
     ratio_row("nginx / direct", "nginx", "direct")
     ratio_row("sidekey m3ter / nginx", "sk_m3ter", "nginx")
     ratio_row("sidekey Mailkit / nginx", "sk_mailkit", "nginx")
+    ratio_row("sidekey / nginx, logs on (request log vs access log)", "sk_logs", "nginx_logs")
     ratio_row("sidekey / nginx, 64 KiB responses", "sk_large", "nginx_large")
     ratio_row("sidekey / direct, 64 KiB responses", "sk_large", "direct_large")
     ratio_row("sidekey / nginx, 1 connection", "sk_c1", "nginx_c1")
@@ -787,7 +879,7 @@ def report(a, info, cases, results, extra):
     add_c1_cores = added("sk_c1", "direct_c1")
     add_ngx = added("nginx_c1_1core", "direct_c1")
     add_loaded = added("sk_miradore", "direct")
-    sk_keys = [c["key"] for c in cases if c["proxy"] == "sidekey"]
+    sk_keys = [c["key"] for c in cases if c["proxy"] in ("sidekey", "sidekey_logs")]
     peak = max((r["hwm_mib"] for k in sk_keys for r in R[k] if r["hwm_mib"] is not None),
                default=None)
     many = extra.get("tenants_10k", {})
@@ -903,9 +995,18 @@ def run(a, procs):
                                    tenants_file, intercept)
     idle_rss = status_kib(sk.pid, "VmRSS") / 1024
     sk_threads = thread_names(sk.pid)
-    ngx, ngx_port, ngx_tls_port = start_nginx(procs, a.tmp, a.proxy_cpu, ca, mock_port,
-                                              a.connections, nginx_tls)
+    ngx, ngx_port, ngx_tls_port, ngx_logs_port = start_nginx(
+        procs, a.tmp, a.proxy_cpu, ca, mock_port, a.connections, nginx_tls)
     parties = {"mock": mock, "sidekey": sk, "nginx": ngx}
+    # A second sidekey at its default log level (info: one request line per request), its
+    # log going to a file, for the logs-on case; started only when that case runs.
+    if not a.cases or "sk_logs" in a.cases.split(",") or a.perf == "sk_logs":
+        sk_logs, sk_logs_port, _ = start_sidekey(
+            procs, a.bins, a.tmp, "sidekey_logs", a.proxy_cpu, ca, mock_port, tenants_file,
+            log_level="info")
+        parties["sidekey_logs"] = sk_logs
+    else:
+        sk_logs_port = None
 
     body_file = os.path.join(a.tmp, "mailkit.json")
     with open(body_file, "w") as f:
@@ -929,6 +1030,11 @@ def run(a, procs):
              url=sk_url + m3, headers=th),
         dict(key="sk_mailkit", label="sidekey, Mailkit JSON body rewrite", proxy="sidekey",
              url=sk_url + "/mailkit/json.fcgi", headers=th, body_file=body_file),
+        # Logs on: nginx's access log vs sidekey's request log (info), each to a file.
+        dict(key="nginx_logs", label="nginx, header injection, access log to a file",
+             proxy="nginx", url=f"http://127.0.0.1:{ngx_logs_port}{mir}", headers=th),
+        dict(key="sk_logs", label="sidekey, Miradore v2, request log (info) to a file",
+             proxy="sidekey_logs", url=f"http://127.0.0.1:{sk_logs_port}{mir}", headers=th),
         # HTTPS from the app: TLS to sidekey through CONNECT (interception) vs TLS to nginx,
         # each terminating it and injecting the Miradore header; same load client.
         dict(key="nginx_https", label="nginx, app TLS terminated, header injection",

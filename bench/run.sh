@@ -15,9 +15,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-smoke=0
+smoke=0 perf=0
 for arg in "$@"; do
     [[ $arg == --smoke ]] && smoke=1
+    [[ $arg == --perf ]] && perf=1
 done
 
 # ---- tools from Debian -------------------------------------------------------------------
@@ -41,6 +42,15 @@ if ((${#missing[@]})); then
         "${sudo[@]}" apt-get update -q >&2
         "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
     fi
+fi
+if ((perf)); then
+    # --perf: perf from Debian (linux-perf) records; inferno (crates.io) draws the flame graph.
+    command -v perf >/dev/null || { echo "bench: --perf needs perf (apt-get install linux-perf)" >&2; exit 1; }
+    tools=${CARGO_TARGET_DIR:-target}/tools
+    if [[ ! -x $tools/bin/inferno-flamegraph ]]; then
+        cargo install --locked --quiet --root "$tools" inferno@0.12.8 >&2
+    fi
+    export PATH=$PWD/$tools/bin:$PATH
 fi
 command -v taskset >/dev/null || { echo "bench: taskset (util-linux) is required" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "bench: python3 is required" >&2; exit 1; }
