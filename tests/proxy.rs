@@ -749,6 +749,77 @@ async fn upstream_timeout() {
     assert_refusal(get_via(&proxy).await, 504, "upstream_timeout").await;
 }
 
+/// A token source whose exchange never finishes.
+struct HangingTokens;
+
+#[async_trait]
+impl TokenSource for HangingTokens {
+    async fn token(&self, _: &M3terCreds) -> Result<BearerToken, TokenError> {
+        std::future::pending().await
+    }
+    fn refused(&self, _: &M3terCreds, _: &BearerToken) {}
+}
+
+#[tokio::test]
+async fn the_request_timeout_bounds_a_token_exchange_wait() {
+    let ca = TestCa::new("ca");
+    let mock = MockVendor::builder(&ca).start().await;
+    let proxy = TestProxy::builder()
+        .tenant(acme())
+        .trust(&ca)
+        .route_to(&mock)
+        .tokens(Arc::new(HangingTokens))
+        .config(|c| c.request_timeout = std::time::Duration::from_millis(300))
+        .start()
+        .await;
+    let send = proxy
+        .request(reqwest::Method::GET, &format!("/m3ter{M3TER_PATH}"), "acme")
+        .send();
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), send)
+        .await
+        .expect("an answer within the test's bound")
+        .unwrap();
+    assert_refusal(resp, 504, "upstream_timeout").await;
+    assert_eq!(mock.connections(), 0);
+}
+
+#[tokio::test]
+async fn the_request_timeout_bounds_reading_a_body_to_rewrite() {
+    // Mailkit's body is read whole before anything is sent: an app that stops sending it
+    // gets 504 at the request timeout, and nothing reaches the vendor.
+    let ca = TestCa::new("ca");
+    let mock = MockVendor::builder(&ca).start().await;
+    let proxy = TestProxy::builder()
+        .tenant(acme())
+        .trust(&ca)
+        .route_to(&mock)
+        .config(|c| c.request_timeout = std::time::Duration::from_millis(300))
+        .start()
+        .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"POST /mailkit/json.fcgi HTTP/1.1\r\nHost: sidekey\r\nx-sidekey-tenant: acme\r\n\
+          content-type: application/json\r\nContent-Length: 100\r\n\r\n{\"function\":",
+    )
+    .await
+    .unwrap();
+    // The app's side stays open: the proxy, not the app, must end the wait.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("an answer within the test's bound")
+            .unwrap();
+        assert!(n > 0, "closed without an answer: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 504"), "{got}");
+    assert!(got.contains("x-sidekey-error: upstream_timeout"), "{got}");
+    assert_eq!(mock.connections(), 0);
+}
+
 // ---------------------------------------------------------------------------------------
 // Streaming, protocols, headers, shutdown
 

@@ -253,7 +253,6 @@ struct RequestLog {
     tenant: Option<Arc<str>>,
     /// The vendor's index in the registry.
     vendor: Option<usize>,
-    host: Option<Box<str>>,
 }
 
 impl Proxy {
@@ -308,21 +307,15 @@ impl Proxy {
         let mut log = RequestLog {
             tenant: None,
             vendor: None,
-            host: None,
         };
-        // Boxed: the routing future holds the whole upstream exchange, and wrapping it inline
-        // in the timeout would copy that large state machine on every request.
-        let route = Box::pin(self.route(req, &mut log));
-        let outcome = tokio::time::timeout(self.inner.config.request_timeout, route).await;
-        let (resp, code) = match outcome {
-            Ok(Ok(resp)) => (resp, None),
-            Ok(Err(e)) => (e.to_response().map(Either::Right), Some(e.code())),
-            Err(_) => {
-                let e = ProxyError::UpstreamTimeout {
-                    host: log.host.as_deref().unwrap_or("the vendor").to_owned(),
-                };
-                (e.to_response().map(Either::Right), Some(e.code()))
-            }
+        // The request timeout is a deadline that every wait in `route` ends by, rather than
+        // a timer around it: the vendor's answer is then bounded by one timer, not two.
+        let deadline = tokio::time::Instant::from_std(start) + self.inner.config.request_timeout;
+        // Boxed: the routing future holds the whole upstream exchange, a large state machine
+        // that would otherwise be moved with this one.
+        let (resp, code) = match Box::pin(self.route(req, deadline, &mut log)).await {
+            Ok(resp) => (resp, None),
+            Err(e) => (e.to_response().map(Either::Right), Some(e.code())),
         };
         let elapsed = start.elapsed();
         let status = resp.status();
@@ -381,9 +374,12 @@ impl Proxy {
         Ok(tenant)
     }
 
+    /// Routes and forwards one request. Every wait ends by `deadline` (the request timeout)
+    /// with 504 `upstream_timeout`.
     async fn route(
         &self,
         mut req: Request<Incoming>,
+        deadline: tokio::time::Instant,
         log: &mut RequestLog,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let vendors = &self.inner.vendors;
@@ -414,7 +410,6 @@ impl Proxy {
         let tenant = self.tenant(tenant_id, log)?;
         log.vendor = target.endpoint.vendor();
         let (vendor, host) = route::upstream_host(&target.endpoint, &tenant, vendors)?;
-        log.host = Some(host.into());
         let input = RuleInput {
             method: req.method(),
             headers: req.headers(),
@@ -446,13 +441,21 @@ impl Proxy {
             BodyRule::Stream => {
                 vendor.inject(&mut parts, &tenant)?;
                 let req = Request::from_parts(parts, Either::Left(body));
-                let resp = self.inner.client.send(req).await;
+                let resp = self.inner.client.send_by(req, Some(deadline)).await;
                 Ok(to_app(resp.map_err(upstream_failed)?))
             }
             BodyRule::Rewrite => {
                 // Boxed: a body read is a state machine the header-only rules need not carry.
                 let limit = self.inner.config.rewrite_body_limit;
-                let (raw, mut held) = Box::pin(self.inner.budget.read(body, limit)).await?;
+                // A body that came with the head is read at once: the timer is only armed
+                // while waiting for the app to send more.
+                let read = Box::pin(self.inner.budget.read(body, limit));
+                let (raw, mut held) =
+                    tokio::time::timeout_at(deadline, read)
+                        .await
+                        .map_err(|_| ProxyError::UpstreamTimeout {
+                            host: host.to_owned(),
+                        })??;
                 let rewritten = vendor.rewrite_body(&parts, &raw, &tenant)?;
                 // The rewritten body replaces the raw one in the reservation; it is longer by
                 // the credentials spliced in.
@@ -463,7 +466,8 @@ impl Proxy {
                     .headers
                     .insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
                 let req = Request::from_parts(parts, upstream::full_body(rewritten));
-                let resp = self.inner.client.send(req).await.map_err(upstream_failed)?;
+                let resp = self.inner.client.send_by(req, Some(deadline));
+                let resp = resp.await.map_err(upstream_failed)?;
                 // The body has been sent by the time the vendor answers.
                 drop(held);
                 Ok(to_app(resp))
@@ -475,6 +479,7 @@ impl Proxy {
                     host,
                     replay_limit: self.inner.config.replay_body_limit,
                     budget: &self.inner.budget,
+                    deadline,
                 };
                 Ok(to_app(vendor.send(cx, parts, body).await?))
             }
@@ -506,8 +511,8 @@ impl Proxy {
             None => Endpoint::Foreign(&host),
         };
         log.vendor = endpoint.vendor();
-        let (_, upstream) = route::upstream_host(&endpoint, &tenant, vendors)?;
-        log.host = Some(upstream.into());
+        // The same refusals as a request to `host` (e.g. a vendor the tenant lacks).
+        route::upstream_host(&endpoint, &tenant, vendors)?;
         let Some(hold) = req.extensions_mut().remove::<listener::ConnectionHold>() else {
             return Err(ProxyError::bad_request(
                 "CONNECT is not served on this connection",

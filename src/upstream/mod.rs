@@ -275,9 +275,22 @@ impl Client {
         &self,
         req: Request<Body>,
     ) -> impl Future<Output = Result<Response<VendorBody>, UpstreamError>> + Send + '_ {
+        self.send_by(req, None)
+    }
+
+    /// [`Self::send`], failing with [`UpstreamError::Timeout`] at `deadline` (the caller's
+    /// own, e.g. the proxied request's) if that comes before the response header timeout.
+    /// One timer bounds both: a request that waits on the vendor pays for one, not two.
+    pub fn send_by(
+        &self,
+        req: Request<Body>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> impl Future<Output = Result<Response<VendorBody>, UpstreamError>> + Send + '_ {
+        let by = tokio::time::Instant::now() + self.inner.response_header_timeout;
+        let by = deadline.map_or(by, |d| d.min(by));
         // Not an `async fn` nor an `async` block: either would hold the timed future twice
         // (once captured, once awaited), and every proxied request moves this future.
-        let timed = tokio::time::timeout(self.inner.response_header_timeout, self.send_pooled(req));
+        let timed = tokio::time::timeout_at(by, self.send_pooled(req));
         timed.map(|outcome| outcome.unwrap_or(Err(UpstreamError::Timeout)))
     }
 

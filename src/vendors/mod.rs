@@ -82,6 +82,9 @@ pub struct SendContext<'a> {
     pub replay_limit: usize,
     /// Bodies kept for replay are held within this budget.
     pub budget: &'a BodyBudget,
+    /// The proxied request's deadline: every wait of the send (token, body, vendor) ends by
+    /// it, with `UpstreamError::Timeout` (504 `upstream_timeout`).
+    pub deadline: tokio::time::Instant,
 }
 
 /// The verdict of `TestTenant`: one harmless authenticated call to the vendor.

@@ -123,6 +123,7 @@ impl Vendor for M3ter {
                 host: cx.host,
                 replay_limit: cx.replay_limit,
                 budget: cx.budget,
+                deadline: cx.deadline,
             };
             rule::send(ctx, parts, body).await
         })

@@ -98,6 +98,8 @@ pub(crate) struct Ctx<'a> {
     pub replay_limit: usize,
     /// Bodies kept for replay are held within the proxy's byte budget.
     pub budget: &'a crate::budget::BodyBudget,
+    /// Every wait here (token, body, m3ter) ends by the proxied request's deadline.
+    pub deadline: tokio::time::Instant,
 }
 
 /// Sends `parts` + `body` (URI and headers already prepared) with a bearer token, replaying
@@ -117,11 +119,14 @@ pub(crate) async fn send(
         .and_then(|n| ctx.budget.reserve(n).ok());
     // `held` lives to the end of this function: the body may be replayed until then.
     let bytes: Bytes = match held {
-        Some(_) => Limited::new(body, ctx.replay_limit)
-            .collect()
-            .await
-            .map_err(|_| crate::budget::BudgetError::Read)?
-            .to_bytes(),
+        Some(_) => {
+            let read = Limited::new(body, ctx.replay_limit).collect();
+            tokio::time::timeout_at(ctx.deadline, read)
+                .await
+                .map_err(|_| timed_out(&ctx))?
+                .map_err(|_| crate::budget::BudgetError::Read)?
+                .to_bytes()
+        }
         _ => {
             // Too big or of unknown length to keep: stream it, no replay.
             let req = with_token(parts, Either::Left(body), &token)?;
@@ -172,10 +177,20 @@ fn refused(status: StatusCode) -> bool {
 }
 
 async fn fetch_token(ctx: &Ctx<'_>) -> Result<BearerToken, RuleError> {
-    ctx.tokens
-        .token(ctx.creds)
+    // A cached token is ready at once: the deadline's timer is only armed for a wait.
+    tokio::time::timeout_at(ctx.deadline, ctx.tokens.token(ctx.creds))
         .await
+        .map_err(|_| timed_out(ctx))?
         .map_err(|e| RuleError::TokenExchange(e.message))
+}
+
+/// The proxied request's deadline passed while waiting here.
+fn timed_out(ctx: &Ctx<'_>) -> RuleError {
+    RuleError::Upstream {
+        vendor: "m3ter",
+        host: ctx.host.to_owned(),
+        source: upstream::UpstreamError::Timeout,
+    }
 }
 
 fn with_token(
@@ -196,7 +211,7 @@ async fn forward(
     req: Request<upstream::Body>,
 ) -> Result<Response<upstream::VendorBody>, RuleError> {
     ctx.client
-        .send(req)
+        .send_by(req, Some(ctx.deadline))
         .await
         .map_err(|source| RuleError::Upstream {
             vendor: "m3ter",
