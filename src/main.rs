@@ -12,8 +12,11 @@ use tracing_subscriber::EnvFilter;
 
 use sidekey::cli::{Cli, ClientCommand, Command, Exit};
 use sidekey::config::{LogFormat, ServeConfig};
+use sidekey::log_writer::{BatchWriter, FlushGuard};
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr in batches (see `sidekey::log_writer`); the guard writes what is left
+/// when `main` returns.
+fn init_logging(format: LogFormat) -> std::io::Result<FlushGuard> {
     let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // A precaution: the HTTP and TLS libraries log connection and protocol details at debug
     // and trace, and a request URI (a Miradore v1 query) or header may carry a credential.
@@ -32,9 +35,10 @@ fn init_logging(format: LogFormat) {
             filter = filter.add_directive(directive);
         }
     }
+    let (writer, guard) = BatchWriter::stderr()?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         // With a log collector gone (stderr a closed pipe), tracing-subscriber would report
         // the failed write with `eprintln!`, which panics on the same closed stderr and takes
         // the proxy down with it. Lost log lines are the lesser harm.
@@ -44,6 +48,7 @@ fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
+    Ok(guard)
 }
 
 async fn serve(config: ServeConfig) -> ExitCode {
@@ -123,7 +128,13 @@ fn main() -> ExitCode {
                 std::env::var("SIDEKEY_MASTER_KEY").ok(),
                 std::env::var(sidekey::config::ETCD_PASSWORD_ENV).ok(),
             );
-            init_logging(config.log_format);
+            let _flush_logs = match init_logging(config.log_format) {
+                Ok(guard) => guard,
+                Err(e) => {
+                    eprintln!("sidekey: cannot start the log writer: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let runtime = match serve_runtime() {
                 Ok(r) => r,
                 Err(e) => {
@@ -131,7 +142,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            return runtime.block_on(serve(config));
+            let code = runtime.block_on(serve(config));
+            // Tasks still running log nothing more once the runtime is gone; then the
+            // guard writes the last batch.
+            drop(runtime);
+            return code;
         }
         Command::Tenants { client, command } => (client, ClientCommand::Tenants(command)),
         Command::Partner { client, command } => (client, ClientCommand::Partner(command)),
