@@ -1,5 +1,6 @@
 //! Admin endpoints: `/healthz` (the process is alive), `/readyz` (store open, listeners
-//! bound, not draining) and `/metrics` (Prometheus text format).
+//! bound, not draining) and `/metrics` (Prometheus text format: the recorder's families,
+//! each described once where it is defined, then the `process_*` families).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,6 +19,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use crate::process_metrics::ProcessStats;
 use crate::proxy::ConnectionSlots;
 use crate::proxy::connection::first_bytes;
 use crate::proxy::listener::AcceptBackoff;
@@ -80,8 +82,41 @@ impl Readiness {
     }
 }
 
-/// The process-wide Prometheus recorder, installed on first use. Later calls (a second
-/// server in one test process) share it.
+/// Upper bounds (seconds) of the buckets of every `_seconds` histogram: from 0.5 ms up to
+/// the longest timeout a measured request can run into, the proxy's request timeout (120 s,
+/// [`crate::proxy::ProxyConfig::request_timeout`]), with the control plane's call timeout
+/// (60 s) on the way. A request cut off by its timeout lands in the last finite bucket or
+/// `+Inf`, never hidden among merely slow ones.
+pub const DURATION_BUCKETS: [f64; 17] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0,
+];
+
+/// `sidekey_build_info{version,os,arch}`: always 1, for joining a version to other series.
+pub const METRIC_BUILD_INFO: &str = "sidekey_build_info";
+
+/// Registers the help text of every metric family sidekey exports, once, where each is
+/// defined, and sets the build info.
+fn describe_metrics() {
+    crate::proxy::describe_metrics();
+    crate::vendors::m3ter::client::describe_metrics();
+    crate::control::service::describe_metrics();
+    crate::store::describe_metrics();
+    crate::tenants::snapshot::describe_metrics();
+    crate::tenants_file::describe_metrics();
+    metrics::describe_gauge!(
+        METRIC_BUILD_INFO,
+        "Always 1; the labels say which sidekey build is running"
+    );
+    metrics::gauge!(METRIC_BUILD_INFO,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "os" => std::env::consts::OS,
+        "arch" => std::env::consts::ARCH)
+    .set(1.0);
+}
+
+/// The process-wide Prometheus recorder, installed on first use with every family
+/// described. Later calls (a second server in one test process) share it.
 pub fn metrics_handle() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
@@ -89,17 +124,17 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
-                    &[
-                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                        2.5, 5.0, 10.0, 30.0,
-                    ],
+                    &DURATION_BUCKETS,
                 )
                 .map(|b| b.build_recorder());
             match recorder {
                 Ok(recorder) => {
                     let handle = recorder.handle();
                     match metrics::set_global_recorder(recorder) {
-                        Ok(()) => Some(handle),
+                        Ok(()) => {
+                            describe_metrics();
+                            Some(handle)
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "metrics recorder already installed; /metrics will be empty");
                             None
@@ -143,7 +178,8 @@ fn respond(
             ),
         },
         "/metrics" => {
-            let body = metrics.map(|h| h.render()).unwrap_or_default();
+            let mut body = metrics.map(|h| h.render()).unwrap_or_default();
+            ProcessStats::read().render(&mut body);
             let mut res = text(StatusCode::OK, body);
             res.headers_mut().insert(
                 header::CONTENT_TYPE,

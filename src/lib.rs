@@ -20,6 +20,7 @@ pub mod document;
 pub mod intercept;
 pub mod listen_addr;
 pub mod model;
+pub mod process_metrics;
 pub mod proxy;
 pub mod secret;
 pub mod server;

@@ -170,12 +170,14 @@ async fn metrics_move_with_traffic() {
     let after = get(running.admin_addr, "/metrics").await.1;
     let delta = |series: &str| metric(&after, series) - metric(&before, series);
     assert_eq!(
-        delta(r#"sidekey_proxy_requests_total{vendor="miradore",outcome="2xx"}"#),
+        delta(r#"sidekey_proxy_requests_total{vendor="miradore",status_class="2xx",error="none"}"#),
         2.0,
         "{after}"
     );
     assert_eq!(
-        delta(r#"sidekey_proxy_requests_total{vendor="none",outcome="unknown_tenant"}"#),
+        delta(
+            r#"sidekey_proxy_requests_total{vendor="none",status_class="4xx",error="unknown_tenant"}"#
+        ),
         1.0
     );
     assert_eq!(

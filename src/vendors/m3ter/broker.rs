@@ -293,6 +293,11 @@ pub struct TokenBroker {
 
 impl TokenBroker {
     pub fn new(exchange: Arc<dyn Exchange>, config: BrokerConfig) -> Self {
+        // Both outcomes exported (at 0) from the start: a counter that first appears at 1 is
+        // invisible to `rate()`, so the first failures would not fire an alert.
+        for outcome in ["ok", "failed"] {
+            metrics::counter!(METRIC_EXCHANGES, "outcome" => outcome).increment(0);
+        }
         let slots = Cache::builder()
             .name("m3ter-tokens")
             .max_capacity(config.capacity)
@@ -423,6 +428,9 @@ async fn run_flight(
         Ok(Err(_)) => Err(ExchangeFailure::Abandoned),
         Err(_) => {
             abort.abort();
+            // The exchange's own transport errors are counted where they happen; this one
+            // is the broker's deadline, which aborts the call before it can fail by itself.
+            crate::proxy::error::record_upstream_error(super::VENDOR, "timeout");
             Err(ExchangeFailure::TimedOut {
                 after: config.exchange_timeout,
             })

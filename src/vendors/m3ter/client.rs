@@ -6,6 +6,7 @@ use http_body_util::{BodyExt, Limited};
 
 use super::exchange::{ExchangeFailure, MAX_RESPONSE_BYTES, TokenPost};
 use super::{TokenSource, broker};
+use crate::proxy::error::record_upstream_error;
 use crate::tenants::M3terCreds;
 use crate::upstream;
 use crate::vendors::TestOutcome;
@@ -16,8 +17,12 @@ impl TokenPost for upstream::Client {
         let response = self
             .send(request.map(upstream::full_body))
             .await
-            .map_err(|e| ExchangeFailure::Transport {
-                reason: e.to_string(),
+            .map_err(|e| {
+                // Counted like a data call's failure, with the same `kind`.
+                record_upstream_error(super::VENDOR, e.kind());
+                ExchangeFailure::Transport {
+                    reason: e.to_string(),
+                }
             })?;
         let (parts, body) = response.into_parts();
         // A token response is small; anything past the bound is not one.

@@ -199,7 +199,7 @@ async fn forward(
         .send(req)
         .await
         .map_err(|source| RuleError::Upstream {
-            vendor: "m3ter",
+            vendor: super::VENDOR,
             host: ctx.host.to_owned(),
             source,
         })
