@@ -281,6 +281,70 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// The families no single-store integration test reaches (fleet mode, resource
+    /// exhaustion, a successful m3ter exchange) are described too.
+    #[test]
+    fn every_family_is_described() {
+        use crate::vendors::m3ter::broker;
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let counters = [
+            crate::proxy::METRIC_REQUESTS,
+            crate::proxy::METRIC_REQUESTS_BY_TENANT,
+            crate::proxy::error::METRIC_UPSTREAM_ERRORS,
+            broker::METRIC_EXCHANGES,
+            broker::METRIC_CACHE_HITS,
+            broker::METRIC_REPLAYS,
+            broker::METRIC_BACKOFF_REJECTIONS,
+            crate::control::service::METRIC_CALLS,
+            crate::control::listener::METRIC_ACCEPT_ERRORS,
+            crate::tenants_file::METRIC_APPLIES,
+        ];
+        let gauges = [
+            crate::budget::METRIC_HELD_BYTES,
+            crate::tenants::snapshot::METRIC_TENANTS,
+            crate::store::health::HEALTH_GAUGE,
+            crate::store::etcd::CONNECTED_GAUGE,
+            crate::store::etcd::DISCONNECTED_SINCE_GAUGE,
+            crate::store::etcd::UNREADABLE_GAUGE,
+            METRIC_BUILD_INFO,
+        ];
+        metrics::with_local_recorder(&recorder, || {
+            describe_metrics();
+            for name in counters {
+                metrics::counter!(name).increment(1);
+            }
+            for name in gauges {
+                metrics::gauge!(name).set(1.0);
+            }
+            metrics::histogram!(crate::proxy::METRIC_REQUEST_DURATION).record(1.0);
+        });
+        let text = handle.render();
+        let all = counters
+            .iter()
+            .chain(&gauges)
+            .chain(&[crate::proxy::METRIC_REQUEST_DURATION]);
+        for name in all {
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP:\n{text}"
+            );
+            assert!(text.contains(&format!("# TYPE {name} ")), "{text}");
+        }
+    }
+
+    #[test]
+    fn buckets_reach_the_longest_timeout() {
+        let top = DURATION_BUCKETS[DURATION_BUCKETS.len() - 1];
+        assert!(
+            top >= crate::proxy::ProxyConfig::default()
+                .request_timeout
+                .as_secs_f64()
+        );
+        assert!(top >= crate::control::CALL_TIMEOUT.as_secs_f64());
+        assert!(DURATION_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+    }
+
     #[tokio::test]
     async fn silent_or_partial_admin_connections_are_closed() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
