@@ -324,7 +324,8 @@ async fn readyz_reports_a_proxy_whose_connection_slots_are_all_taken() {
 
 /// A sidekey whose Miradore mock (`good`) is trusted and whose m3ter host leads to a mock
 /// (`untrusted`) with a certificate from a CA sidekey does not trust, with a tenants file
-/// declaring `acme` (Miradore) and `metered` (m3ter), and the tenant label on.
+/// declaring `acme` (Miradore) and `metered` (m3ter). The tenant label stays off: its series
+/// would outlive this test in a shared process and break the others' counts of it.
 async fn start_with_untrusted_m3ter(
     dir: &std::path::Path,
     ca: &TestCa,
@@ -341,7 +342,6 @@ async fn start_with_untrusted_m3ter(
     )
     .unwrap();
     let mut config = ServeConfig::ephemeral(dir.join("data"));
-    config.metrics_tenant_label = true;
     config.master_key = Some(Secret::new("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="));
     config.upstream_ca = vec![ca.pem_file()];
     config.connect_to = vec![
@@ -485,7 +485,6 @@ async fn every_family_has_help_and_type() {
     for family in [
         "sidekey_proxy_requests_total",
         "sidekey_proxy_request_duration_seconds",
-        "sidekey_proxy_requests_by_tenant_total",
         "sidekey_proxy_body_budget_held_bytes",
         "sidekey_upstream_errors_total",
         "sidekey_token_exchanges_total",
