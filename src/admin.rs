@@ -99,6 +99,7 @@ pub const METRIC_BUILD_INFO: &str = "sidekey_build_info";
 /// defined, and sets the build info.
 fn describe_metrics() {
     crate::proxy::describe_metrics();
+    crate::upstream::describe_metrics();
     crate::vendors::m3ter::client::describe_metrics();
     crate::control::service::describe_metrics();
     crate::store::describe_metrics();
@@ -291,7 +292,7 @@ mod tests {
         let counters = [
             crate::proxy::METRIC_REQUESTS,
             crate::proxy::METRIC_REQUESTS_BY_TENANT,
-            crate::proxy::error::METRIC_UPSTREAM_ERRORS,
+            crate::upstream::METRIC_ERRORS,
             broker::METRIC_EXCHANGES,
             broker::METRIC_CACHE_HITS,
             broker::METRIC_REPLAYS,

@@ -76,25 +76,6 @@ pub enum ProxyError {
     InterceptFailed(String),
 }
 
-/// `sidekey_upstream_errors_total{vendor,kind}`: failures reaching a vendor, for its data
-/// calls and (m3ter) its token exchanges alike.
-pub const METRIC_UPSTREAM_ERRORS: &str = "sidekey_upstream_errors_total";
-
-/// Registers the help text of [`METRIC_UPSTREAM_ERRORS`].
-pub fn describe_metrics() {
-    metrics::describe_counter!(
-        METRIC_UPSTREAM_ERRORS,
-        "Failures reaching a vendor (data calls and m3ter token exchanges), by vendor and kind \
-         (connect, tls, timeout, protocol)"
-    );
-}
-
-/// Counts one failure reaching `vendor` in [`METRIC_UPSTREAM_ERRORS`]; `kind` is
-/// [`UpstreamError::kind`]'s closed set.
-pub fn record_upstream_error(vendor: &'static str, kind: &'static str) {
-    metrics::counter!(METRIC_UPSTREAM_ERRORS, "vendor" => vendor, "kind" => kind).increment(1);
-}
-
 /// The reason phrase of a `connect_unsupported` answer, which HTTP/1 clients show as-is
 /// (curl: "CONNECT tunnel failed, response 405").
 pub const CONNECT_UNSUPPORTED_REASON: &str =
@@ -150,7 +131,7 @@ impl ProxyError {
     /// Maps a failed vendor call (timeouts to 504, everything else to 502) and counts it in
     /// `sidekey_upstream_errors_total{vendor,kind}`.
     pub fn upstream(vendor: &'static str, host: &str, err: UpstreamError) -> Self {
-        record_upstream_error(vendor, err.kind());
+        err.record(vendor);
         tracing::debug!(vendor, host, error = %err, "upstream call failed");
         if err.is_timeout() {
             ProxyError::UpstreamTimeout {

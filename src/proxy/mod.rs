@@ -182,7 +182,6 @@ pub fn describe_metrics() {
         METRIC_REQUESTS_BY_TENANT,
         "Proxied requests by tenant (at most 100 tenant labels, then other) and vendor"
     );
-    error::describe_metrics();
     crate::budget::describe_metrics();
 }
 

@@ -430,7 +430,7 @@ async fn run_flight(
             abort.abort();
             // The exchange's own transport errors are counted where they happen; this one
             // is the broker's deadline, which aborts the call before it can fail by itself.
-            crate::proxy::error::record_upstream_error(super::VENDOR, "timeout");
+            crate::upstream::UpstreamError::Timeout.record(super::VENDOR);
             Err(ExchangeFailure::TimedOut {
                 after: config.exchange_timeout,
             })

@@ -6,7 +6,6 @@ use http_body_util::{BodyExt, Limited};
 
 use super::exchange::{ExchangeFailure, MAX_RESPONSE_BYTES, TokenPost};
 use super::{TokenSource, broker};
-use crate::proxy::error::record_upstream_error;
 use crate::tenants::M3terCreds;
 use crate::upstream;
 use crate::vendors::TestOutcome;
@@ -19,7 +18,7 @@ impl TokenPost for upstream::Client {
             .await
             .map_err(|e| {
                 // Counted like a data call's failure, with the same `kind`.
-                record_upstream_error(super::VENDOR, e.kind());
+                e.record(super::VENDOR);
                 ExchangeFailure::Transport {
                     reason: e.to_string(),
                 }
