@@ -1,6 +1,7 @@
-"""Driver of .ci/metrics-check: starts the mock vendor and sidekey on ephemeral ports, sends
-traffic through every vendor and one refusal, checks `sidekey health`, then scrapes /metrics
-and runs `promtool check metrics` on the scrape."""
+"""Driver of .ci/metrics-check: checks that docs/operations.md shows the example alerts as
+they are, starts the mock vendor and sidekey on ephemeral ports, sends traffic through
+Miradore and m3ter and one refusal, checks `sidekey health`, then scrapes /metrics and runs
+`promtool check metrics` on the scrape."""
 
 import argparse
 import base64
@@ -77,10 +78,23 @@ def ready(port):
         return False
 
 
+def check_docs_alerts():
+    """docs/operations.md shows deploy/prometheus/alerts.yaml (after its header comment)."""
+    rules = open("deploy/prometheus/alerts.yaml").read()
+    rules = "".join(l for l in rules.splitlines(keepends=True) if not l.startswith("#"))
+    docs = open("docs/operations.md").read()
+    section = docs.split("### Alerts\n", 1)[-1]
+    block = section.split("```yaml\n", 1)[-1].split("```", 1)[0]
+    if block != rules:
+        fail("the alerts shown in docs/operations.md (### Alerts) differ from "
+             "deploy/prometheus/alerts.yaml")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--bins", required=True)
     a = p.parse_args()
+    check_docs_alerts()
     tmp = tempfile.mkdtemp(prefix="sidekey-metrics.")
     procs = []
     try:
