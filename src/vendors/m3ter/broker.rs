@@ -727,6 +727,36 @@ mod tests {
         assert_eq!(fake.calls(), 1);
     }
 
+    /// An exchange cut off by the broker's deadline is a transport failure like any other:
+    /// counted as an upstream error of kind `timeout`, and as a failed exchange.
+    #[tokio::test(start_paused = true)]
+    async fn an_exchange_past_its_deadline_counts_as_an_upstream_timeout() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // This test's runtime has one thread, so the spawned exchange task sees it too.
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let (_never_answered, held) = oneshot::channel();
+        let fake = Fake::new([Step::Held(held)]);
+        let b = broker(&fake);
+        let err = b.token(&creds("key", "secret")).await.unwrap_err();
+        assert!(err.message.contains("did not answer"), "{}", err.message);
+        let text = handle.render();
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        assert_eq!(
+            value(r#"sidekey_upstream_errors_total{vendor="m3ter",kind="timeout"}"#),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            value(r#"sidekey_token_exchanges_total{outcome="failed"}"#),
+            1.0
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_first_calls_share_one_exchange_across_threads() {
         let (answer, held) = oneshot::channel();
