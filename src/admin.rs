@@ -1,5 +1,6 @@
 //! Admin endpoints: `/healthz` (the process is alive), `/readyz` (store open, listeners
-//! bound, not draining) and `/metrics` (Prometheus text format).
+//! bound, not draining) and `/metrics` (Prometheus text format: the recorder's families,
+//! each described once where it is defined, then the `process_*` families).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,6 +19,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use crate::process_metrics::ProcessStats;
 use crate::proxy::ConnectionSlots;
 use crate::proxy::connection::first_bytes;
 use crate::proxy::listener::AcceptBackoff;
@@ -80,8 +82,42 @@ impl Readiness {
     }
 }
 
-/// The process-wide Prometheus recorder, installed on first use. Later calls (a second
-/// server in one test process) share it.
+/// Upper bounds (seconds) of the buckets of every `_seconds` histogram: from 0.5 ms up to
+/// the longest timeout a measured request can run into, the proxy's request timeout (120 s,
+/// [`crate::proxy::ProxyConfig::request_timeout`]), with the control plane's call timeout
+/// (60 s) on the way. A request cut off by its timeout lands in the last finite bucket or
+/// `+Inf`, never hidden among merely slow ones.
+pub const DURATION_BUCKETS: [f64; 17] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0,
+];
+
+/// `sidekey_build_info{version,os,arch}`: always 1, for joining a version to other series.
+pub const METRIC_BUILD_INFO: &str = "sidekey_build_info";
+
+/// Registers the help text of every metric family sidekey exports, once, where each is
+/// defined, and sets the build info.
+fn describe_metrics() {
+    crate::proxy::describe_metrics();
+    crate::upstream::describe_metrics();
+    crate::vendors::m3ter::client::describe_metrics();
+    crate::control::service::describe_metrics();
+    crate::store::describe_metrics();
+    crate::tenants::snapshot::describe_metrics();
+    crate::tenants_file::describe_metrics();
+    metrics::describe_gauge!(
+        METRIC_BUILD_INFO,
+        "Always 1; the labels say which sidekey build is running"
+    );
+    metrics::gauge!(METRIC_BUILD_INFO,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "os" => std::env::consts::OS,
+        "arch" => std::env::consts::ARCH)
+    .set(1.0);
+}
+
+/// The process-wide Prometheus recorder, installed on first use with every family
+/// described. Later calls (a second server in one test process) share it.
 pub fn metrics_handle() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
@@ -89,17 +125,17 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
-                    &[
-                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                        2.5, 5.0, 10.0, 30.0,
-                    ],
+                    &DURATION_BUCKETS,
                 )
                 .map(|b| b.build_recorder());
             match recorder {
                 Ok(recorder) => {
                     let handle = recorder.handle();
                     match metrics::set_global_recorder(recorder) {
-                        Ok(()) => Some(handle),
+                        Ok(()) => {
+                            describe_metrics();
+                            Some(handle)
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "metrics recorder already installed; /metrics will be empty");
                             None
@@ -143,7 +179,8 @@ fn respond(
             ),
         },
         "/metrics" => {
-            let body = metrics.map(|h| h.render()).unwrap_or_default();
+            let mut body = metrics.map(|h| h.render()).unwrap_or_default();
+            ProcessStats::read().render(&mut body);
             let mut res = text(StatusCode::OK, body);
             res.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -244,6 +281,70 @@ async fn serve_with_timeout(
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The families no single-store integration test reaches (fleet mode, resource
+    /// exhaustion, a successful m3ter exchange) are described too.
+    #[test]
+    fn every_family_is_described() {
+        use crate::vendors::m3ter::broker;
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let counters = [
+            crate::proxy::METRIC_REQUESTS,
+            crate::proxy::METRIC_REQUESTS_BY_TENANT,
+            crate::upstream::METRIC_ERRORS,
+            broker::METRIC_EXCHANGES,
+            broker::METRIC_CACHE_HITS,
+            broker::METRIC_REPLAYS,
+            broker::METRIC_BACKOFF_REJECTIONS,
+            crate::control::service::METRIC_CALLS,
+            crate::control::listener::METRIC_ACCEPT_ERRORS,
+            crate::tenants_file::METRIC_APPLIES,
+        ];
+        let gauges = [
+            crate::budget::METRIC_HELD_BYTES,
+            crate::tenants::snapshot::METRIC_TENANTS,
+            crate::store::health::HEALTH_GAUGE,
+            crate::store::etcd::CONNECTED_GAUGE,
+            crate::store::etcd::DISCONNECTED_SINCE_GAUGE,
+            crate::store::etcd::UNREADABLE_GAUGE,
+            METRIC_BUILD_INFO,
+        ];
+        metrics::with_local_recorder(&recorder, || {
+            describe_metrics();
+            for name in counters {
+                metrics::counter!(name).increment(1);
+            }
+            for name in gauges {
+                metrics::gauge!(name).set(1.0);
+            }
+            metrics::histogram!(crate::proxy::METRIC_REQUEST_DURATION).record(1.0);
+        });
+        let text = handle.render();
+        let all = counters
+            .iter()
+            .chain(&gauges)
+            .chain(&[crate::proxy::METRIC_REQUEST_DURATION]);
+        for name in all {
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP:\n{text}"
+            );
+            assert!(text.contains(&format!("# TYPE {name} ")), "{text}");
+        }
+    }
+
+    #[test]
+    fn buckets_reach_the_longest_timeout() {
+        let top = DURATION_BUCKETS[DURATION_BUCKETS.len() - 1];
+        assert!(
+            top >= crate::proxy::ProxyConfig::default()
+                .request_timeout
+                .as_secs_f64()
+        );
+        assert!(top >= crate::control::CALL_TIMEOUT.as_secs_f64());
+        assert!(DURATION_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+    }
 
     #[tokio::test]
     async fn silent_or_partial_admin_connections_are_closed() {

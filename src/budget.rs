@@ -33,6 +33,15 @@ pub enum BudgetError {
 /// Gauge of the bytes of request bodies held in memory now.
 pub const METRIC_HELD_BYTES: &str = "sidekey_proxy_body_budget_held_bytes";
 
+/// Registers the budget gauge's help text.
+pub fn describe_metrics() {
+    metrics::describe_gauge!(
+        METRIC_HELD_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes of request bodies held in memory now, within --body-memory-budget"
+    );
+}
+
 /// The budget shared by every request of one proxy. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct BodyBudget {

@@ -21,6 +21,7 @@ pub mod intercept;
 pub mod listen_addr;
 pub mod log_writer;
 pub mod model;
+pub mod process_metrics;
 pub mod proxy;
 pub mod secret;
 pub mod server;

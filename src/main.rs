@@ -159,6 +159,27 @@ fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
+        Command::Health(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            return match runtime.map_err(|e| format!("cannot start the runtime: {e}")) {
+                Ok(runtime) => match runtime.block_on(sidekey::cli::health::run(args)) {
+                    Ok(line) => {
+                        println!("{line}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(message) => {
+                        eprintln!("sidekey: {message}");
+                        ExitCode::FAILURE
+                    }
+                },
+                Err(message) => {
+                    eprintln!("sidekey: {message}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Ca { command } => {
             return match sidekey::cli::ca::run(command) {
                 Ok(lines) => {

@@ -234,6 +234,17 @@ fn read(path: &Path) -> Result<Reading, String> {
     })
 }
 
+/// `sidekey_tenants_file_applies_total{outcome}`: versions applied or rejected.
+pub const METRIC_APPLIES: &str = "sidekey_tenants_file_applies_total";
+
+/// Registers the help text of [`METRIC_APPLIES`].
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        METRIC_APPLIES,
+        "Tenants-file versions applied or rejected (the start-up apply included), by outcome"
+    );
+}
+
 /// Where the watcher stands after a poll.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Poll {
@@ -263,6 +274,10 @@ pub struct TenantsFile {
     /// The last poll could not read the file (reported once until it can).
     unreadable: bool,
     status: watch::Sender<TenantsFileStatus>,
+    /// [`METRIC_APPLIES`] by outcome, registered when the watcher is made so that both are
+    /// exported (at 0) before the first apply.
+    applied: metrics::Counter,
+    rejected: metrics::Counter,
 }
 
 impl TenantsFile {
@@ -277,6 +292,8 @@ impl TenantsFile {
             pending: None,
             unreadable: false,
             status: watch::Sender::new(TenantsFileStatus::default()),
+            applied: metrics::counter!(METRIC_APPLIES, "outcome" => "applied"),
+            rejected: metrics::counter!(METRIC_APPLIES, "outcome" => "rejected"),
         }
     }
 
@@ -389,8 +406,7 @@ impl TenantsFile {
     fn report(&self, result: &Result<ApplyReport, String>) {
         match result {
             Ok(report) => {
-                metrics::counter!("sidekey_tenants_file_applies_total", "outcome" => "applied")
-                    .increment(1);
+                self.applied.increment(1);
                 tracing::info!(path = %self.path.display(), created = report.created,
                     updated = report.updated, deleted = report.deleted,
                     unchanged = report.unchanged, partner_changed = report.partner_changed,
@@ -401,8 +417,7 @@ impl TenantsFile {
                 });
             }
             Err(e) => {
-                metrics::counter!("sidekey_tenants_file_applies_total", "outcome" => "rejected")
-                    .increment(1);
+                self.rejected.increment(1);
                 tracing::error!(path = %self.path.display(), error = %e,
                     "tenants file rejected; the previous state stays in force");
                 self.status.send_modify(|s| {

@@ -1188,3 +1188,170 @@ fn another_grpc_server_is_named_as_such() {
         "{err}"
     );
 }
+
+/// The admin address in the "sidekey ready" line.
+fn admin_addr(server: &Server) -> String {
+    server
+        .ready
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("admin="))
+        .unwrap_or_else(|| panic!("no admin address in {:?}", server.ready))
+        .to_owned()
+}
+
+/// `GET path` over HTTP/1.1 with `Connection: close`: (status, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+fn health(args: &[&str], env: &[(&str, &str)]) -> Output {
+    bin()
+        .arg("health")
+        .args(args)
+        .env_remove("SIDEKEY_ADMIN_LISTEN")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// A fake admin listener that answers every connection with `response`, or (None) reads
+/// the request and never answers.
+fn fake_admin(response: Option<&'static str>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().take(4) {
+            let mut conn = conn.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = std::io::Read::read(&mut conn, &mut buf);
+            match response {
+                Some(r) => {
+                    let _ = conn.write_all(r.as_bytes());
+                }
+                None => held.push(conn),
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn health_exits_0_only_when_ready_with_a_one_line_reason_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), KEY).unwrap();
+    let admin = admin_addr(&server);
+    let port = admin.rsplit_once(':').unwrap().1.to_owned();
+
+    let ready = health(&["--admin", &admin], &[]);
+    assert_eq!(exit_code(&ready), 0, "{}", stderr(&ready));
+    assert!(stdout(&ready).contains("ready"));
+    // SIDEKEY_ADMIN_LISTEN, as serve reads it in the same container; a wildcard address is
+    // asked on loopback.
+    let from_env = health(&[], &[("SIDEKEY_ADMIN_LISTEN", &format!("0.0.0.0:{port}"))]);
+    assert_eq!(exit_code(&from_env), 0, "{}", stderr(&from_env));
+
+    // Not ready: the reason /readyz gives, on one line.
+    let draining = fake_admin(Some(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 42\r\nconnection: close\r\n\r\n\
+         not ready: starting or draining\nstore: ok\n",
+    ));
+    let not_ready = health(&["--admin", &draining], &[]);
+    let why = failure(&not_ready, 1);
+    assert!(
+        why.contains("HTTP 503: not ready: starting or draining"),
+        "{why}"
+    );
+    assert_eq!(why.trim_end().lines().count(), 1, "{why}");
+
+    // Nothing listening.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let refused = health(&["--admin", &closed], &[]);
+    let why = failure(&refused, 1);
+    assert!(why.contains("cannot reach the admin listener"), "{why}");
+
+    // A listener that never answers: the check's own deadline ends it.
+    let silent = fake_admin(None);
+    let started = std::time::Instant::now();
+    let hung = health(&["--admin", &silent], &[]);
+    let why = failure(&hung, 1);
+    assert!(why.contains("did not answer"), "{why}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+
+    // A wrong address is a usage error.
+    assert_eq!(exit_code(&health(&["--admin", "nowhere"], &[])), 2);
+    drop(server);
+}
+
+/// After a restart every series that start-up can set is there: the tenants gauge reflects
+/// the tenants loaded, the tenants file's start-up apply is counted, and the outcomes not
+/// seen yet are exported at 0 (so `rate()` sees their first increase).
+#[test]
+fn metrics_after_a_restart_show_the_start_up_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tenants.yaml");
+    std::fs::write(
+        &file,
+        "tenants:\n  - id: acme\n    miradore: { site: acme, apiKey: { value: restart-key } }\n",
+    )
+    .unwrap();
+    let args = [
+        "--tenants-file",
+        file.to_str().unwrap(),
+        "--tenants-file-interval",
+        "50ms",
+    ];
+    let first = serve_with(dir.path(), KEY, &args, "info").unwrap();
+    first.crash();
+    let server = serve_with(dir.path(), KEY, &args, "info").unwrap();
+    let (status, text) = http_get(&admin_addr(&server), "/metrics");
+    assert_eq!(status, 200);
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{series} is not exported:\n{text}"))
+    };
+    assert_eq!(value("sidekey_tenants_configured"), 1.0);
+    assert_eq!(
+        value(r#"sidekey_tenants_file_applies_total{outcome="applied"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"sidekey_tenants_file_applies_total{outcome="rejected"}"#),
+        0.0
+    );
+    assert_eq!(
+        value(r#"sidekey_token_exchanges_total{outcome="failed"}"#),
+        0.0
+    );
+    assert_eq!(
+        value(r#"sidekey_proxy_requests_total{vendor="miradore",status_class="5xx",error="none"}"#),
+        0.0
+    );
+    assert_eq!(value("sidekey_store_healthy"), 1.0);
+    assert!(value("process_start_time_seconds") > 0.0);
+    assert!(value("process_resident_memory_bytes") > 0.0);
+    assert!(
+        text.contains(&format!(
+            "sidekey_build_info{{version=\"{}\"",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
+}

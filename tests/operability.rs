@@ -170,12 +170,14 @@ async fn metrics_move_with_traffic() {
     let after = get(running.admin_addr, "/metrics").await.1;
     let delta = |series: &str| metric(&after, series) - metric(&before, series);
     assert_eq!(
-        delta(r#"sidekey_proxy_requests_total{vendor="miradore",outcome="2xx"}"#),
+        delta(r#"sidekey_proxy_requests_total{vendor="miradore",status_class="2xx",error="none"}"#),
         2.0,
         "{after}"
     );
     assert_eq!(
-        delta(r#"sidekey_proxy_requests_total{vendor="none",outcome="unknown_tenant"}"#),
+        delta(
+            r#"sidekey_proxy_requests_total{vendor="none",status_class="4xx",error="unknown_tenant"}"#
+        ),
         1.0
     );
     assert_eq!(
@@ -318,4 +320,200 @@ async fn readyz_reports_a_proxy_whose_connection_slots_are_all_taken() {
     assert_eq!(get(admin_addr, "/healthz").await.0, 200);
     drop(idle);
     until(200).await;
+}
+
+/// A sidekey whose Miradore mock (`good`) is trusted and whose m3ter host leads to a mock
+/// (`untrusted`) with a certificate from a CA sidekey does not trust, with a tenants file
+/// declaring `acme` (Miradore) and `metered` (m3ter). The tenant label stays off: its series
+/// would outlive this test in a shared process and break the others' counts of it.
+async fn start_with_untrusted_m3ter(
+    dir: &std::path::Path,
+    ca: &TestCa,
+    good: &MockVendor,
+    untrusted: &MockVendor,
+) -> Running {
+    let file = dir.join("tenants.yaml");
+    std::fs::write(
+        &file,
+        "tenants:\n  \
+         - id: acme\n    miradore: { site: acme, apiKey: { value: k1 } }\n  \
+         - id: metered\n    m3ter: { accessKeyId: key-1, apiSecret: { value: s1 }, \
+         orgId: 0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa }\n",
+    )
+    .unwrap();
+    let mut config = ServeConfig::ephemeral(dir.join("data"));
+    config.master_key = Some(Secret::new("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="));
+    config.upstream_ca = vec![ca.pem_file()];
+    config.connect_to = vec![
+        format!("*.miradore.com:443:127.0.0.1:{}", good.port())
+            .parse()
+            .unwrap(),
+        format!("*.m3ter.com:443:127.0.0.1:{}", untrusted.port())
+            .parse()
+            .unwrap(),
+    ];
+    config.tenants_file = Some(file);
+    config.tenants_file_interval = std::time::Duration::from_millis(20);
+    server::start(config).await.unwrap()
+}
+
+async fn proxied(running: &Running, tenant: &str, path: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(format!("http://{}{path}", running.proxy_addr))
+        .header("x-sidekey-tenant", tenant)
+        .send()
+        .await
+        .unwrap()
+}
+
+const M3TER_METERS: &str = "/m3ter/organizations/0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa/meters";
+
+/// A TLS failure toward m3ter's token endpoint counts as an upstream error of kind `tls`,
+/// like the same failure on a data call, and the app's 502 counts under `5xx`.
+#[tokio::test]
+async fn a_tls_failure_in_the_token_exchange_is_an_upstream_error() {
+    let _serial = ONE_TEST_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("trusted CA");
+    let other = TestCa::new("a CA sidekey does not trust");
+    let good = MockVendor::builder(&ca)
+        .respond(|_| MockResponse::ok("{}"))
+        .start()
+        .await;
+    let untrusted = MockVendor::builder(&other)
+        .respond(|_| MockResponse::ok("{}"))
+        .start()
+        .await;
+    let running = start_with_untrusted_m3ter(dir.path(), &ca, &good, &untrusted).await;
+    let before = get(running.admin_addr, "/metrics").await.1;
+
+    let resp = proxied(&running, "metered", M3TER_METERS).await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["x-sidekey-error"], "token_exchange_failed");
+    assert!(untrusted.requests().is_empty(), "no request got past TLS");
+
+    let after = get(running.admin_addr, "/metrics").await.1;
+    let delta = |series: &str| metric(&after, series) - metric(&before, series);
+    assert_eq!(
+        delta(r#"sidekey_upstream_errors_total{vendor="m3ter",kind="tls"}"#),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        delta(r#"sidekey_token_exchanges_total{outcome="failed"}"#),
+        1.0
+    );
+    assert_eq!(
+        delta(
+            r#"sidekey_proxy_requests_total{vendor="m3ter",status_class="5xx",error="token_exchange_failed"}"#
+        ),
+        1.0
+    );
+    running.shutdown().await;
+}
+
+/// Every family in a scrape after traffic through every plane has one `# HELP` and one
+/// `# TYPE` line (what `promtool check metrics` requires), and the families this traffic
+/// reaches are all there.
+#[tokio::test]
+async fn every_family_has_help_and_type() {
+    let _serial = ONE_TEST_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("trusted CA");
+    let other = TestCa::new("a CA sidekey does not trust");
+    let good = MockVendor::builder(&ca)
+        .respond(|_| MockResponse::ok("{}"))
+        .start()
+        .await;
+    let untrusted = MockVendor::builder(&other)
+        .respond(|_| MockResponse::ok("{}"))
+        .start()
+        .await;
+    let running = start_with_untrusted_m3ter(dir.path(), &ca, &good, &untrusted).await;
+    for (tenant, path) in [
+        ("acme", "/miradore/acme/api/v2/Device"),
+        ("nobody", "/miradore/acme/api/v2/Device"),
+        ("metered", M3TER_METERS),
+        // Within the failed exchange's backoff: refused without a new exchange.
+        ("metered", M3TER_METERS),
+    ] {
+        proxied(&running, tenant, path).await;
+    }
+    let mut grpc = sidekey::proto::tenant_service_client::TenantServiceClient::connect(
+        running.grpc_url.clone(),
+    )
+    .await
+    .unwrap();
+    let _ = grpc
+        .get_tenant(sidekey::proto::GetTenantRequest { id: "ghost".into() })
+        .await;
+    let text = get(running.admin_addr, "/metrics").await.1;
+
+    let declared = |prefix: &str| -> Vec<(String, String)> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(prefix))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(name, rest)| (name.to_owned(), rest.to_owned()))
+            .collect()
+    };
+    let types = declared("# TYPE ");
+    let helps = declared("# HELP ");
+    for (name, _) in &types {
+        assert_eq!(
+            types.iter().filter(|(n, _)| n == name).count(),
+            1,
+            "{name}: TYPE twice"
+        );
+        assert_eq!(
+            helps.iter().filter(|(n, _)| n == name).count(),
+            1,
+            "{name} has no HELP (or two):\n{text}"
+        );
+    }
+    // Every sample belongs to a family with a TYPE (histograms: _bucket, _sum, _count).
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let name = line.split(['{', ' ']).next().unwrap();
+        let family = [name]
+            .into_iter()
+            .chain(["_bucket", "_sum", "_count"].map(|s| name.strip_suffix(s).unwrap_or(name)))
+            .find(|f| types.iter().any(|(n, _)| n == f));
+        assert!(family.is_some(), "{name} has no TYPE:\n{text}");
+    }
+    for family in [
+        "sidekey_proxy_requests_total",
+        "sidekey_proxy_request_duration_seconds",
+        "sidekey_proxy_body_budget_held_bytes",
+        "sidekey_upstream_errors_total",
+        "sidekey_token_exchanges_total",
+        "sidekey_token_backoff_rejections_total",
+        "sidekey_control_calls_total",
+        "sidekey_tenants_configured",
+        "sidekey_tenants_file_applies_total",
+        "sidekey_store_healthy",
+        "sidekey_build_info",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(
+            types.iter().any(|(n, _)| n == family),
+            "{family} missing:\n{text}"
+        );
+    }
+    // The histogram reaches the proxy's request timeout.
+    let top = sidekey::proxy::ProxyConfig::default()
+        .request_timeout
+        .as_secs_f64();
+    assert!(
+        text.contains(&format!(
+            "sidekey_proxy_request_duration_seconds_bucket{{vendor=\"miradore\",le=\"{top}\"}}"
+        )),
+        "no {top} s bucket:\n{text}"
+    );
+    running.shutdown().await;
 }

@@ -1,10 +1,11 @@
 //! The `sidekey` command line: `serve`, and the control-plane client commands
-//! `tenants create|get|list|update|delete|test|apply` and `partner get|update`; and
-//! `completions`. Exit status: see [`Exit`].
+//! `tenants create|get|list|update|delete|test|apply` and `partner get|update`; `health`;
+//! and `completions`. Exit status: see [`Exit`].
 
 pub mod ca;
 pub mod client;
 pub mod flags;
+pub mod health;
 pub mod render;
 pub mod store;
 
@@ -65,6 +66,9 @@ pub enum Command {
         #[command(subcommand)]
         command: ca::CaCommand,
     },
+    /// Exit 0 if the sidekey on this host is ready (its admin /readyz answers 200), else
+    /// print why not and exit 1: a health check for images with no shell or HTTP client.
+    Health(health::HealthArgs),
     /// Print a shell completion script, e.g. `sidekey completions bash > /etc/bash_completion.d/sidekey`.
     Completions {
         #[arg(value_enum)]

@@ -23,6 +23,17 @@ use tonic::transport::server::Connected;
 /// Most control-plane connections open at once; further clients wait in the kernel's
 /// accept backlog until one closes. Operators and provisioning jobs need a handful.
 pub const MAX_CONNECTIONS: usize = 64;
+/// `sidekey_control_accept_errors_total`: accepts failed for want of resources.
+pub const METRIC_ACCEPT_ERRORS: &str = "sidekey_control_accept_errors_total";
+
+/// Registers the help text of [`METRIC_ACCEPT_ERRORS`].
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        METRIC_ACCEPT_ERRORS,
+        "Control-plane accepts that failed for want of resources (EMFILE, ENFILE, ENOMEM)"
+    );
+}
+
 /// How long a new connection has to send the HTTP/2 connection preface and its first frame
 /// header; a connection that does not is closed.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -229,7 +240,7 @@ pub(super) fn incoming<L: Accept>(
                     if s.backoff == ACCEPT_BACKOFF_MIN {
                         tracing::warn!(error = %e, "control plane cannot accept connections; backing off");
                     }
-                    metrics::counter!("sidekey_control_accept_errors_total").increment(1);
+                    metrics::counter!(METRIC_ACCEPT_ERRORS).increment(1);
                     tokio::time::sleep(s.backoff).await;
                     s.backoff = (s.backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 }

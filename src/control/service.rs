@@ -269,6 +269,18 @@ impl TenantService for TenantApi {
     }
 }
 
+/// `sidekey_control_calls_total{method,code}`.
+pub const METRIC_CALLS: &str = "sidekey_control_calls_total";
+
+/// Registers the control plane's metric help texts.
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        METRIC_CALLS,
+        "Control-plane calls, refused ones included, by method and gRPC code"
+    );
+    super::listener::describe_metrics();
+}
+
 /// Counts one control-plane call in `sidekey_control_calls_total{method, code}`.
 pub(crate) fn observe<T>(method: &'static str, result: Result<T, Status>) -> Result<T, Status> {
     let code = match &result {
@@ -291,6 +303,5 @@ pub(crate) fn record_call(method: impl Into<metrics::SharedString>, code: tonic:
         tonic::Code::Unavailable => "Unavailable",
         _ => "Other",
     };
-    metrics::counter!("sidekey_control_calls_total", "method" => method.into(), "code" => code)
-        .increment(1);
+    metrics::counter!(METRIC_CALLS, "method" => method.into(), "code" => code).increment(1);
 }

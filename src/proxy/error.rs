@@ -86,7 +86,7 @@ pub const CONNECT_UNSUPPORTED_REASON: &str =
 pub const BODY_BUDGET_RETRY_AFTER_SECS: u32 = 1;
 
 impl ProxyError {
-    /// The contract's error code, also used as the `outcome` metrics label.
+    /// The contract's error code, also used as the `error` metrics label.
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::BadRequest(_) => "bad_request",
@@ -131,8 +131,7 @@ impl ProxyError {
     /// Maps a failed vendor call (timeouts to 504, everything else to 502) and counts it in
     /// `sidekey_upstream_errors_total{vendor,kind}`.
     pub fn upstream(vendor: &'static str, host: &str, err: UpstreamError) -> Self {
-        metrics::counter!("sidekey_upstream_errors_total", "vendor" => vendor, "kind" => err.kind())
-            .increment(1);
+        err.record(vendor);
         tracing::debug!(vendor, host, error = %err, "upstream call failed");
         if err.is_timeout() {
             ProxyError::UpstreamTimeout {

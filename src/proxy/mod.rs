@@ -158,10 +158,37 @@ struct Inner {
     metrics: HotMetrics,
 }
 
-/// The request metrics of the common outcomes, registered once: looking a labelled metric
+/// `sidekey_proxy_requests_total{vendor,status_class,error}`: requests by the status class
+/// the app got and sidekey's error code (`none` when the vendor answered).
+pub const METRIC_REQUESTS: &str = "sidekey_proxy_requests_total";
+/// `sidekey_proxy_request_duration_seconds{vendor}`: time to the response head.
+pub const METRIC_REQUEST_DURATION: &str = "sidekey_proxy_request_duration_seconds";
+/// `sidekey_proxy_requests_by_tenant_total{tenant,vendor}`: only with the tenant label on.
+pub const METRIC_REQUESTS_BY_TENANT: &str = "sidekey_proxy_requests_by_tenant_total";
+
+/// Registers the help texts of the proxy's metric families.
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        METRIC_REQUESTS,
+        "Proxied requests, by vendor, status class of the response the app got, and sidekey's \
+         error code (none when the vendor answered)"
+    );
+    metrics::describe_histogram!(
+        METRIC_REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Time from a proxied request's arrival to its response head, by vendor"
+    );
+    metrics::describe_counter!(
+        METRIC_REQUESTS_BY_TENANT,
+        "Proxied requests by tenant (at most 100 tenant labels, then other) and vendor"
+    );
+    crate::budget::describe_metrics();
+}
+
+/// The request metrics of the vendors' answers, registered once: looking a labelled metric
 /// up in the recorder's registry on every request (hashing its name and labels) costs
-/// measurable CPU at tens of thousands of requests per second. Rare outcomes (sidekey's own
-/// error codes) are still looked up when they happen.
+/// measurable CPU at tens of thousands of requests per second. Sidekey's own refusals (a
+/// closed set of error codes, but rare) are still looked up when they happen.
 struct HotMetrics {
     /// Indexed like the vendor registry, then one for requests with no vendor.
     vendors: Box<[VendorMetrics]>,
@@ -170,13 +197,16 @@ struct HotMetrics {
 struct VendorMetrics {
     /// The `vendor` label: the vendor's name, or `none`.
     label: &'static str,
-    status_class: [metrics::Counter; 3],
+    /// `error="none"`, indexed like [`HotMetrics::CLASSES`].
+    answered: [metrics::Counter; 5],
     duration: metrics::Histogram,
 }
 
 impl HotMetrics {
-    /// Status classes, indexed like [`VendorMetrics::status_class`].
-    const CLASSES: [&'static str; 3] = ["2xx", "4xx", "5xx"];
+    /// The `status_class` label values.
+    const CLASSES: [&'static str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+    /// The `error` label of a request sidekey did not refuse.
+    const NO_ERROR: &'static str = "none";
 
     fn new(vendors: &Registry) -> Self {
         let labels = vendors.iter().map(|v| v.name()).chain(["none"]);
@@ -184,12 +214,11 @@ impl HotMetrics {
             vendors: labels
                 .map(|vendor| VendorMetrics {
                     label: vendor,
-                    status_class: Self::CLASSES.map(|outcome| {
-                        metrics::counter!("sidekey_proxy_requests_total",
-                            "vendor" => vendor, "outcome" => outcome)
+                    answered: Self::CLASSES.map(|class| {
+                        metrics::counter!(METRIC_REQUESTS, "vendor" => vendor,
+                            "status_class" => class, "error" => Self::NO_ERROR)
                     }),
-                    duration: metrics::histogram!("sidekey_proxy_request_duration_seconds",
-                        "vendor" => vendor),
+                    duration: metrics::histogram!(METRIC_REQUEST_DURATION, "vendor" => vendor),
                 })
                 .collect(),
         }
@@ -206,45 +235,30 @@ impl HotMetrics {
         self.of(vendor).label
     }
 
-    /// Counts a request under `outcome`: a class for the vendor's answers, sidekey's error
-    /// code for its own.
-    fn record(&self, vendor: Option<usize>, outcome: Outcome, seconds: f64) {
+    /// Index into [`HotMetrics::CLASSES`] of the status the app got; hyper lets a vendor
+    /// answer up to 999, which counts as `5xx` so that the label set stays closed.
+    fn class(status: http::StatusCode) -> usize {
+        usize::from(status.as_u16() / 100).clamp(1, 5) - 1
+    }
+
+    /// Counts a request by the status the app got and `error`, sidekey's error code when
+    /// sidekey answered itself.
+    fn record(
+        &self,
+        vendor: Option<usize>,
+        status: http::StatusCode,
+        error: Option<&'static str>,
+        seconds: f64,
+    ) {
         let m = self.of(vendor);
-        let hot = match outcome {
-            Outcome::Class(2) => Some(0),
-            Outcome::Class(4) => Some(1),
-            Outcome::Class(5) => Some(2),
-            _ => None,
-        };
-        match hot {
-            Some(c) => m.status_class[c].increment(1),
-            None => metrics::counter!("sidekey_proxy_requests_total",
-                "vendor" => m.label, "outcome" => outcome.label())
+        let class = Self::class(status);
+        match error {
+            None => m.answered[class].increment(1),
+            Some(code) => metrics::counter!(METRIC_REQUESTS, "vendor" => m.label,
+                "status_class" => Self::CLASSES[class], "error" => code)
             .increment(1),
         }
         m.duration.record(seconds);
-    }
-}
-
-/// The `outcome` label of a request.
-#[derive(Clone, Copy)]
-enum Outcome {
-    /// The first digit of the status the vendor answered.
-    Class(u8),
-    /// The error code of a refusal sidekey answered itself.
-    Refused(&'static str),
-}
-
-impl Outcome {
-    fn label(self) -> &'static str {
-        match self {
-            Outcome::Class(1) => "1xx",
-            Outcome::Class(2) => "2xx",
-            Outcome::Class(3) => "3xx",
-            Outcome::Class(4) => "4xx",
-            Outcome::Class(_) => "5xx",
-            Outcome::Refused(code) => code,
-        }
     }
 }
 
@@ -319,13 +333,9 @@ impl Proxy {
         };
         let elapsed = start.elapsed();
         let status = resp.status();
-        let outcome = match code {
-            Some(code) => Outcome::Refused(code),
-            None => Outcome::Class(u8::try_from(status.as_u16() / 100).unwrap_or(5)),
-        };
         self.inner
             .metrics
-            .record(log.vendor, outcome, elapsed.as_secs_f64());
+            .record(log.vendor, status, code, elapsed.as_secs_f64());
         if let (Some(labels), Some(tenant)) = (&self.inner.tenant_labels, &log.tenant)
             && !matches!(code, Some("unknown_tenant" | "tenant_required"))
         {
@@ -339,7 +349,7 @@ impl Proxy {
                     "other".to_owned()
                 }
             };
-            metrics::counter!("sidekey_proxy_requests_by_tenant_total",
+            metrics::counter!(METRIC_REQUESTS_BY_TENANT,
                 "tenant" => label, "vendor" => self.inner.metrics.label(log.vendor))
             .increment(1);
         }

@@ -26,6 +26,25 @@ pub const DISCONNECTED_SINCE_GAUGE: &str = "sidekey_store_disconnected_since_sec
 /// The gauge: records under the prefix that do not open, and so are not served.
 pub const UNREADABLE_GAUGE: &str = "sidekey_store_unreadable_records";
 
+/// Registers the help texts of the fleet-mode gauges.
+pub(crate) fn describe_metrics() {
+    metrics::describe_gauge!(
+        CONNECTED_GAUGE,
+        "Fleet mode: 1 while sidekey follows etcd, 0 while it cannot reach it (serving its last \
+         snapshot)"
+    );
+    metrics::describe_gauge!(
+        DISCONNECTED_SINCE_GAUGE,
+        metrics::Unit::Seconds,
+        "Fleet mode: Unix time at which sidekey lost etcd, 0 while connected"
+    );
+    metrics::describe_gauge!(
+        UNREADABLE_GAUGE,
+        "Fleet mode: etcd records that do not open (altered, copied from another key, sealed by \
+         a key not in the ring) and are therefore not served"
+    );
+}
+
 /// Whether this sidekey can reach etcd, as the gauges, `/readyz` and the logs say it.
 pub(crate) struct Link {
     since: Mutex<Option<SystemTime>>,
@@ -34,14 +53,6 @@ pub(crate) struct Link {
 
 impl Link {
     fn new(health: StoreHealth) -> Self {
-        metrics::describe_gauge!(
-            CONNECTED_GAUGE,
-            "1 while sidekey follows etcd, 0 while it cannot reach it (serving its last snapshot)"
-        );
-        metrics::describe_gauge!(
-            DISCONNECTED_SINCE_GAUGE,
-            "Unix time at which sidekey lost etcd, 0 while connected"
-        );
         Self {
             since: Mutex::new(None),
             health,
@@ -100,11 +111,6 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn new(config: EtcdConfig, keys: MasterKeys) -> Self {
-        metrics::describe_gauge!(
-            UNREADABLE_GAUGE,
-            "etcd records that do not open (altered, copied from another key, sealed by a key \
-             not in the ring) and are therefore not served"
-        );
         Self {
             config,
             keys: Arc::new(keys),

@@ -7,6 +7,15 @@ use std::sync::{Arc, Mutex};
 /// The gauge: 1 while the store accepts writes, 0 while it is failing.
 pub const HEALTH_GAUGE: &str = "sidekey_store_healthy";
 
+/// Registers the help text of [`HEALTH_GAUGE`].
+pub fn describe_metrics() {
+    metrics::describe_gauge!(
+        HEALTH_GAUGE,
+        "1 while the store accepts writes, 0 while it is failing (disk full, I/O errors; in \
+         fleet mode, etcd unreachable)"
+    );
+}
+
 /// A shared, cheap-to-clone view of the store's health.
 #[derive(Clone, Debug, Default)]
 pub struct StoreHealth(Arc<Mutex<Option<String>>>);
@@ -14,10 +23,6 @@ pub struct StoreHealth(Arc<Mutex<Option<String>>>);
 impl StoreHealth {
     /// A healthy store; sets the gauge to 1.
     pub fn new() -> Self {
-        metrics::describe_gauge!(
-            HEALTH_GAUGE,
-            "1 while the store accepts writes, 0 while it is failing (disk full, I/O errors)"
-        );
         metrics::gauge!(HEALTH_GAUGE).set(1.0);
         Self::default()
     }

@@ -30,6 +30,13 @@ use tokio::sync::mpsc;
 
 use crate::model::{PartnerRecord, TenantRecord};
 
+/// Registers the help texts of the store's gauges (the fleet-mode ones included, which only
+/// an etcd store sets).
+pub fn describe_metrics() {
+    health::describe_metrics();
+    etcd_conn::describe_metrics();
+}
+
 /// Everything a store holds.
 #[derive(Clone, Debug, Default)]
 pub struct StoredState {

@@ -137,6 +137,8 @@ impl Catalog {
             (Err(e), _) => return Err(e),
         };
         let (publisher, reader) = SnapshotPublisher::new(build_snapshot(&state));
+        // Exported from the start: a restart that changes nothing publishes no new snapshot.
+        publisher.export_count();
         Ok(Self {
             store,
             loaded: watch::Sender::new(state.loaded),

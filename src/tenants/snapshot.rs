@@ -12,6 +12,14 @@ use tokio::sync::watch;
 
 use super::effective::EffectiveTenant;
 
+/// `sidekey_tenants_configured`: tenants in the snapshot the proxy serves.
+pub const METRIC_TENANTS: &str = "sidekey_tenants_configured";
+
+/// Registers the help text of [`METRIC_TENANTS`].
+pub fn describe_metrics() {
+    metrics::describe_gauge!(METRIC_TENANTS, "Tenants in the snapshot the proxy serves");
+}
+
 #[derive(Debug, Default)]
 pub struct Snapshot {
     tenants: HashMap<Arc<str>, Arc<EffectiveTenant>>,
@@ -96,9 +104,15 @@ impl SnapshotPublisher {
         self.current.load_full()
     }
 
+    /// Sets [`METRIC_TENANTS`] to the snapshot in force, for the catalog's first snapshot
+    /// (later ones set it as they are published).
+    pub(crate) fn export_count(&self) {
+        metrics::gauge!(METRIC_TENANTS).set(self.current.load().len() as f64);
+    }
+
     pub(crate) fn publish(&self, next: Snapshot) {
         let revision = next.revision;
-        metrics::gauge!("sidekey_tenants_configured").set(next.len() as f64);
+        metrics::gauge!(METRIC_TENANTS).set(next.len() as f64);
         tracing::debug!(revision, tenants = next.len(), "snapshot published");
         self.current.store(Arc::new(next));
         self.changes.send_replace(revision);

@@ -140,7 +140,27 @@ pub enum UpstreamError {
     Timeout,
 }
 
+/// `sidekey_upstream_errors_total{vendor,kind}`: failures reaching a vendor, for its data
+/// calls and (m3ter) its token exchanges alike.
+pub const METRIC_ERRORS: &str = "sidekey_upstream_errors_total";
+
+/// Registers the help text of [`METRIC_ERRORS`].
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        METRIC_ERRORS,
+        "Failures reaching a vendor (data calls and m3ter token exchanges), by vendor and kind \
+         (connect, tls, timeout, protocol)"
+    );
+}
+
 impl UpstreamError {
+    /// Counts this failure reaching `vendor` in [`METRIC_ERRORS`], under its [`kind`].
+    ///
+    /// [`kind`]: UpstreamError::kind
+    pub fn record(&self, vendor: &'static str) {
+        metrics::counter!(METRIC_ERRORS, "vendor" => vendor, "kind" => self.kind()).increment(1);
+    }
+
     /// `connect`, `tls`, `timeout` or `protocol`: the metrics label.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -293,6 +293,11 @@ pub struct TokenBroker {
 
 impl TokenBroker {
     pub fn new(exchange: Arc<dyn Exchange>, config: BrokerConfig) -> Self {
+        // Both outcomes exported (at 0) from the start: a counter that first appears at 1 is
+        // invisible to `rate()`, so the first failures would not fire an alert.
+        for outcome in ["ok", "failed"] {
+            metrics::counter!(METRIC_EXCHANGES, "outcome" => outcome).increment(0);
+        }
         let slots = Cache::builder()
             .name("m3ter-tokens")
             .max_capacity(config.capacity)
@@ -423,6 +428,9 @@ async fn run_flight(
         Ok(Err(_)) => Err(ExchangeFailure::Abandoned),
         Err(_) => {
             abort.abort();
+            // The exchange's own transport errors are counted where they happen; this one
+            // is the broker's deadline, which aborts the call before it can fail by itself.
+            crate::upstream::UpstreamError::Timeout.record(super::VENDOR);
             Err(ExchangeFailure::TimedOut {
                 after: config.exchange_timeout,
             })
@@ -717,6 +725,36 @@ mod tests {
         // And later calls are served from the cache.
         assert!(Arc::ptr_eq(&immediate(&b, &c).await.unwrap(), &tokens[0]));
         assert_eq!(fake.calls(), 1);
+    }
+
+    /// An exchange cut off by the broker's deadline is a transport failure like any other:
+    /// counted as an upstream error of kind `timeout`, and as a failed exchange.
+    #[tokio::test(start_paused = true)]
+    async fn an_exchange_past_its_deadline_counts_as_an_upstream_timeout() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // This test's runtime has one thread, so the spawned exchange task sees it too.
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let (_never_answered, held) = oneshot::channel();
+        let fake = Fake::new([Step::Held(held)]);
+        let b = broker(&fake);
+        let err = b.token(&creds("key", "secret")).await.unwrap_err();
+        assert!(err.message.contains("did not answer"), "{}", err.message);
+        let text = handle.render();
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        assert_eq!(
+            value(r#"sidekey_upstream_errors_total{vendor="m3ter",kind="timeout"}"#),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            value(r#"sidekey_token_exchanges_total{outcome="failed"}"#),
+            1.0
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

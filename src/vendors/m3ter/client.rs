@@ -16,8 +16,12 @@ impl TokenPost for upstream::Client {
         let response = self
             .send(request.map(upstream::full_body))
             .await
-            .map_err(|e| ExchangeFailure::Transport {
-                reason: e.to_string(),
+            .map_err(|e| {
+                // Counted like a data call's failure, with the same `kind`.
+                e.record(super::VENDOR);
+                ExchangeFailure::Transport {
+                    reason: e.to_string(),
+                }
             })?;
         let (parts, body) = response.into_parts();
         // A token response is small; anything past the bound is not one.

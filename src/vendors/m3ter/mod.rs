@@ -26,6 +26,9 @@ use crate::secret::Secret;
 use crate::tenants::{EffectiveTenant, M3terCreds, VendorKind};
 use crate::upstream;
 
+/// The vendor's name: its `vendor` metrics label and log field.
+pub const VENDOR: &str = "m3ter";
+
 /// m3ter as the proxy sees it: prefixes `/m3ter` (the tenant's API host) and `/m3ter-ingest`
 /// (its ingest host), whose names depend on the tenant's environment; requests get a bearer
 /// token from the [`TokenSource`] and are replayed once when m3ter refuses it.
@@ -49,7 +52,7 @@ impl M3ter {
 
 impl Vendor for M3ter {
     fn name(&self) -> &'static str {
-        "m3ter"
+        VENDOR
     }
 
     fn kind(&self) -> Option<VendorKind> {

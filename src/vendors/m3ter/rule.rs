@@ -214,7 +214,7 @@ async fn forward(
         .send_by(req, Some(ctx.deadline))
         .await
         .map_err(|source| RuleError::Upstream {
-            vendor: "m3ter",
+            vendor: super::VENDOR,
             host: ctx.host.to_owned(),
             source,
         })
