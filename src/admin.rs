@@ -105,6 +105,7 @@ fn describe_metrics() {
     crate::store::describe_metrics();
     crate::tenants::snapshot::describe_metrics();
     crate::tenants_file::describe_metrics();
+    crate::log_writer::describe_metrics();
     metrics::describe_gauge!(
         METRIC_BUILD_INFO,
         "Always 1; the labels say which sidekey build is running"
@@ -300,6 +301,7 @@ mod tests {
             crate::control::service::METRIC_CALLS,
             crate::control::listener::METRIC_ACCEPT_ERRORS,
             crate::tenants_file::METRIC_APPLIES,
+            crate::log_writer::METRIC_LINES_LOST,
         ];
         let gauges = [
             crate::budget::METRIC_HELD_BYTES,

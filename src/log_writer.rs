@@ -31,6 +31,15 @@ pub const MAX_BUFFERED: usize = 1 << 20;
 /// Lines lost to failed writes.
 pub const METRIC_LINES_LOST: &str = "sidekey_log_lines_lost_total";
 
+/// HELP for this module's series, and the counter exported at 0 from the start.
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        METRIC_LINES_LOST,
+        "Log lines lost because writing them to stderr failed"
+    );
+    metrics::counter!(METRIC_LINES_LOST).increment(0);
+}
+
 /// Where batches go: stderr in `serve`, anything in tests.
 type Sink = Box<dyn Write + Send>;
 
@@ -87,10 +96,6 @@ impl BatchWriter {
 
     /// A writer batching into `sink` every `interval`.
     pub fn new(sink: Sink, interval: Duration) -> io::Result<(Self, FlushGuard)> {
-        metrics::describe_counter!(
-            METRIC_LINES_LOST,
-            "Log lines lost because writing them to stderr failed"
-        );
         let shared = Arc::new(Shared {
             buffer: Mutex::new(Vec::new()),
             sink: Mutex::new(sink),
@@ -271,8 +276,16 @@ mod tests {
         let (writer, guard) =
             BatchWriter::new(Box::new(sink.clone()), Duration::from_secs(3600)).unwrap();
         sink.broken.store(true, Ordering::SeqCst);
-        line(&writer, "lost\n");
-        writer.shared.write_batch();
+        line(&writer, "lost 1\n");
+        line(&writer, "lost 2\n");
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let scrape = recorder.handle();
+        metrics::with_local_recorder(&recorder, || writer.shared.write_batch());
+        assert!(
+            scrape.render().contains(&format!("{METRIC_LINES_LOST} 2")),
+            "{}",
+            scrape.render()
+        );
         sink.broken.store(false, Ordering::SeqCst);
         line(&writer, "kept\n");
         drop(guard);
