@@ -6,7 +6,9 @@
 //! nothing.
 
 pub mod auth;
+mod authority;
 pub mod convert;
+mod hpack;
 pub mod listener;
 pub mod service;
 pub mod status;
@@ -34,7 +36,7 @@ pub const MAX_CALLS_PER_CONNECTION: usize = 8;
 const STREAM_WINDOW: u32 = 64 << 10;
 const CONNECTION_WINDOW: u32 = 256 << 10;
 /// Longest header block accepted.
-const MAX_HEADER_LIST: u32 = 16 << 10;
+pub(crate) const MAX_HEADER_LIST: u32 = 16 << 10;
 /// Longest a call may take (TestTenant included) before it ends with CANCELLED.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// An idle connection is pinged this often, and closed when a ping goes unanswered for
