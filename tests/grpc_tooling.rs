@@ -219,3 +219,151 @@ fn the_served_descriptor_carries_field_behavior_and_resource_annotations() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// `:authority` on the Unix socket: what grpcio, grpc-java and older grpcurl send
+
+/// A header field as an HPACK literal with a new name: "with incremental indexing" (the
+/// client's encoder adds it to its dynamic table) or "without indexing".
+fn hpack_literal(out: &mut Vec<u8>, indexed: bool, name: &str, value: &str) {
+    out.push(if indexed { 0x40 } else { 0x00 });
+    for s in [name, value] {
+        assert!(s.len() < 127);
+        out.push(s.len() as u8);
+        out.extend(s.as_bytes());
+    }
+}
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+/// A health Check on `stream`: HEADERS with `header_block`, then an empty request message.
+fn health_check(stream: u32, header_block: &[u8]) -> Vec<u8> {
+    let mut out = h2_frame(0x1, 0x4, stream, header_block);
+    out.extend(h2_frame(0x0, 0x1, stream, &[0, 0, 0, 0, 0]));
+    out
+}
+
+/// Reads frames until `stream` gets its response message (Ok) or is reset (Err(code)).
+async fn response_message(conn: &mut tokio::net::UnixStream, stream: u32) -> Result<Vec<u8>, u32> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let read = async {
+        loop {
+            let mut header = [0u8; 9];
+            conn.read_exact(&mut header).await.unwrap();
+            let len =
+                usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+            let mut payload = vec![0; len];
+            conn.read_exact(&mut payload).await.unwrap();
+            let (kind, flags) = (header[3], header[4]);
+            let id = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
+            match kind {
+                // SETTINGS: acknowledged, as a client must.
+                0x4 if flags & 0x1 == 0 => {
+                    conn.write_all(&h2_frame(0x4, 0x1, 0, &[])).await.unwrap()
+                }
+                0x0 if id == stream => return Ok(payload),
+                0x3 if id == stream => {
+                    return Err(u32::from_be_bytes(payload[..4].try_into().unwrap()));
+                }
+                // GOAWAY: the server closed the connection.
+                0x7 => panic!("GOAWAY {payload:?}"),
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("an answer within 10 s")
+}
+
+/// The health response `status: SERVING`, as a gRPC message.
+const SERVING: [u8; 7] = [0, 0, 0, 0, 2, 0x08, 0x01];
+
+#[tokio::test]
+async fn unix_socket_calls_with_the_socket_path_as_authority_are_served() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("grpc.sock");
+    let mut config = ServeConfig::ephemeral(dir.path().join("data"));
+    config.master_key = Some(sidekey::secret::Secret::new(
+        "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+    ));
+    config.grpc_listen = sidekey::control::GrpcListen::Unix(socket.clone());
+    let _running = server::start(config).await.unwrap();
+
+    let mut conn = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    conn.write_all(&h2_frame(0x4, 0, 0, &[])).await.unwrap();
+
+    let path = socket.to_str().unwrap();
+    // :method POST and :scheme http from the static table, then the fields gRPC sends.
+    let request = |authority: &dyn Fn(&mut Vec<u8>)| {
+        let mut block = vec![0x83, 0x86];
+        hpack_literal(&mut block, false, ":path", "/grpc.health.v1.Health/Check");
+        authority(&mut block);
+        hpack_literal(&mut block, false, "content-type", "application/grpc");
+        hpack_literal(&mut block, false, "te", "trailers");
+        block
+    };
+    // grpc-java and older grpcurl: the path itself, which the client's encoder also enters
+    // in its dynamic table (index 62)...
+    let first = request(&|b| hpack_literal(b, true, ":authority", path));
+    conn.write_all(&health_check(1, &first)).await.unwrap();
+    assert_eq!(response_message(&mut conn, 1).await, Ok(SERVING.to_vec()));
+    // ...and refers to from there on the same connection.
+    let second = request(&|b| b.push(0x80 | 62));
+    conn.write_all(&health_check(3, &second)).await.unwrap();
+    assert_eq!(response_message(&mut conn, 3).await, Ok(SERVING.to_vec()));
+    // grpcio >= 1.57: the percent-encoded path.
+    let encoded = path.trim_start_matches('/').replace('/', "%2F");
+    let third = request(&|b| hpack_literal(b, false, ":authority", &encoded));
+    conn.write_all(&health_check(5, &third)).await.unwrap();
+    assert_eq!(response_message(&mut conn, 5).await, Ok(SERVING.to_vec()));
+    // A valid authority is served as before.
+    let fourth = request(&|b| hpack_literal(b, false, ":authority", "localhost"));
+    conn.write_all(&health_check(7, &fourth)).await.unwrap();
+    assert_eq!(response_message(&mut conn, 7).await, Ok(SERVING.to_vec()));
+}
+
+/// A header block that cannot be decoded closes the connection, as h2 itself does
+/// (COMPRESSION_ERROR): nothing of it reaches the service.
+#[tokio::test]
+async fn an_undecodable_header_block_on_the_unix_socket_closes_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("grpc.sock");
+    let mut config = ServeConfig::ephemeral(dir.path().join("data"));
+    config.master_key = Some(sidekey::secret::Secret::new(
+        "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+    ));
+    config.grpc_listen = sidekey::control::GrpcListen::Unix(socket.clone());
+    let _running = server::start(config).await.unwrap();
+
+    let mut conn = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    conn.write_all(&h2_frame(0x4, 0, 0, &[])).await.unwrap();
+    // Index 70: past the static table, with an empty dynamic table.
+    conn.write_all(&health_check(1, &[0x83, 0x86, 0x80 | 70]))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        conn.read_to_end(&mut rest),
+    )
+    .await
+    .expect("closed within 10 s");
+    // Closed (possibly reset); whatever was written before, no response to the call.
+    let _ = read;
+    assert!(!rest.windows(SERVING.len()).any(|w| w == SERVING));
+}
