@@ -440,6 +440,26 @@ mod tests {
         assert_eq!(decoded_headers(&out)[1].value.len(), 20_000);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Whatever follows the preface, framing ends in bytes for h2 or an error, never a
+        /// panic; frames are given valid lengths half the time so the rewriting is reached.
+        #[test]
+        fn any_frames_pass_or_are_refused(
+            frames in proptest::collection::vec(
+                (0u8..12, proptest::prelude::any::<u8>(), 0u32..4,
+                 proptest::collection::vec(proptest::prelude::any::<u8>(), 0..48)),
+                0..6,
+            )
+        ) {
+            let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            for (kind, flags, stream, payload) in frames {
+                input.extend(frame(kind, flags, stream, &payload));
+            }
+            let _ = through(&input);
+        }
+    }
+
     #[test]
     fn refuses_broken_framing() {
         let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();

@@ -192,6 +192,10 @@ fn integer(block: &mut &[u8], prefix: u8) -> Result<usize, HpackError> {
     loop {
         let (&byte, rest) = block.split_first().ok_or(HpackError::Truncated)?;
         *block = rest;
+        // Continuation bytes that add nothing still count: the shift is bounded too.
+        if shift > 28 {
+            return Err(HpackError::Overflow);
+        }
         value += usize::from(byte & 0x7f) << shift;
         if value > MAX_INTEGER {
             return Err(HpackError::Overflow);
@@ -358,6 +362,22 @@ const STATIC_TABLE: [(&[u8], &[u8]); 61] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Whatever a client sends, decoding ends in fields or an error, never a panic.
+        #[test]
+        fn any_block_decodes_or_is_refused(
+            blocks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 1..4)
+        ) {
+            let mut d = Decoder::default();
+            for block in blocks {
+                let _ = d.decode(&block, 1 << 16);
+                prop_assert!(d.size <= d.max_size);
+            }
+        }
+    }
 
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.split_whitespace().collect();
@@ -514,6 +534,10 @@ mod tests {
             d.decode(&hex("01 81 00"), 1 << 16),
             Err(HpackError::Huffman)
         );
+        // Zero-valued continuation bytes without end.
+        let mut endless = hex("01 7f");
+        endless.extend([0x80; 16]);
+        assert_eq!(d.decode(&endless, 1 << 16), Err(HpackError::Overflow));
         // A list over the bound given.
         assert_eq!(d.decode(&hex("82 86"), 40), Err(HpackError::TooLarge(40)));
     }
