@@ -186,7 +186,9 @@ fn the_served_descriptor_carries_field_behavior_and_resource_annotations() {
     assert_eq!(behaviors("PartnerDefaults", "update_time"), [3]);
     assert_eq!(behaviors("CreateTenantRequest", "tenant"), [2]);
     assert_eq!(behaviors("TestTenantRequest", "vendor"), [2]);
-    assert!(behaviors("Tenant", "display_name").is_empty());
+    assert_eq!(behaviors("Tenant", "display_name"), [1]);
+    // The connections' fields inherit the partner defaults: no behaviour claimed.
+    assert!(behaviors("MiradoreConnection", "site").is_empty());
 
     let resource_type = |message: &str| {
         let options = pool
