@@ -20,6 +20,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tonic::transport::server::Connected;
 
+use super::authority::NormalisedAuthority;
+
 /// Most control-plane connections open at once; further clients wait in the kernel's
 /// accept backlog until one closes. Operators and provisioning jobs need a handful.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -187,9 +189,12 @@ impl Accept for TcpListener {
 }
 
 impl Accept for UnixListener {
-    type Io = UnixStream;
-    async fn accept(&self) -> io::Result<UnixStream> {
-        UnixListener::accept(self).await.map(|(s, _)| s)
+    /// Clients dialling a socket often send its path as `:authority`: see [`super::authority`].
+    type Io = NormalisedAuthority<UnixStream>;
+    async fn accept(&self) -> io::Result<Self::Io> {
+        UnixListener::accept(self)
+            .await
+            .map(|(s, _)| NormalisedAuthority::new(s))
     }
 }
 

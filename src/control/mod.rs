@@ -1,12 +1,14 @@
 //! The control plane: `sidekey.v1.TenantService` over gRPC, with `grpc.health.v1.Health`
-//! and server reflection v1, on TCP or a Unix socket.
+//! and server reflection (v1 and v1alpha), on TCP or a Unix socket.
 //!
 //! With a [`ControlToken`], every call to the tenant service and to reflection must carry
 //! it. Health stays open: kubelet gRPC probes cannot send headers, and health reveals
 //! nothing.
 
 pub mod auth;
+mod authority;
 pub mod convert;
+mod hpack;
 pub mod listener;
 pub mod service;
 pub mod status;
@@ -34,7 +36,7 @@ pub const MAX_CALLS_PER_CONNECTION: usize = 8;
 const STREAM_WINDOW: u32 = 64 << 10;
 const CONNECTION_WINDOW: u32 = 256 << 10;
 /// Longest header block accepted.
-const MAX_HEADER_LIST: u32 = 16 << 10;
+pub(crate) const MAX_HEADER_LIST: u32 = 16 << 10;
 /// Longest a call may take (TestTenant included) before it ends with CANCELLED.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// An idle connection is pinged this often, and closed when a ping goes unanswered for
@@ -68,6 +70,18 @@ fn canonical_codes<B>(mut response: http::Response<B>) -> http::Response<B> {
 
 use crate::proto::tenant_service_server::TenantServiceServer;
 
+/// Reflection over every descriptor served: the API with the `google.rpc` types of its
+/// error details (see build.rs), health, and both reflection versions (each version lists
+/// both services).
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .include_reflection_service(false)
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+}
+
 /// Serves the control plane until `shutdown` resolves, then finishes in-flight calls.
 pub async fn serve(
     listener: GrpcListener,
@@ -88,10 +102,11 @@ pub async fn serve_with(
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TenantServiceServer<TenantApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both versions of reflection: v1, and v1alpha for the tools that speak only it (older
+    // grpcurl, Python's grpcio-reflection client).
+    let reflection = reflection_builder()
         .build_v1()
+        .and_then(|v1| Ok((v1, reflection_builder().build_v1alpha()?)))
         .map_err(|e| {
             // The descriptors are compiled in; failing here is a build defect.
             tracing::error!(error = %e, "reflection descriptors are invalid");
@@ -127,10 +142,15 @@ pub async fn serve_with(
             tenants,
             check.clone(),
         ));
-    if let Ok(reflection) = reflection {
-        router = router.add_service(tonic::service::interceptor::InterceptedService::new(
-            reflection, check,
-        ));
+    if let Ok((v1, v1alpha)) = reflection {
+        router = router
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                v1,
+                check.clone(),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                v1alpha, check,
+            ));
     }
 
     let shutdown = async move {
