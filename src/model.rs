@@ -54,6 +54,10 @@ pub struct Field<C: Connection> {
     pub required: bool,
     /// Checked on every non-blank value (for a secret, after the rules every secret obeys).
     pub rule: FormatRule,
+    /// What the field is, for the CLI's `--help`: a text field's help line ("Miradore site
+    /// name (case-sensitive)"); a secret's name ("Miradore API key"), which the help lines
+    /// of its `-file` and `-env` flags name.
+    pub help: &'static str,
     pub get: fn(&C) -> FieldRef<'_>,
     pub get_mut: fn(&mut C) -> FieldMut<'_>,
     pub proto: fn(&C::Proto) -> ProtoRef<'_>,
@@ -92,6 +96,11 @@ impl FieldRef<'_> {
 }
 
 impl<C: Connection> Field<C> {
+    /// Whether the field holds a secret (else text).
+    pub fn is_secret(&self) -> bool {
+        matches!((self.get)(&C::default()), FieldRef::Secret(_))
+    }
+
     /// Sets this field of `dst` to its value in `src` (blank when `src` is `None`).
     pub fn copy(&self, dst: &mut C, src: Option<&C>) {
         match ((self.get_mut)(dst), src.map(|c| (self.get)(c))) {
@@ -108,6 +117,8 @@ pub trait Connection: Clone + Default + 'static {
     /// Its `sidekey.v1` message (`MiradoreConnection`), whose fields have the same names.
     type Proto: Clone + Default + 'static;
     const VENDOR: VendorKind;
+    /// Its name as people write it ("Miradore"), in the CLI's `--help`.
+    const TITLE: &'static str;
     /// The `sidekey.v1.Vendor` value that names it (`TestTenant`).
     const PROTO_VENDOR: proto::Vendor;
     /// Every field, in the order errors and update-mask paths list them.
@@ -177,6 +188,7 @@ pub struct MiradoreConn {
 impl Connection for MiradoreConn {
     type Proto = proto::MiradoreConnection;
     const VENDOR: VendorKind = VendorKind::Miradore;
+    const TITLE: &'static str = "Miradore";
     const PROTO_VENDOR: proto::Vendor = proto::Vendor::Miradore;
     const FIELDS: &'static [Field<Self>] = &[
         Field {
@@ -188,6 +200,7 @@ impl Connection for MiradoreConn {
                     "must be 1-63 letters, digits or '-' (case is kept)",
                 )
             },
+            help: "Miradore site name (case-sensitive)",
             get: |c| FieldRef::Text(&c.site),
             get_mut: |c| FieldMut::Text(&mut c.site),
             proto: |c| ProtoRef::Text(&c.site),
@@ -203,6 +216,7 @@ impl Connection for MiradoreConn {
                     "must be visible ASCII characters without spaces",
                 )
             },
+            help: "Miradore API key",
             get: |c| FieldRef::Secret(&c.api_key),
             get_mut: |c| FieldMut::Secret(&mut c.api_key),
             proto: |c| ProtoRef::Secret(&c.api_key),
@@ -222,6 +236,7 @@ pub struct M3terConn {
 impl Connection for M3terConn {
     type Proto = proto::M3terConnection;
     const VENDOR: VendorKind = VendorKind::M3ter;
+    const TITLE: &'static str = "m3ter";
     const PROTO_VENDOR: proto::Vendor = proto::Vendor::M3ter;
     const FIELDS: &'static [Field<Self>] = &[
         Field {
@@ -239,6 +254,7 @@ impl Connection for M3terConn {
                     ))
                 }
             },
+            help: "m3ter access key ID",
             get: |c| FieldRef::Text(&c.access_key_id),
             get_mut: |c| FieldMut::Text(&mut c.access_key_id),
             proto: |c| ProtoRef::Text(&c.access_key_id),
@@ -248,6 +264,7 @@ impl Connection for M3terConn {
             name: "api_secret",
             required: true,
             rule: any,
+            help: "m3ter API secret",
             get: |c| FieldRef::Secret(&c.api_secret),
             get_mut: |c| FieldMut::Secret(&mut c.api_secret),
             proto: |c| ProtoRef::Secret(&c.api_secret),
@@ -257,6 +274,7 @@ impl Connection for M3terConn {
             name: "org_id",
             required: true,
             rule: |s| problem(is_uuid(s), "must be a UUID (8-4-4-4-12 hex digits)"),
+            help: "m3ter organisation ID (a UUID)",
             get: |c| FieldRef::Text(&c.org_id),
             get_mut: |c| FieldMut::Text(&mut c.org_id),
             proto: |c| ProtoRef::Text(&c.org_id),
@@ -271,6 +289,7 @@ impl Connection for M3terConn {
                     "must be empty, \"prod\", or a DNS label (lower-case letters, digits, '-')",
                 )
             },
+            help: r#"m3ter environment: empty or "prod" for production, else api.<env>.m3ter.com"#,
             get: |c| FieldRef::Text(&c.environment),
             get_mut: |c| FieldMut::Text(&mut c.environment),
             proto: |c| ProtoRef::Text(&c.environment),
@@ -288,6 +307,7 @@ pub struct MailkitConn {
 impl Connection for MailkitConn {
     type Proto = proto::MailkitConnection;
     const VENDOR: VendorKind = VendorKind::Mailkit;
+    const TITLE: &'static str = "Mailkit";
     const PROTO_VENDOR: proto::Vendor = proto::Vendor::Mailkit;
     const FIELDS: &'static [Field<Self>] = &[
         Field {
@@ -299,6 +319,7 @@ impl Connection for MailkitConn {
                     "must be 1-20 digits",
                 )
             },
+            help: "Mailkit client ID (digits)",
             get: |c| FieldRef::Text(&c.client_id),
             get_mut: |c| FieldMut::Text(&mut c.client_id),
             proto: |c| ProtoRef::Text(&c.client_id),
@@ -313,6 +334,7 @@ impl Connection for MailkitConn {
                     "must be 32 hex digits",
                 )
             },
+            help: "Mailkit client MD5",
             get: |c| FieldRef::Secret(&c.client_md5),
             get_mut: |c| FieldMut::Secret(&mut c.client_md5),
             proto: |c| ProtoRef::Secret(&c.client_md5),
