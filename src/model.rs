@@ -125,6 +125,62 @@ pub trait Connection: Clone + Default + 'static {
     const FIELDS: &'static [Field<Self>];
 }
 
+/// The proto3 JSON name of a field (`api_key` → `apiKey`): its name in JSON and YAML.
+pub fn json_name(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut upper = false;
+    for c in field.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.push(c.to_ascii_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A vendor's fields by name, in their declared order: what the formats that name fields
+/// without typed access (the tenant document, the stored record) read and write.
+pub struct VendorFields {
+    pub vendor: VendorKind,
+    pub fields: Vec<NamedField>,
+}
+
+pub struct NamedField {
+    /// As in [`Field::name`] (`api_key`).
+    pub name: &'static str,
+    /// Its [`json_name`] (`apiKey`).
+    pub json_name: String,
+    pub secret: bool,
+}
+
+/// Every vendor's [`VendorFields`], in the order of [`VendorKind::ALL`].
+pub fn vendor_fields() -> &'static [VendorFields] {
+    struct Collect(Vec<VendorFields>);
+    impl VendorVisitor for Collect {
+        fn visit<C: Connection>(&mut self, _: &Slot<C>) {
+            let fields = C::FIELDS.iter().map(|f| NamedField {
+                name: f.name,
+                json_name: json_name(f.name),
+                secret: f.is_secret(),
+            });
+            self.0.push(VendorFields {
+                vendor: C::VENDOR,
+                fields: fields.collect(),
+            });
+        }
+    }
+    static ALL: std::sync::LazyLock<Vec<VendorFields>> = std::sync::LazyLock::new(|| {
+        let mut all = Collect(Vec::new());
+        Connections::for_each_vendor(&mut all);
+        all.0
+    });
+    &ALL
+}
+
 /// Where a vendor's connection sits in [`Connections`] and in the `sidekey.v1` messages.
 pub struct Slot<C: Connection> {
     pub get: fn(&Connections) -> &Option<C>,

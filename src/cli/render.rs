@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::model::{Connection, Connections, ProtoRef, Slot, VendorVisitor};
+use crate::model::{Connection, Connections, ProtoRef, Slot, VendorVisitor, json_name};
 use crate::proto;
 use crate::wire::ProtoConnections;
 
@@ -46,23 +46,6 @@ fn compact(v: Value) -> Value {
         ),
         other => other,
     }
-}
-
-/// The proto3 JSON name of a field: `api_key` → `apiKey`.
-fn json_name(field: &str) -> String {
-    let mut out = String::with_capacity(field.len());
-    let mut upper = false;
-    for c in field.chars() {
-        if c == '_' {
-            upper = true;
-        } else if upper {
-            out.push(c.to_ascii_uppercase());
-            upper = false;
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn connections_json(c: ProtoConnections<'_>) -> Map<String, Value> {

@@ -11,8 +11,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::Zeroize;
 
 use crate::model::{
-    Connection, Connections, FieldMut, FieldRef, PartnerRecord, Slot, TenantRecord, VendorKind,
-    VendorVisitor,
+    Connection, Connections, FieldMut, FieldRef, PartnerRecord, Slot, TenantRecord, VendorFields,
+    VendorKind, VendorVisitor, vendor_fields,
 };
 use crate::secret::Secret;
 use crate::store::StoreError;
@@ -294,20 +294,6 @@ impl ConnectionsDoc {
     }
 }
 
-/// Each vendor's field names, and whether each is a secret, from the schema.
-fn schema() -> Vec<(VendorKind, Vec<(&'static str, bool)>)> {
-    struct Names(Vec<(VendorKind, Vec<(&'static str, bool)>)>);
-    impl VendorVisitor for Names {
-        fn visit<C: Connection>(&mut self, _: &Slot<C>) {
-            let fields = C::FIELDS.iter().map(|f| (f.name, f.is_secret()));
-            self.0.push((C::VENDOR, fields.collect()));
-        }
-    }
-    let mut names = Names(Vec::new());
-    Connections::for_each_vendor(&mut names);
-    names.0
-}
-
 impl Serialize for ConnectionsDoc {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(Some(self.vendors.len()))?;
@@ -335,46 +321,44 @@ impl Serialize for FieldsOut<'_> {
 
 impl<'de> Deserialize<'de> for ConnectionsDoc {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Vendors(Vec<(VendorKind, Vec<(&'static str, bool)>)>);
+        struct Vendors;
         impl<'de> Visitor<'de> for Vendors {
             type Value = ConnectionsDoc;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a map of vendor connections")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut found: Vec<Option<Option<VendorDoc>>> =
-                    self.0.iter().map(|_| None).collect();
-                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    let Some(i) = self.0.iter().position(|(v, _)| v.as_str() == key) else {
+                let all = vendor_fields();
+                let mut found: Vec<Option<Option<VendorDoc>>> = all.iter().map(|_| None).collect();
+                while let Some(key) = map.next_key::<String>()? {
+                    let Some(i) = all.iter().position(|v| v.vendor.as_str() == key) else {
                         map.next_value::<IgnoredAny>()?;
                         continue;
                     };
-                    let (vendor, fields) = &self.0[i];
                     if found[i].is_some() {
-                        return Err(de::Error::duplicate_field(vendor.as_str()));
+                        return Err(de::Error::duplicate_field(all[i].vendor.as_str()));
                     }
-                    let seed = OptionalFields(VendorFields(*vendor, fields));
-                    found[i] = Some(map.next_value_seed(seed)?);
+                    found[i] = Some(map.next_value_seed(OptionalFields(&all[i]))?);
                 }
                 let vendors = found.into_iter().flatten().flatten().collect();
                 Ok(ConnectionsDoc { vendors })
             }
         }
-        d.deserialize_map(Vendors(schema()))
+        d.deserialize_map(Vendors)
     }
 }
 
 /// A vendor's fields, or `null` for none.
-struct OptionalFields<'s>(VendorFields<'s>);
+struct OptionalFields(&'static VendorFields);
 
-impl<'de> DeserializeSeed<'de> for OptionalFields<'_> {
+impl<'de> DeserializeSeed<'de> for OptionalFields {
     type Value = Option<VendorDoc>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_option(self)
     }
 }
 
-impl<'de> Visitor<'de> for OptionalFields<'_> {
+impl<'de> Visitor<'de> for OptionalFields {
     type Value = Option<VendorDoc>;
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a vendor connection or null")
@@ -386,45 +370,46 @@ impl<'de> Visitor<'de> for OptionalFields<'_> {
         Ok(None)
     }
     fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_map(self.0).map(Some)
+        d.deserialize_map(StoredFields(self.0)).map(Some)
     }
 }
 
-struct VendorFields<'s>(VendorKind, &'s [(&'static str, bool)]);
+/// A vendor's stored fields: each by its declared name, at most once.
+struct StoredFields(&'static VendorFields);
 
-impl<'de> Visitor<'de> for VendorFields<'_> {
+impl<'de> Visitor<'de> for StoredFields {
     type Value = VendorDoc;
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        write!(f, "the {} connection", self.0.as_str())
+        write!(f, "the {} connection", self.0.vendor.as_str())
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut found: Vec<Option<StoredField>> = self.1.iter().map(|_| None).collect();
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            let Some(i) = self.1.iter().position(|(name, _)| *name == key) else {
+        let schema = &self.0.fields;
+        let mut found: Vec<Option<StoredField>> = schema.iter().map(|_| None).collect();
+        while let Some(key) = map.next_key::<String>()? {
+            let Some(i) = schema.iter().position(|f| f.name == key) else {
                 map.next_value::<IgnoredAny>()?;
                 continue;
             };
-            let (name, secret) = self.1[i];
             if found[i].is_some() {
-                return Err(de::Error::duplicate_field(name));
+                return Err(de::Error::duplicate_field(schema[i].name));
             }
-            found[i] = Some(if secret {
+            found[i] = Some(if schema[i].secret {
                 StoredField::Sealed(map.next_value()?)
             } else {
                 StoredField::Text(map.next_value()?)
             });
         }
-        let mut fields = Vec::with_capacity(self.1.len());
-        for ((name, secret), value) in self.1.iter().zip(found) {
+        let mut fields = Vec::with_capacity(schema.len());
+        for (field, value) in schema.iter().zip(found) {
             let value = match value {
                 Some(v) => v,
-                None if *secret => StoredField::Sealed(None),
-                None => return Err(de::Error::missing_field(name)),
+                None if field.secret => StoredField::Sealed(None),
+                None => return Err(de::Error::missing_field(field.name)),
             };
-            fields.push((*name, value));
+            fields.push((field.name, value));
         }
         Ok(VendorDoc {
-            vendor: self.0,
+            vendor: self.0.vendor,
             fields,
         })
     }
