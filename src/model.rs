@@ -7,6 +7,7 @@ use std::time::SystemTime;
 
 use crate::proto;
 use crate::secret::Secret;
+use crate::vendors;
 use crate::wire::{ProtoConnections, ProtoConnectionsOwned};
 
 /// The three vendors sidekey serves.
@@ -194,47 +195,6 @@ pub trait VendorVisitor {
     fn visit<C: Connection>(&mut self, slot: &Slot<C>);
 }
 
-fn any(_: &str) -> Result<(), String> {
-    Ok(())
-}
-
-/// `[A-Za-z0-9-]{1,63}`, case kept.
-pub fn is_miradore_site(s: &str) -> bool {
-    (1..=63).contains(&s.len()) && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
-}
-
-/// 8-4-4-4-12 hex digits.
-pub fn is_uuid(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 36
-        && b.iter().enumerate().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => *c == b'-',
-            _ => c.is_ascii_hexdigit(),
-        })
-}
-
-/// `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`: a DNS label, lower case.
-pub fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-}
-
-/// Longest accepted m3ter access key ID, in bytes.
-pub const MAX_ACCESS_KEY_ID_LEN: usize = 256;
-
-fn problem(ok: bool, description: &str) -> Result<(), String> {
-    if ok {
-        Ok(())
-    } else {
-        Err(description.to_owned())
-    }
-}
-
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MiradoreConn {
     pub site: String,
@@ -250,12 +210,7 @@ impl Connection for MiradoreConn {
         Field {
             name: "site",
             required: true,
-            rule: |s| {
-                problem(
-                    is_miradore_site(s),
-                    "must be 1-63 letters, digits or '-' (case is kept)",
-                )
-            },
+            rule: vendors::miradore::fields::site,
             help: "Miradore site name (case-sensitive)",
             get: |c| FieldRef::Text(&c.site),
             get_mut: |c| FieldMut::Text(&mut c.site),
@@ -265,13 +220,7 @@ impl Connection for MiradoreConn {
         Field {
             name: "api_key",
             required: true,
-            // The key travels in the X-API-Key header, which must be visible ASCII.
-            rule: |s| {
-                problem(
-                    s.bytes().all(|b| b.is_ascii_graphic()),
-                    "must be visible ASCII characters without spaces",
-                )
-            },
+            rule: vendors::miradore::fields::api_key,
             help: "Miradore API key",
             get: |c| FieldRef::Secret(&c.api_key),
             get_mut: |c| FieldMut::Secret(&mut c.api_key),
@@ -298,18 +247,7 @@ impl Connection for M3terConn {
         Field {
             name: "access_key_id",
             required: true,
-            // It is the user part of HTTP Basic credentials, where ':' ends it.
-            rule: |s| {
-                if s.len() <= MAX_ACCESS_KEY_ID_LEN
-                    && s.bytes().all(|b| b.is_ascii_graphic() && b != b':')
-                {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "must be at most {MAX_ACCESS_KEY_ID_LEN} visible ASCII characters, without ':' or spaces"
-                    ))
-                }
-            },
+            rule: vendors::m3ter::fields::access_key_id,
             help: "m3ter access key ID",
             get: |c| FieldRef::Text(&c.access_key_id),
             get_mut: |c| FieldMut::Text(&mut c.access_key_id),
@@ -319,7 +257,7 @@ impl Connection for M3terConn {
         Field {
             name: "api_secret",
             required: true,
-            rule: any,
+            rule: vendors::m3ter::fields::api_secret,
             help: "m3ter API secret",
             get: |c| FieldRef::Secret(&c.api_secret),
             get_mut: |c| FieldMut::Secret(&mut c.api_secret),
@@ -329,7 +267,7 @@ impl Connection for M3terConn {
         Field {
             name: "org_id",
             required: true,
-            rule: |s| problem(is_uuid(s), "must be a UUID (8-4-4-4-12 hex digits)"),
+            rule: vendors::m3ter::fields::org_id,
             help: "m3ter organisation ID (a UUID)",
             get: |c| FieldRef::Text(&c.org_id),
             get_mut: |c| FieldMut::Text(&mut c.org_id),
@@ -339,12 +277,7 @@ impl Connection for M3terConn {
         Field {
             name: "environment",
             required: false,
-            rule: |s| {
-                problem(
-                    is_dns_label(s),
-                    "must be empty, \"prod\", or a DNS label (lower-case letters, digits, '-')",
-                )
-            },
+            rule: vendors::m3ter::fields::environment,
             help: r#"m3ter environment: empty or "prod" for production, else api.<env>.m3ter.com"#,
             get: |c| FieldRef::Text(&c.environment),
             get_mut: |c| FieldMut::Text(&mut c.environment),
@@ -369,12 +302,7 @@ impl Connection for MailkitConn {
         Field {
             name: "client_id",
             required: true,
-            rule: |s| {
-                problem(
-                    s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()),
-                    "must be 1-20 digits",
-                )
-            },
+            rule: vendors::mailkit::fields::client_id,
             help: "Mailkit client ID (digits)",
             get: |c| FieldRef::Text(&c.client_id),
             get_mut: |c| FieldMut::Text(&mut c.client_id),
@@ -384,12 +312,7 @@ impl Connection for MailkitConn {
         Field {
             name: "client_md5",
             required: true,
-            rule: |s| {
-                problem(
-                    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()),
-                    "must be 32 hex digits",
-                )
-            },
+            rule: vendors::mailkit::fields::client_md5,
             help: "Mailkit client MD5",
             get: |c| FieldRef::Secret(&c.client_md5),
             get_mut: |c| FieldMut::Secret(&mut c.client_md5),
