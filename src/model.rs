@@ -34,12 +34,14 @@ impl VendorKind {
 // ---- the credential schema ----
 //
 // Each connection record declares its fields once, in `Connection::FIELDS`: the name used in
-// field paths and update masks, whether it is a secret, its format rule and whether it is
-// required, and the same field of its `sidekey.v1` message. `Connections::for_each_vendor`
-// lists the vendors once. Validation (`tenants::validate`), resolution against the partner
-// defaults (`tenants::effective`), the proto conversions and update masks
-// (`control::convert`), the CLI's output and `tenants apply` walk these tables, so none of
-// them names a vendor's fields by hand. docs/adding-a-vendor.md lists what still does.
+// field paths, update masks, documents, stored records and CLI flags, whether it is a
+// secret, whether it is required, its format rule (owned by the vendor's module, in its leaf
+// `fields` module) and help line, and the same field of its `sidekey.v1` message.
+// `Connections::for_each_vendor` lists the vendors once. Validation (`tenants::validate`),
+// resolution against the partner defaults (`tenants::effective`), the proto conversions and
+// update masks (`control::convert`), the tenant document (`document`), the stored record
+// (`store::doc`), the CLI's flags and output walk these tables, so none of them names a
+// vendor's fields by hand. docs/adding-a-vendor.md lists what still names a vendor.
 
 /// A format rule: `Err` says what is wrong, without repeating the value.
 pub type FormatRule = fn(&str) -> Result<(), String>;

@@ -1,6 +1,7 @@
 //! The records as stored, by every backend: serde_json of these `*Doc` structs, which mirror
 //! the model with each secret replaced by its sealed string (see [`crate::store::sealing`]),
-//! so the plain value never reaches the encoder. The whole document is then sealed as a
+//! so the plain value never reaches the encoder; the connections follow the credential
+//! schema ([`ConnectionsDoc`]). The whole document is then sealed as a
 //! record ([`crate::store::record`]; for etcd, [`crate::store::codec`]).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
