@@ -28,8 +28,8 @@ use crate::model::{
     Connection, Connections, ProtoMut, ProtoRef, Slot, VendorFields, VendorVisitor, json_name,
     vendor_fields,
 };
+use crate::model::{ProtoConnections, ProtoConnectionsOwned};
 use crate::proto;
-use crate::wire::{ProtoConnections, ProtoConnectionsOwned};
 
 /// Where `valueFrom` references are read: the process environment and files. Any
 /// `Fn(&str) -> Option<String>` is a source whose environment is that function and whose
@@ -401,7 +401,7 @@ impl ConnectionsDoc {
                 let (Some(Some(fields)), Ok(out)) = (self.docs.next(), &mut self.out) else {
                     return;
                 };
-                let msg = (slot.proto_mut)(out).insert(C::Proto::default());
+                let msg = slot.proto_mut(out).insert(C::Proto::default());
                 for (field, doc) in C::FIELDS.iter().zip(fields) {
                     match ((field.proto_mut)(msg), doc) {
                         (ProtoMut::Text(dst), FieldDoc::Text(text)) => *dst = text,
@@ -481,7 +481,7 @@ pub fn kept_secrets(c: ProtoConnections<'_>) -> Vec<(String, &str)> {
     }
     impl<'a> VendorVisitor for Kept<'a> {
         fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
-            let Some(msg) = (slot.proto)(&self.msgs) else {
+            let Some(msg) = slot.proto(self.msgs) else {
                 return;
             };
             for field in C::FIELDS {

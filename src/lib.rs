@@ -31,7 +31,6 @@ pub mod tenants_file;
 mod testing;
 pub mod upstream;
 pub mod vendors;
-pub mod wire;
 
 /// Generated code of the `sidekey.v1` proto package.
 #[allow(clippy::all, missing_docs)]

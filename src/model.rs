@@ -8,7 +8,6 @@ use std::time::SystemTime;
 use crate::proto;
 use crate::secret::Secret;
 use crate::vendors;
-use crate::wire::{ProtoConnections, ProtoConnectionsOwned};
 
 /// The three vendors sidekey serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -184,12 +183,94 @@ pub fn vendor_fields() -> &'static [VendorFields] {
     &ALL
 }
 
-/// Where a vendor's connection sits in [`Connections`] and in the `sidekey.v1` messages.
+/// Where a vendor's connection sits in [`Connections`] and in the `sidekey.v1` messages
+/// (`Tenant` and `PartnerDefaults` carry one optional field per vendor: the wire format
+/// stays flat).
 pub struct Slot<C: Connection> {
     pub get: fn(&Connections) -> &Option<C>,
     pub get_mut: fn(&mut Connections) -> &mut Option<C>,
-    pub proto: for<'a> fn(&ProtoConnections<'a>) -> Option<&'a C::Proto>,
-    pub proto_mut: fn(&mut ProtoConnectionsOwned) -> &mut Option<C::Proto>,
+    pub tenant: fn(&proto::Tenant) -> &Option<C::Proto>,
+    pub tenant_mut: fn(&mut proto::Tenant) -> &mut Option<C::Proto>,
+    pub partner: fn(&proto::PartnerDefaults) -> &Option<C::Proto>,
+    pub partner_mut: fn(&mut proto::PartnerDefaults) -> &mut Option<C::Proto>,
+}
+
+impl<C: Connection> Slot<C> {
+    /// This vendor's message among `msgs`.
+    pub fn proto<'a>(&self, msgs: ProtoConnections<'a>) -> Option<&'a C::Proto> {
+        match msgs {
+            ProtoConnections::Tenant(t) => (self.tenant)(t).as_ref(),
+            ProtoConnections::Partner(p) => (self.partner)(p).as_ref(),
+        }
+    }
+
+    /// This vendor's message among `msgs`.
+    pub fn proto_mut<'a>(&self, msgs: &'a mut ProtoConnectionsOwned) -> &'a mut Option<C::Proto> {
+        (self.tenant_mut)(&mut msgs.0)
+    }
+}
+
+/// The vendor connections of a `sidekey.v1` message, borrowed: what the conversions to the
+/// model (`control::convert`), the document format (`document`) and the CLI's output
+/// (`cli::render`) read, through each vendor's [`Slot`].
+#[derive(Clone, Copy, Debug)]
+pub enum ProtoConnections<'a> {
+    Tenant(&'a proto::Tenant),
+    Partner(&'a proto::PartnerDefaults),
+}
+
+impl<'a> From<&'a proto::Tenant> for ProtoConnections<'a> {
+    fn from(t: &'a proto::Tenant) -> Self {
+        Self::Tenant(t)
+    }
+}
+
+impl<'a> From<&'a proto::PartnerDefaults> for ProtoConnections<'a> {
+    fn from(p: &'a proto::PartnerDefaults) -> Self {
+        Self::Partner(p)
+    }
+}
+
+/// The vendor connections of a message, owned: what the conversions from the model, the
+/// document format and the CLI's flags build before they go into a `Tenant` or
+/// `PartnerDefaults`. Held in a `Tenant` whose other fields stay empty.
+#[derive(Clone, Debug, Default)]
+pub struct ProtoConnectionsOwned(proto::Tenant);
+
+impl ProtoConnectionsOwned {
+    /// The connections, as the vendor fields of an otherwise empty `Tenant`.
+    pub fn as_tenant(&self) -> &proto::Tenant {
+        &self.0
+    }
+
+    /// Sets every vendor's field of `t` to these connections (absent: none).
+    pub fn set_in_tenant(self, t: &mut proto::Tenant) {
+        self.move_into(Target::Tenant(t));
+    }
+
+    /// Sets every vendor's field of `p` to these connections (absent: none).
+    pub fn set_in_partner(self, p: &mut proto::PartnerDefaults) {
+        self.move_into(Target::Partner(p));
+    }
+
+    fn move_into(mut self, to: Target<'_>) {
+        struct Move<'a>(&'a mut proto::Tenant, Target<'a>);
+        impl VendorVisitor for Move<'_> {
+            fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+                let conn = (slot.tenant_mut)(self.0).take();
+                match &mut self.1 {
+                    Target::Tenant(t) => *(slot.tenant_mut)(t) = conn,
+                    Target::Partner(p) => *(slot.partner_mut)(p) = conn,
+                }
+            }
+        }
+        Connections::for_each_vendor(&mut Move(&mut self.0, to));
+    }
+}
+
+enum Target<'a> {
+    Tenant(&'a mut proto::Tenant),
+    Partner(&'a mut proto::PartnerDefaults),
 }
 
 /// What a walk over the vendors ([`Connections::for_each_vendor`]) does with each.
@@ -338,20 +419,26 @@ impl Connections {
         v.visit(&Slot {
             get: |c| &c.miradore,
             get_mut: |c| &mut c.miradore,
-            proto: |c| c.miradore,
-            proto_mut: |c| &mut c.miradore,
+            tenant: |t| &t.miradore,
+            tenant_mut: |t| &mut t.miradore,
+            partner: |p| &p.miradore,
+            partner_mut: |p| &mut p.miradore,
         });
         v.visit(&Slot {
             get: |c| &c.m3ter,
             get_mut: |c| &mut c.m3ter,
-            proto: |c| c.m3ter,
-            proto_mut: |c| &mut c.m3ter,
+            tenant: |t| &t.m3ter,
+            tenant_mut: |t| &mut t.m3ter,
+            partner: |p| &p.m3ter,
+            partner_mut: |p| &mut p.m3ter,
         });
         v.visit(&Slot {
             get: |c| &c.mailkit,
             get_mut: |c| &mut c.mailkit,
-            proto: |c| c.mailkit,
-            proto_mut: |c| &mut c.mailkit,
+            tenant: |t| &t.mailkit,
+            tenant_mut: |t| &mut t.mailkit,
+            partner: |p| &p.mailkit,
+            partner_mut: |p| &mut p.mailkit,
         });
     }
 }
@@ -401,5 +488,36 @@ mod tests {
         let mut check = Check(Vec::new());
         Connections::for_each_vendor(&mut check);
         assert_eq!(check.0, VendorKind::ALL);
+    }
+
+    /// Owned connections reach every vendor's field of both messages, and replace them.
+    #[test]
+    fn owned_connections_move_every_vendor_into_both_messages() {
+        struct Fill(ProtoConnectionsOwned);
+        impl VendorVisitor for Fill {
+            fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+                *slot.proto_mut(&mut self.0) = Some(C::Proto::default());
+            }
+        }
+        struct Count<'a>(ProtoConnections<'a>, usize);
+        impl VendorVisitor for Count<'_> {
+            fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+                self.1 += usize::from(slot.proto(self.0).is_some());
+            }
+        }
+        let count = |msgs: ProtoConnections<'_>| {
+            let mut c = Count(msgs, 0);
+            Connections::for_each_vendor(&mut c);
+            c.1
+        };
+        let mut fill = Fill(ProtoConnectionsOwned::default());
+        Connections::for_each_vendor(&mut fill);
+        let (mut t, mut p) = (proto::Tenant::default(), proto::PartnerDefaults::default());
+        fill.0.clone().set_in_tenant(&mut t);
+        fill.0.set_in_partner(&mut p);
+        assert_eq!(count((&t).into()), VendorKind::ALL.len());
+        assert_eq!(count((&p).into()), VendorKind::ALL.len());
+        ProtoConnectionsOwned::default().set_in_tenant(&mut t);
+        assert_eq!(count((&t).into()), 0);
     }
 }

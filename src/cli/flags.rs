@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 
 use clap::{Arg, ArgAction, ArgMatches, Command, value_parser};
 
+use crate::model::ProtoConnectionsOwned;
 use crate::model::{Connection, Connections, ProtoMut, Slot, VendorKind, VendorVisitor};
 use crate::proto;
-use crate::wire::ProtoConnectionsOwned;
 
 /// The vendor flags given on a command line, by flag id (`miradore_api_key_file`).
 #[derive(Clone, Debug, Default)]
@@ -253,10 +253,11 @@ impl VendorVisitor for Fill<'_> {
                 self.parsed.flagged.push(vendor);
             }
             if bare || any_field {
-                (slot.proto_mut)(&mut self.parsed.connections).get_or_insert_default();
+                slot.proto_mut(&mut self.parsed.connections)
+                    .get_or_insert_default();
             }
         }
-        let Some(msg) = (slot.proto_mut)(&mut self.parsed.connections).as_mut() else {
+        let Some(msg) = slot.proto_mut(&mut self.parsed.connections).as_mut() else {
             return;
         };
         let path = |field: &str| format!("{}.{field}", vendor.as_str());
@@ -378,12 +379,12 @@ mod tests {
             .parse(&env)
             .unwrap();
         assert_eq!(c.paths, ["mailkit.client_id", "mailkit.client_md5"]);
-        let m = c.connections.mailkit.unwrap();
+        let m = c.connections.as_tenant().mailkit.clone().unwrap();
         assert_eq!(
             (m.client_id.as_str(), m.client_md5.unwrap().value.as_str()),
             ("7", "s3cret")
         );
-        assert!(c.connections.miradore.is_none() && c.flagged.is_empty());
+        assert!(c.connections.as_tenant().miradore.is_none() && c.flagged.is_empty());
     }
 
     #[test]
