@@ -21,11 +21,15 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
-use crate::model::{Connection, Connections, ProtoRef, Slot, VendorVisitor};
+use crate::model::{
+    Connection, Connections, ProtoMut, ProtoRef, Slot, VendorFields, VendorVisitor, json_name,
+    vendor_fields,
+};
+use crate::model::{ProtoConnections, ProtoConnectionsOwned};
 use crate::proto;
-use crate::wire::ProtoConnections;
 
 /// Where `valueFrom` references are read: the process environment and files. Any
 /// `Fn(&str) -> Option<String>` is a source whose environment is that function and whose
@@ -146,7 +150,8 @@ fn too_deep(text: &str) -> Option<usize> {
     None
 }
 
-/// Every field name a document may hold: only these may appear in an error's path.
+/// The field names of a document outside the vendor connections, whose names (and their
+/// fields' names) come from the schema: only these may appear in an error's path.
 const FIELD_NAMES: &[&str] = &[
     "partnerDefaults",
     "partner_defaults",
@@ -154,23 +159,6 @@ const FIELD_NAMES: &[&str] = &[
     "id",
     "displayName",
     "display_name",
-    "miradore",
-    "m3ter",
-    "mailkit",
-    "site",
-    "apiKey",
-    "api_key",
-    "accessKeyId",
-    "access_key_id",
-    "apiSecret",
-    "api_secret",
-    "orgId",
-    "org_id",
-    "environment",
-    "clientId",
-    "client_id",
-    "clientMd5",
-    "client_md5",
     "value",
     "valueFrom",
     "value_from",
@@ -184,6 +172,17 @@ const FIELD_NAMES: &[&str] = &[
     "update_time",
 ];
 
+/// Whether a document may hold a field of this name.
+fn is_field_name(name: &str) -> bool {
+    FIELD_NAMES.contains(&name)
+        || vendor_fields().iter().any(|v| {
+            v.vendor.as_str() == name
+                || v.fields
+                    .iter()
+                    .any(|f| f.name == name || f.json_name == name)
+        })
+}
+
 /// Whether `path` is a serde_yaml_ng path made only of known field names and indices, e.g.
 /// `tenants[3].miradore.apiKey`.
 fn is_field_path(path: &str) -> bool {
@@ -191,7 +190,7 @@ fn is_field_path(path: &str) -> bool {
         && path.split('.').all(|segment| {
             let name_end = segment.find('[').unwrap_or(segment.len());
             let (name, indices) = segment.split_at(name_end);
-            (FIELD_NAMES.contains(&name) || (name.is_empty() && !indices.is_empty()))
+            (is_field_name(name) || (name.is_empty() && !indices.is_empty()))
                 && indices.split_terminator(']').all(|i| {
                     i.strip_prefix('[')
                         .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
@@ -211,7 +210,7 @@ pub fn describe_yaml_error(e: &serde_yaml_ng::Error) -> String {
         problem
             .strip_prefix(prefix)
             .and_then(|r| r.split('`').next())
-            .filter(|name| FIELD_NAMES.contains(name))
+            .filter(|name| is_field_name(name))
     };
     // A predicate about the field at `path` (or the document), or a whole sentence.
     let predicate = |p: &str| (true, p.to_owned());
@@ -273,56 +272,35 @@ pub enum DocumentError {
     Secret { field: String, message: String },
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+/// A tenant document. Read field by field (see [`ConnectionsDoc`]) with serde's rules for a
+/// struct with `deny_unknown_fields` and camelCase names that also accepts the snake_case
+/// ones: an unknown name, a name given twice, a missing `id` or a value of the wrong type is
+/// an error that names the field.
+#[derive(Debug, Default)]
 pub struct TenantDoc {
     pub id: String,
-    #[serde(default, alias = "display_name")]
     pub display_name: String,
-    #[serde(default)]
-    pub miradore: Option<MiradoreDoc>,
-    #[serde(default)]
-    pub m3ter: Option<M3terDoc>,
-    #[serde(default)]
-    pub mailkit: Option<MailkitDoc>,
+    pub connections: ConnectionsDoc,
     /// Accepted so that a `get -o json` output can be applied back; ignored.
-    #[serde(default)]
     pub etag: Option<String>,
-    #[serde(default, alias = "create_time")]
     pub create_time: Option<serde_json::Value>,
-    #[serde(default, alias = "update_time")]
     pub update_time: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct MiradoreDoc {
-    #[serde(default)]
-    pub site: String,
-    #[serde(default, alias = "api_key")]
-    pub api_key: Option<SecretDoc>,
+/// The vendor connections of a document (`miradore: { site: ..., apiKey: ... }`), each
+/// field named as the schema declares it ([`Connection::FIELDS`]): its camelCase name or
+/// its snake_case one. A text field left out is blank, a secret left out is unset.
+#[derive(Debug, Default)]
+pub struct ConnectionsDoc {
+    /// Per vendor of [`vendor_fields`], in that order: `None` when the document leaves it
+    /// out or gives it as null, else its fields in their declared order.
+    vendors: Vec<Option<Vec<FieldDoc>>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct M3terDoc {
-    #[serde(default, alias = "access_key_id")]
-    pub access_key_id: String,
-    #[serde(default, alias = "api_secret")]
-    pub api_secret: Option<SecretDoc>,
-    #[serde(default, alias = "org_id")]
-    pub org_id: String,
-    #[serde(default)]
-    pub environment: String,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct MailkitDoc {
-    #[serde(default, alias = "client_id")]
-    pub client_id: String,
-    #[serde(default, alias = "client_md5")]
-    pub client_md5: Option<SecretDoc>,
+#[derive(Debug)]
+enum FieldDoc {
+    Text(String),
+    Secret(Option<SecretDoc>),
 }
 
 /// A secret: `value` inline, or `valueFrom` a file or an environment variable. With only a
@@ -352,16 +330,10 @@ pub struct SecretSource {
     pub env: Option<String>,
 }
 
-/// The partner defaults in a document: the same three connections as a tenant.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+/// The partner defaults in a document: the same connections as a tenant, nothing else.
+#[derive(Debug, Default)]
 pub struct PartnerDefaultsDoc {
-    #[serde(default)]
-    pub miradore: Option<MiradoreDoc>,
-    #[serde(default)]
-    pub m3ter: Option<M3terDoc>,
-    #[serde(default)]
-    pub mailkit: Option<MailkitDoc>,
+    pub connections: ConnectionsDoc,
 }
 
 impl PartnerDefaultsDoc {
@@ -369,27 +341,18 @@ impl PartnerDefaultsDoc {
         self,
         sources: &dyn Sources,
     ) -> Result<proto::PartnerDefaults, DocumentError> {
-        // Same conversion as a tenant's connections, with the field paths of the partner.
-        let t = TenantDoc {
-            miradore: self.miradore,
-            m3ter: self.m3ter,
-            mailkit: self.mailkit,
-            ..Default::default()
-        }
-        .into_proto(sources)
-        .map_err(|e| match e {
-            DocumentError::Secret { field, message } => DocumentError::Secret {
-                field: format!("partnerDefaults.{field}"),
-                message,
-            },
-            other => other,
-        })?;
-        Ok(proto::PartnerDefaults {
-            miradore: t.miradore,
-            m3ter: t.m3ter,
-            mailkit: t.mailkit,
-            ..Default::default()
-        })
+        let mut p = proto::PartnerDefaults::default();
+        self.connections
+            .into_proto(sources)
+            .map_err(|e| match e {
+                DocumentError::Secret { field, message } => DocumentError::Secret {
+                    field: format!("partnerDefaults.{field}"),
+                    message,
+                },
+                other => other,
+            })?
+            .set_in_partner(&mut p);
+        Ok(p)
     }
 }
 
@@ -413,41 +376,57 @@ impl TenantDoc {
 
     /// The tenant message, with every referenced secret read from `sources`.
     pub fn into_proto(self, sources: &dyn Sources) -> Result<proto::Tenant, DocumentError> {
-        let secret = |doc: Option<SecretDoc>, field: &str| resolve_secret(doc, field, sources);
-        Ok(proto::Tenant {
+        let mut t = proto::Tenant {
             id: self.id,
             display_name: self.display_name,
-            miradore: self
-                .miradore
-                .map(|m| -> Result<_, DocumentError> {
-                    Ok(proto::MiradoreConnection {
-                        site: m.site,
-                        api_key: secret(m.api_key, "miradore.apiKey")?,
-                    })
-                })
-                .transpose()?,
-            m3ter: self
-                .m3ter
-                .map(|m| -> Result<_, DocumentError> {
-                    Ok(proto::M3terConnection {
-                        access_key_id: m.access_key_id,
-                        api_secret: secret(m.api_secret, "m3ter.apiSecret")?,
-                        org_id: m.org_id,
-                        environment: m.environment,
-                    })
-                })
-                .transpose()?,
-            mailkit: self
-                .mailkit
-                .map(|m| -> Result<_, DocumentError> {
-                    Ok(proto::MailkitConnection {
-                        client_id: m.client_id,
-                        client_md5: secret(m.client_md5, "mailkit.clientMd5")?,
-                    })
-                })
-                .transpose()?,
             ..Default::default()
-        })
+        };
+        self.connections.into_proto(sources)?.set_in_tenant(&mut t);
+        Ok(t)
+    }
+}
+
+impl ConnectionsDoc {
+    /// The connection messages, with every referenced secret read from `sources`, in the
+    /// vendors' and fields' declared order (the first error wins).
+    fn into_proto(self, sources: &dyn Sources) -> Result<ProtoConnectionsOwned, DocumentError> {
+        struct Fill<'a> {
+            docs: std::vec::IntoIter<Option<Vec<FieldDoc>>>,
+            sources: &'a dyn Sources,
+            out: Result<ProtoConnectionsOwned, DocumentError>,
+        }
+        impl VendorVisitor for Fill<'_> {
+            fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+                // Both walk the vendors in the same order.
+                let (Some(Some(fields)), Ok(out)) = (self.docs.next(), &mut self.out) else {
+                    return;
+                };
+                let msg = slot.proto_mut(out).insert(C::Proto::default());
+                for (field, doc) in C::FIELDS.iter().zip(fields) {
+                    match ((field.proto_mut)(msg), doc) {
+                        (ProtoMut::Text(dst), FieldDoc::Text(text)) => *dst = text,
+                        (ProtoMut::Secret(dst), FieldDoc::Secret(doc)) => {
+                            let path = format!("{}.{}", C::VENDOR.as_str(), json_name(field.name));
+                            match resolve_secret(doc, &path, self.sources) {
+                                Ok(secret) => *dst = secret,
+                                Err(e) => {
+                                    self.out = Err(e);
+                                    return;
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let mut fill = Fill {
+            docs: self.vendors.into_iter(),
+            sources,
+            out: Ok(ProtoConnectionsOwned::default()),
+        };
+        Connections::for_each_vendor(&mut fill);
+        fill.out
     }
 }
 
@@ -502,7 +481,7 @@ pub fn kept_secrets(c: ProtoConnections<'_>) -> Vec<(String, &str)> {
     }
     impl<'a> VendorVisitor for Kept<'a> {
         fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
-            let Some(msg) = (slot.proto)(&self.msgs) else {
+            let Some(msg) = slot.proto(self.msgs) else {
                 return;
             };
             for field in C::FIELDS {
@@ -522,6 +501,228 @@ pub fn kept_secrets(c: ProtoConnections<'_>) -> Vec<(String, &str)> {
     };
     Connections::for_each_vendor(&mut kept);
     kept.out
+}
+
+// ---- reading the documents ----
+//
+// `TenantDoc`, `PartnerDefaultsDoc` and each vendor's connection are read as serde's derive
+// reads a struct with `deny_unknown_fields` (a name is matched while its key is read, a
+// value is read as the field's type, a missing `id` is reported at the end of the mapping),
+// so the errors, and their paths and lines, are serde_yaml_ng's as before; only the names
+// come from the schema.
+
+/// A mapping key, read as serde's derive reads a field name.
+struct Key<'a, K>(&'a dyn Fn(&str) -> Option<K>);
+
+impl<'de, K> DeserializeSeed<'de> for Key<'_, K> {
+    type Value = K;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<K, D::Error> {
+        d.deserialize_identifier(self)
+    }
+}
+
+impl<'de, K> Visitor<'de> for Key<'_, K> {
+    type Value = K;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("field identifier")
+    }
+    fn visit_str<E: de::Error>(self, name: &str) -> Result<K, E> {
+        (self.0)(name).ok_or_else(|| E::unknown_field(name, &[]))
+    }
+}
+
+/// Reads the value of a field that may be given once.
+fn once<'de, A: MapAccess<'de>, T: Deserialize<'de>>(
+    map: &mut A,
+    slot: &mut Option<T>,
+    name: &'static str,
+) -> Result<(), A::Error> {
+    if slot.is_some() {
+        return Err(de::Error::duplicate_field(name));
+    }
+    *slot = Some(map.next_value()?);
+    Ok(())
+}
+
+fn vendor_index(name: &str) -> Option<usize> {
+    vendor_fields()
+        .iter()
+        .position(|v| v.vendor.as_str() == name)
+}
+
+/// The vendor connections read so far from one mapping; `Some(None)` is a vendor given as
+/// null (given, so a second one is given twice).
+struct ConnectionsReader(Vec<Option<Option<Vec<FieldDoc>>>>);
+
+impl ConnectionsReader {
+    fn new() -> Self {
+        Self(vendor_fields().iter().map(|_| None).collect())
+    }
+
+    /// Reads the value of the `index`th vendor's key.
+    fn read<'de, A: MapAccess<'de>>(&mut self, map: &mut A, index: usize) -> Result<(), A::Error> {
+        let vendor = &vendor_fields()[index];
+        if self.0[index].is_some() {
+            return Err(de::Error::duplicate_field(vendor.vendor.as_str()));
+        }
+        self.0[index] = Some(map.next_value_seed(OptionalConnection(vendor))?);
+        Ok(())
+    }
+
+    fn finish(self) -> ConnectionsDoc {
+        ConnectionsDoc {
+            vendors: self.0.into_iter().map(Option::flatten).collect(),
+        }
+    }
+}
+
+/// A vendor's connection, or null.
+struct OptionalConnection(&'static VendorFields);
+
+impl<'de> DeserializeSeed<'de> for OptionalConnection {
+    type Value = Option<Vec<FieldDoc>>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for OptionalConnection {
+    type Value = Option<Vec<FieldDoc>>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("option")
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_struct("connection", &[], ConnectionFields(self.0))
+            .map(Some)
+    }
+}
+
+/// A vendor's connection: its fields by camelCase or snake_case name, each at most once.
+struct ConnectionFields(&'static VendorFields);
+
+impl<'de> Visitor<'de> for ConnectionFields {
+    type Value = Vec<FieldDoc>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "struct {} connection", self.0.vendor.as_str())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let fields = &self.0.fields;
+        let lookup = |name: &str| {
+            fields
+                .iter()
+                .position(|f| f.json_name == name || f.name == name)
+        };
+        let mut found: Vec<Option<FieldDoc>> = fields.iter().map(|_| None).collect();
+        while let Some(i) = map.next_key_seed(Key(&lookup))? {
+            let field = &fields[i];
+            if found[i].is_some() {
+                return Err(de::Error::duplicate_field(field.json_name.as_str()));
+            }
+            found[i] = Some(if field.secret {
+                FieldDoc::Secret(map.next_value()?)
+            } else {
+                FieldDoc::Text(map.next_value()?)
+            });
+        }
+        let blank = |secret: bool| {
+            if secret {
+                FieldDoc::Secret(None)
+            } else {
+                FieldDoc::Text(String::new())
+            }
+        };
+        Ok(fields
+            .iter()
+            .zip(found)
+            .map(|(field, doc)| doc.unwrap_or_else(|| blank(field.secret)))
+            .collect())
+    }
+}
+
+enum TenantKey {
+    Id,
+    DisplayName,
+    Vendor(usize),
+    Etag,
+    CreateTime,
+    UpdateTime,
+}
+
+impl<'de> Deserialize<'de> for TenantDoc {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Tenant;
+        impl<'de> Visitor<'de> for Tenant {
+            type Value = TenantDoc;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("struct TenantDoc")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TenantDoc, A::Error> {
+                let lookup = |name: &str| {
+                    Some(match name {
+                        "id" => TenantKey::Id,
+                        "displayName" | "display_name" => TenantKey::DisplayName,
+                        "etag" => TenantKey::Etag,
+                        "createTime" | "create_time" => TenantKey::CreateTime,
+                        "updateTime" | "update_time" => TenantKey::UpdateTime,
+                        vendor => TenantKey::Vendor(vendor_index(vendor)?),
+                    })
+                };
+                let (mut id, mut display_name) = (None, None);
+                let (mut etag, mut create_time, mut update_time) = (None, None, None);
+                let mut connections = ConnectionsReader::new();
+                while let Some(key) = map.next_key_seed(Key(&lookup))? {
+                    match key {
+                        TenantKey::Id => once(&mut map, &mut id, "id")?,
+                        TenantKey::DisplayName => once(&mut map, &mut display_name, "displayName")?,
+                        TenantKey::Vendor(i) => connections.read(&mut map, i)?,
+                        TenantKey::Etag => once(&mut map, &mut etag, "etag")?,
+                        TenantKey::CreateTime => once(&mut map, &mut create_time, "createTime")?,
+                        TenantKey::UpdateTime => once(&mut map, &mut update_time, "updateTime")?,
+                    }
+                }
+                Ok(TenantDoc {
+                    id: id.ok_or_else(|| de::Error::missing_field("id"))?,
+                    display_name: display_name.unwrap_or_default(),
+                    connections: connections.finish(),
+                    etag: etag.flatten(),
+                    create_time: create_time.flatten(),
+                    update_time: update_time.flatten(),
+                })
+            }
+        }
+        d.deserialize_struct("TenantDoc", &[], Tenant)
+    }
+}
+
+impl<'de> Deserialize<'de> for PartnerDefaultsDoc {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Partner;
+        impl<'de> Visitor<'de> for Partner {
+            type Value = PartnerDefaultsDoc;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("struct PartnerDefaultsDoc")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<PartnerDefaultsDoc, A::Error> {
+                let mut connections = ConnectionsReader::new();
+                while let Some(i) = map.next_key_seed(Key(&vendor_index))? {
+                    connections.read(&mut map, i)?;
+                }
+                Ok(PartnerDefaultsDoc {
+                    connections: connections.finish(),
+                })
+            }
+        }
+        d.deserialize_struct("PartnerDefaultsDoc", &[], Partner)
+    }
 }
 
 #[cfg(test)]
@@ -647,5 +848,67 @@ mod tests {
             [("mailkit.client_md5".to_owned(), "sha256:0123")]
         );
         assert!(t.mailkit.unwrap().client_md5.unwrap().value.is_empty());
+    }
+
+    /// The reader the schema drives reports what serde's derive reported for the typed
+    /// structs it replaced (these messages were taken from them), under both names.
+    #[test]
+    fn connections_are_read_by_their_declared_names_with_serde_errors() {
+        let cases = [
+            (
+                "id: a\nmiradore: { apiKey: { value: a }, api_key: { value: b } }",
+                "miradore: apiKey is given twice at line 2 column 11",
+            ),
+            (
+                "id: a\nmiradore: ~\nmiradore: {}",
+                "miradore is given twice at line 1 column 1",
+            ),
+            (
+                "{\"id\": \"a\", \"m3ter\": {\"orgId\": \"o\", \"org_id\": \"o\"}}",
+                "m3ter: orgId is given twice at line 1 column 22",
+            ),
+            (
+                "id: a\nm3ter: { accessKeyID: a }",
+                "m3ter: has a field that is not allowed here (check its name and indentation) at line 2 column 10",
+            ),
+            (
+                "id: a\nmiradore: [a, b]",
+                "miradore: has the wrong type (expected a mapping ({ ... })) at line 2 column 11",
+            ),
+            (
+                "id: a\nmiradore: { site: [a] }",
+                "miradore.site: has the wrong type (expected a string) at line 2 column 19",
+            ),
+            (
+                "id: a\nmiradore: { [a]: 1 }",
+                "miradore: has the wrong type (expected another type) at line 2 column 13",
+            ),
+            ("miradore: null", "id is required at line 1 column 1"),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(TenantDoc::parse(text).unwrap_err(), expected, "{text:?}");
+        }
+        let t = TenantDoc::parse(
+            "id: a\nm3ter: { access_key_id: k, orgId: o }\nmailkit:\nmiradore: { site: 12 }",
+        )
+        .unwrap()
+        .into_proto(&|_: &str| None)
+        .unwrap();
+        let m3ter = t.m3ter.unwrap();
+        assert_eq!(
+            (m3ter.access_key_id.as_str(), m3ter.org_id.as_str()),
+            ("k", "o")
+        );
+        assert!(m3ter.api_secret.is_none() && m3ter.environment.is_empty());
+        assert_eq!(t.miradore.unwrap().site, "12");
+        assert!(t.mailkit.is_none());
+        let partner: PartnerDefaultsDoc =
+            parse_yaml("mailkit: { clientMd5: { value: x } }").unwrap();
+        let p = partner.into_proto(&|_: &str| None).unwrap();
+        assert_eq!(p.mailkit.unwrap().client_md5.unwrap().value, "x");
+        assert_eq!(
+            parse_yaml::<PartnerDefaultsDoc>("id: a").unwrap_err(),
+            "the document has a field that is not allowed here (check its name and indentation) at line 1 column 1"
+        );
     }
 }

@@ -26,13 +26,13 @@ pub mod proxy;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod syntax;
 pub mod tenants;
 pub mod tenants_file;
 #[cfg(test)]
 mod testing;
 pub mod upstream;
 pub mod vendors;
-pub mod wire;
 
 /// Generated code of the `sidekey.v1` proto package.
 #[allow(clippy::all, missing_docs)]

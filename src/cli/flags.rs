@@ -1,60 +1,184 @@
 //! Connection flags shared by `tenants create|update` and `partner update`. Secrets come
 //! from a file (`-` for standard input) or an environment variable, never from the command
 //! line itself, where other users of the machine could read them.
+//!
+//! The flags follow the credential schema ([`crate::model::Connection::FIELDS`]): per vendor,
+//! a bare `--<vendor>`, then per field in its declared order `--<vendor>-<field>` for text,
+//! or `--<vendor>-<field>-file` and `--<vendor>-<field>-env` for a secret, with the help
+//! line the schema gives. Nothing here names a vendor.
 
+use std::collections::HashMap;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::model::VendorKind;
+use clap::{Arg, ArgAction, ArgMatches, Command, value_parser};
+
+use crate::model::ProtoConnectionsOwned;
+use crate::model::{Connection, Connections, ProtoMut, Slot, VendorKind, VendorVisitor};
 use crate::proto;
-use crate::wire::ProtoConnectionsOwned;
 
-#[derive(clap::Args, Clone, Debug, Default)]
+/// The vendor flags given on a command line, by flag id (`miradore_api_key_file`).
+#[derive(Clone, Debug, Default)]
 pub struct ConnectionFlags {
-    /// Use Miradore (fields left out inherit the partner defaults).
-    #[arg(long)]
-    pub miradore: bool,
-    /// Miradore site name (case-sensitive).
-    #[arg(long)]
-    pub miradore_site: Option<String>,
-    /// File holding the Miradore API key ("-" reads standard input).
-    #[arg(long, value_name = "PATH")]
-    pub miradore_api_key_file: Option<PathBuf>,
-    /// Environment variable holding the Miradore API key.
-    #[arg(long, value_name = "VAR")]
-    pub miradore_api_key_env: Option<String>,
+    given: HashMap<String, Given>,
+}
 
-    /// Use m3ter (fields left out inherit the partner defaults).
-    #[arg(long)]
-    pub m3ter: bool,
-    /// m3ter access key ID.
-    #[arg(long)]
-    pub m3ter_access_key_id: Option<String>,
-    /// File holding the m3ter API secret ("-" reads standard input).
-    #[arg(long, value_name = "PATH")]
-    pub m3ter_api_secret_file: Option<PathBuf>,
-    /// Environment variable holding the m3ter API secret.
-    #[arg(long, value_name = "VAR")]
-    pub m3ter_api_secret_env: Option<String>,
-    /// m3ter organisation ID (a UUID).
-    #[arg(long)]
-    pub m3ter_org_id: Option<String>,
-    /// m3ter environment: empty or "prod" for production, else api.<env>.m3ter.com.
-    #[arg(long)]
-    pub m3ter_environment: Option<String>,
+#[derive(Clone, Debug)]
+enum Given {
+    /// A bare vendor flag (`--miradore`).
+    Set,
+    /// A text field, or the variable named by a secret's `-env` flag.
+    Text(String),
+    /// The file named by a secret's `-file` flag.
+    File(PathBuf),
+}
 
-    /// Use Mailkit (fields left out inherit the partner defaults).
-    #[arg(long)]
-    pub mailkit: bool,
-    /// Mailkit client ID (digits).
-    #[arg(long)]
-    pub mailkit_client_id: Option<String>,
-    /// File holding the Mailkit client MD5 ("-" reads standard input).
-    #[arg(long, value_name = "PATH")]
-    pub mailkit_client_md5_file: Option<PathBuf>,
-    /// Environment variable holding the Mailkit client MD5.
-    #[arg(long, value_name = "VAR")]
-    pub mailkit_client_md5_env: Option<String>,
+/// What a flag holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FlagKind {
+    Bare,
+    Text,
+    SecretFile,
+    SecretEnv,
+}
+
+/// One flag, as the schema declares it.
+struct Flag {
+    /// Its clap id, which is also its name with '_' for '-'.
+    id: String,
+    kind: FlagKind,
+    help: String,
+}
+
+/// The id of a flag: `miradore`, `miradore_site`, `miradore_api_key_file`.
+fn flag_id(vendor: VendorKind, field: Option<&str>, kind: FlagKind) -> String {
+    let suffix = match kind {
+        FlagKind::SecretFile => "_file",
+        FlagKind::SecretEnv => "_env",
+        FlagKind::Bare | FlagKind::Text => "",
+    };
+    match field {
+        Some(field) => format!("{}_{field}{suffix}", vendor.as_str()),
+        None => vendor.as_str().to_owned(),
+    }
+}
+
+/// Every vendor flag, in the order `--help` lists them.
+fn schema_flags() -> Vec<Flag> {
+    struct Flags(Vec<Flag>);
+    impl VendorVisitor for Flags {
+        fn visit<C: Connection>(&mut self, _: &Slot<C>) {
+            let vendor = C::VENDOR;
+            self.0.push(Flag {
+                id: flag_id(vendor, None, FlagKind::Bare),
+                kind: FlagKind::Bare,
+                help: format!(
+                    "Use {} (fields left out inherit the partner defaults)",
+                    C::TITLE
+                ),
+            });
+            for field in C::FIELDS {
+                if field.is_secret() {
+                    let (file, env) = (FlagKind::SecretFile, FlagKind::SecretEnv);
+                    self.0.push(Flag {
+                        id: flag_id(vendor, Some(field.name), file),
+                        kind: file,
+                        help: format!(
+                            "File holding the {} (\"-\" reads standard input)",
+                            field.help
+                        ),
+                    });
+                    self.0.push(Flag {
+                        id: flag_id(vendor, Some(field.name), env),
+                        kind: env,
+                        help: format!("Environment variable holding the {}", field.help),
+                    });
+                } else {
+                    self.0.push(Flag {
+                        id: flag_id(vendor, Some(field.name), FlagKind::Text),
+                        kind: FlagKind::Text,
+                        help: field.help.to_owned(),
+                    });
+                }
+            }
+        }
+    }
+    let mut flags = Flags(Vec::new());
+    Connections::for_each_vendor(&mut flags);
+    flags.0
+}
+
+impl Flag {
+    /// The argument, as clap's derive builds it for a `bool`, `Option<String>` or
+    /// `Option<PathBuf>` field with `#[arg(long)]`.
+    fn arg(&self) -> Arg {
+        let arg = Arg::new(self.id.clone())
+            .long(self.id.replace('_', "-"))
+            .help(self.help.clone());
+        match self.kind {
+            FlagKind::Bare => arg.action(ArgAction::SetTrue),
+            FlagKind::Text => arg
+                .value_name(self.id.to_uppercase())
+                .action(ArgAction::Set)
+                .value_parser(value_parser!(String)),
+            FlagKind::SecretFile => arg
+                .value_name("PATH")
+                .action(ArgAction::Set)
+                .value_parser(value_parser!(PathBuf)),
+            FlagKind::SecretEnv => arg
+                .value_name("VAR")
+                .action(ArgAction::Set)
+                .value_parser(value_parser!(String)),
+        }
+    }
+
+    fn given(&self, m: &ArgMatches) -> Result<Option<Given>, clap::Error> {
+        let wrong = |e: clap::parser::MatchesError| {
+            clap::Error::raw(clap::error::ErrorKind::InvalidValue, e.to_string())
+        };
+        Ok(match self.kind {
+            FlagKind::Bare => m
+                .try_get_one::<bool>(&self.id)
+                .map_err(wrong)?
+                .is_some_and(|set| *set)
+                .then_some(Given::Set),
+            FlagKind::Text | FlagKind::SecretEnv => m
+                .try_get_one::<String>(&self.id)
+                .map_err(wrong)?
+                .map(|v| Given::Text(v.clone())),
+            FlagKind::SecretFile => m
+                .try_get_one::<PathBuf>(&self.id)
+                .map_err(wrong)?
+                .map(|p| Given::File(p.clone())),
+        })
+    }
+}
+
+impl clap::Args for ConnectionFlags {
+    fn augment_args(cmd: Command) -> Command {
+        cmd.args(schema_flags().iter().map(Flag::arg))
+    }
+
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl clap::FromArgMatches for ConnectionFlags {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut flags = Self::default();
+        flags.update_from_arg_matches(m)?;
+        Ok(flags)
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        for flag in schema_flags() {
+            if let Some(given) = flag.given(m)? {
+                self.given.insert(flag.id, given);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The connections the flags describe, the update-mask paths they name, and the vendors
@@ -67,118 +191,136 @@ pub struct Parsed {
 
 impl ConnectionFlags {
     pub fn parse(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Parsed, String> {
-        let stdin_users = [
-            &self.miradore_api_key_file,
-            &self.m3ter_api_secret_file,
-            &self.mailkit_client_md5_file,
-        ]
-        .iter()
-        .filter(|f| f.as_deref().is_some_and(|p| p.as_os_str() == "-"))
-        .count();
+        let stdin_users = self
+            .given
+            .values()
+            .filter(|g| matches!(g, Given::File(p) if p.as_os_str() == "-"))
+            .count();
         if stdin_users > 1 {
             return Err("only one secret can be read from standard input (-) at a time".into());
         }
-        let mut paths = Vec::new();
-        let mut text = |v: &Option<String>, path: &str| -> Option<String> {
-            v.as_ref().map(|v| {
-                paths.push(path.to_owned());
-                v.clone()
-            })
-        };
-        let site = text(&self.miradore_site, "miradore.site");
-        let key_id = text(&self.m3ter_access_key_id, "m3ter.access_key_id");
-        let org = text(&self.m3ter_org_id, "m3ter.org_id");
-        let environment = text(&self.m3ter_environment, "m3ter.environment");
-        let client_id = text(&self.mailkit_client_id, "mailkit.client_id");
-
-        let mut secret = |file: &Option<PathBuf>,
-                          var: &Option<String>,
-                          flag: &str,
-                          path: &str|
-         -> Result<Option<proto::Secret>, String> {
-            let value = match (file, var) {
-                (Some(_), Some(_)) => {
-                    return Err(format!("give --{flag}-file or --{flag}-env, not both"));
-                }
-                (Some(f), None) => read_secret_file(f, flag)?,
-                (None, Some(v)) => env(v)
-                    .ok_or_else(|| format!("--{flag}-env: environment variable {v} is not set"))?
-                    .trim()
-                    .to_owned(),
-                (None, None) => return Ok(None),
-            };
-            if value.is_empty() {
-                return Err(format!("--{flag}: the secret is empty"));
-            }
-            paths.push(path.to_owned());
-            Ok(Some(proto::Secret {
-                value,
-                fingerprint: String::new(),
-            }))
-        };
-        let api_key = secret(
-            &self.miradore_api_key_file,
-            &self.miradore_api_key_env,
-            "miradore-api-key",
-            "miradore.api_key",
-        )?;
-        let api_secret = secret(
-            &self.m3ter_api_secret_file,
-            &self.m3ter_api_secret_env,
-            "m3ter-api-secret",
-            "m3ter.api_secret",
-        )?;
-        let client_md5 = secret(
-            &self.mailkit_client_md5_file,
-            &self.mailkit_client_md5_env,
-            "mailkit-client-md5",
-            "mailkit.client_md5",
-        )?;
-
-        let miradore = (self.miradore || site.is_some() || api_key.is_some()).then(|| {
-            proto::MiradoreConnection {
-                site: site.unwrap_or_default(),
-                api_key,
-            }
-        });
-        let m3ter = (self.m3ter
-            || key_id.is_some()
-            || api_secret.is_some()
-            || org.is_some()
-            || environment.is_some())
-        .then(|| proto::M3terConnection {
-            access_key_id: key_id.unwrap_or_default(),
-            api_secret,
-            org_id: org.unwrap_or_default(),
-            environment: environment.unwrap_or_default(),
-        });
-        let mailkit = (self.mailkit || client_id.is_some() || client_md5.is_some()).then(|| {
-            proto::MailkitConnection {
-                client_id: client_id.unwrap_or_default(),
-                client_md5,
-            }
-        });
-        let flagged = [
-            (self.miradore, VendorKind::Miradore),
-            (self.m3ter, VendorKind::M3ter),
-            (self.mailkit, VendorKind::Mailkit),
-        ]
-        .into_iter()
-        .filter_map(|(flag, kind)| flag.then_some(kind))
-        .collect();
-        Ok(Parsed {
-            connections: ProtoConnectionsOwned {
-                miradore,
-                m3ter,
-                mailkit,
+        // Text fields first, then secrets, each in the schema's order: the mask lists them so.
+        let mut fill = Fill {
+            flags: self,
+            env,
+            secrets: false,
+            parsed: Parsed {
+                connections: ProtoConnectionsOwned::default(),
+                paths: Vec::new(),
+                flagged: Vec::new(),
             },
-            paths,
-            flagged,
-        })
+            error: None,
+        };
+        Connections::for_each_vendor(&mut fill);
+        fill.secrets = true;
+        Connections::for_each_vendor(&mut fill);
+        match fill.error {
+            Some(e) => Err(e),
+            None => Ok(fill.parsed),
+        }
+    }
+
+    fn get(&self, vendor: VendorKind, field: Option<&str>, kind: FlagKind) -> Option<&Given> {
+        self.given.get(&flag_id(vendor, field, kind))
     }
 }
 
-fn read_secret_file(path: &PathBuf, flag: &str) -> Result<String, String> {
+/// Fills each vendor's message from the flags: text fields on the first walk (which also
+/// creates the message of each vendor the flags name), secrets on the second.
+struct Fill<'a> {
+    flags: &'a ConnectionFlags,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    secrets: bool,
+    parsed: Parsed,
+    error: Option<String>,
+}
+
+impl VendorVisitor for Fill<'_> {
+    fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+        if self.error.is_some() {
+            return;
+        }
+        let vendor = C::VENDOR;
+        let flags = self.flags;
+        if !self.secrets {
+            let bare = flags.get(vendor, None, FlagKind::Bare).is_some();
+            let any_field = C::FIELDS.iter().any(|f| {
+                [FlagKind::Text, FlagKind::SecretFile, FlagKind::SecretEnv]
+                    .into_iter()
+                    .any(|kind| flags.get(vendor, Some(f.name), kind).is_some())
+            });
+            if bare {
+                self.parsed.flagged.push(vendor);
+            }
+            if bare || any_field {
+                slot.proto_mut(&mut self.parsed.connections)
+                    .get_or_insert_default();
+            }
+        }
+        let Some(msg) = slot.proto_mut(&mut self.parsed.connections).as_mut() else {
+            return;
+        };
+        let path = |field: &str| format!("{}.{field}", vendor.as_str());
+        for field in C::FIELDS {
+            match (field.proto_mut)(msg) {
+                ProtoMut::Text(dst) if !self.secrets => {
+                    if let Some(Given::Text(v)) =
+                        flags.get(vendor, Some(field.name), FlagKind::Text)
+                    {
+                        v.clone_into(dst);
+                        self.parsed.paths.push(path(field.name));
+                    }
+                }
+                ProtoMut::Secret(dst) if self.secrets => {
+                    let flag = format!("{}-{}", vendor.as_str(), field.name.replace('_', "-"));
+                    let file = flags.get(vendor, Some(field.name), FlagKind::SecretFile);
+                    let var = flags.get(vendor, Some(field.name), FlagKind::SecretEnv);
+                    match read_secret(file, var, &flag, self.env) {
+                        Ok(None) => {}
+                        Ok(Some(value)) => {
+                            *dst = Some(proto::Secret {
+                                value,
+                                fingerprint: String::new(),
+                            });
+                            self.parsed.paths.push(path(field.name));
+                        }
+                        Err(e) => {
+                            self.error = Some(e);
+                            return;
+                        }
+                    }
+                }
+                ProtoMut::Text(_) | ProtoMut::Secret(_) => {}
+            }
+        }
+    }
+}
+
+/// The secret named by `--<flag>-file` or `--<flag>-env`, if either is given.
+fn read_secret(
+    file: Option<&Given>,
+    var: Option<&Given>,
+    flag: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<String>, String> {
+    let value = match (file, var) {
+        (Some(_), Some(_)) => {
+            return Err(format!("give --{flag}-file or --{flag}-env, not both"));
+        }
+        (Some(Given::File(f)), None) => read_secret_file(f, flag)?,
+        (None, Some(Given::Text(v))) => env(v)
+            .ok_or_else(|| format!("--{flag}-env: environment variable {v} is not set"))?
+            .trim()
+            .to_owned(),
+        _ => return Ok(None),
+    };
+    if value.is_empty() {
+        return Err(format!("--{flag}: the secret is empty"));
+    }
+    Ok(Some(value))
+}
+
+fn read_secret_file(path: &Path, flag: &str) -> Result<String, String> {
     let raw = if path.as_os_str() == "-" {
         let mut s = String::new();
         std::io::stdin()
@@ -191,4 +333,89 @@ fn read_secret_file(path: &PathBuf, flag: &str) -> Result<String, String> {
     };
     // A trailing newline from `echo` or an editor is not part of the secret.
     Ok(raw.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{Args, FromArgMatches};
+
+    use super::*;
+
+    fn flags(args: &[&str]) -> ConnectionFlags {
+        let cmd = ConnectionFlags::augment_args(Command::new("t"));
+        let m = cmd.try_get_matches_from(std::iter::once("t").chain(args.iter().copied()));
+        ConnectionFlags::from_arg_matches(&m.unwrap()).unwrap()
+    }
+
+    #[test]
+    fn flags_follow_the_schema_in_order() {
+        let cmd = ConnectionFlags::augment_args(Command::new("t"));
+        let longs: Vec<_> = cmd.get_arguments().filter_map(|a| a.get_long()).collect();
+        assert_eq!(
+            longs,
+            [
+                "miradore",
+                "miradore-site",
+                "miradore-api-key-file",
+                "miradore-api-key-env",
+                "m3ter",
+                "m3ter-access-key-id",
+                "m3ter-api-secret-file",
+                "m3ter-api-secret-env",
+                "m3ter-org-id",
+                "m3ter-environment",
+                "mailkit",
+                "mailkit-client-id",
+                "mailkit-client-md5-file",
+                "mailkit-client-md5-env",
+            ]
+        );
+    }
+
+    #[test]
+    fn texts_then_secrets_fill_the_messages_and_the_mask() {
+        let env = |v: &str| (v == "S").then(|| " s3cret\n".to_owned());
+        let c = flags(&["--mailkit-client-md5-env", "S", "--mailkit-client-id", "7"])
+            .parse(&env)
+            .unwrap();
+        assert_eq!(c.paths, ["mailkit.client_id", "mailkit.client_md5"]);
+        let m = c.connections.as_tenant().mailkit.clone().unwrap();
+        assert_eq!(
+            (m.client_id.as_str(), m.client_md5.unwrap().value.as_str()),
+            ("7", "s3cret")
+        );
+        assert!(c.connections.as_tenant().miradore.is_none() && c.flagged.is_empty());
+    }
+
+    #[test]
+    fn conflicting_or_missing_secret_sources_are_refused() {
+        let none = |_: &str| None;
+        let cases = [
+            (
+                vec![
+                    "--m3ter-api-secret-file",
+                    "/x",
+                    "--m3ter-api-secret-env",
+                    "V",
+                ],
+                "give --m3ter-api-secret-file or --m3ter-api-secret-env, not both",
+            ),
+            (
+                vec![
+                    "--miradore-api-key-file",
+                    "-",
+                    "--mailkit-client-md5-file",
+                    "-",
+                ],
+                "only one secret can be read from standard input (-) at a time",
+            ),
+            (
+                vec!["--mailkit-client-md5-env", "NOPE"],
+                "--mailkit-client-md5-env: environment variable NOPE is not set",
+            ),
+        ];
+        for (args, expected) in cases {
+            assert_eq!(flags(&args).parse(&none).err().as_deref(), Some(expected));
+        }
+    }
 }

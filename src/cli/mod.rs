@@ -18,8 +18,8 @@ use tonic::Code;
 use crate::config::ServeArgs;
 use crate::document::{self, TenantDoc, kept_secrets};
 use crate::model::{Connection, Connections, ProtoRef, Slot, VendorKind, VendorVisitor};
+use crate::model::{ProtoConnections, ProtoConnectionsOwned};
 use crate::proto;
-use crate::wire::{ProtoConnections, ProtoConnectionsOwned};
 use client::{ClientArgs, ConnectError, Server, explain};
 use flags::ConnectionFlags;
 use render::Output;
@@ -261,7 +261,7 @@ fn remove_vendor(c: &mut ProtoConnectionsOwned, kind: VendorKind) {
     impl VendorVisitor for Remove<'_> {
         fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
             if C::VENDOR == self.1 {
-                *(slot.proto_mut)(self.0) = None;
+                *slot.proto_mut(self.0) = None;
             }
         }
     }
@@ -619,7 +619,7 @@ fn secret_fingerprints(c: ProtoConnections<'_>) -> Vec<(String, &str)> {
     }
     impl<'a> VendorVisitor for Fingerprints<'a> {
         fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
-            let Some(msg) = (slot.proto)(&self.msgs) else {
+            let Some(msg) = slot.proto(self.msgs) else {
                 return;
             };
             for field in C::FIELDS {
@@ -650,7 +650,7 @@ fn apply_paths(c: ProtoConnections<'_>, kept: &[(String, &str)]) -> Vec<String> 
     impl VendorVisitor for Paths<'_> {
         fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
             let vendor = C::VENDOR.as_str();
-            let Some(msg) = (slot.proto)(&self.msgs) else {
+            let Some(msg) = slot.proto(self.msgs) else {
                 self.out.push(vendor.to_owned());
                 return;
             };
@@ -723,9 +723,15 @@ mod tests {
         let mut c = flags.parse(&|_| None).unwrap();
         assert_eq!(c.flagged, [VendorKind::Miradore]);
         assert_eq!(c.paths, ["m3ter.org_id"]);
-        assert!(c.connections.miradore.is_some() && c.connections.m3ter.is_some());
+        assert!(
+            c.connections.as_tenant().miradore.is_some()
+                && c.connections.as_tenant().m3ter.is_some()
+        );
         remove_vendor(&mut c.connections, VendorKind::M3ter);
-        assert!(c.connections.miradore.is_some() && c.connections.m3ter.is_none());
+        assert!(
+            c.connections.as_tenant().miradore.is_some()
+                && c.connections.as_tenant().m3ter.is_none()
+        );
     }
 
     #[test]

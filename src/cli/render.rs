@@ -3,9 +3,9 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::model::{Connection, Connections, ProtoRef, Slot, VendorVisitor};
+use crate::model::ProtoConnections;
+use crate::model::{Connection, Connections, ProtoRef, Slot, VendorVisitor, json_name};
 use crate::proto;
-use crate::wire::ProtoConnections;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
@@ -48,23 +48,6 @@ fn compact(v: Value) -> Value {
     }
 }
 
-/// The proto3 JSON name of a field: `api_key` → `apiKey`.
-fn json_name(field: &str) -> String {
-    let mut out = String::with_capacity(field.len());
-    let mut upper = false;
-    for c in field.chars() {
-        if c == '_' {
-            upper = true;
-        } else if upper {
-            out.push(c.to_ascii_uppercase());
-            upper = false;
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn connections_json(c: ProtoConnections<'_>) -> Map<String, Value> {
     struct Json<'a> {
         msgs: ProtoConnections<'a>,
@@ -72,7 +55,7 @@ fn connections_json(c: ProtoConnections<'_>) -> Map<String, Value> {
     }
     impl VendorVisitor for Json<'_> {
         fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
-            let Some(msg) = (slot.proto)(&self.msgs) else {
+            let Some(msg) = slot.proto(self.msgs) else {
                 return;
             };
             let fields = C::FIELDS
@@ -133,7 +116,7 @@ fn connection_rows(c: ProtoConnections<'_>) -> Vec<(String, String)> {
     }
     impl VendorVisitor for Rows<'_> {
         fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
-            let value = (slot.proto)(&self.msgs).map_or("-".into(), |msg| {
+            let value = slot.proto(self.msgs).map_or("-".into(), |msg| {
                 C::FIELDS
                     .iter()
                     .map(|f| {
@@ -166,7 +149,7 @@ fn vendors_of(t: &proto::Tenant) -> Vec<&'static str> {
     }
     impl VendorVisitor for Used<'_> {
         fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
-            if (slot.proto)(&self.msgs).is_some() {
+            if slot.proto(self.msgs).is_some() {
                 self.out.push(C::VENDOR.as_str());
             }
         }

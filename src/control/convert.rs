@@ -4,11 +4,11 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::model::{Connection, FieldMut, FieldRef, ProtoMut, ProtoRef, Slot, VendorVisitor};
+use crate::model::{ProtoConnections, ProtoConnectionsOwned};
 use crate::proto;
 use crate::secret::Secret;
 use crate::tenants::validate::echo;
 use crate::tenants::{Connections, FieldViolation, PartnerRecord, TenantRecord, VendorKind};
-use crate::wire::{ProtoConnections, ProtoConnectionsOwned};
 
 /// The etag of a record: its revision, as an opaque string.
 pub fn etag(revision: u64) -> String {
@@ -62,7 +62,7 @@ pub fn connections_out(c: &Connections) -> ProtoConnectionsOwned {
             let Some(conn) = (slot.get)(self.conns) else {
                 return;
             };
-            let msg = (slot.proto_mut)(&mut self.out).get_or_insert_default();
+            let msg = slot.proto_mut(&mut self.out).get_or_insert_default();
             for field in C::FIELDS {
                 match ((field.get)(conn), (field.proto_mut)(msg)) {
                     (FieldRef::Text(v), ProtoMut::Text(out)) => v.clone_into(out),
@@ -158,7 +158,7 @@ pub fn connections_in(c: ProtoConnections<'_>) -> Connections {
     }
     impl VendorVisitor for In<'_> {
         fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
-            let Some(msg) = (slot.proto)(&self.msgs) else {
+            let Some(msg) = slot.proto(self.msgs) else {
                 return;
             };
             let conn = (slot.get_mut)(&mut self.out).get_or_insert_default();
@@ -432,7 +432,10 @@ mod tests {
 
     #[test]
     fn reads_carry_fingerprints_not_values() {
-        let m3ter = connections_out(&conns_with_m3ter("topsecret")).m3ter;
+        let m3ter = connections_out(&conns_with_m3ter("topsecret"))
+            .as_tenant()
+            .m3ter
+            .clone();
         let s = m3ter.unwrap().api_secret.unwrap();
         assert!(s.value.is_empty());
         assert_eq!(s.fingerprint, Secret::new("topsecret").fingerprint());

@@ -1,15 +1,19 @@
 //! The records as stored, by every backend: serde_json of these `*Doc` structs, which mirror
 //! the model with each secret replaced by its sealed string (see [`crate::store::sealing`]),
-//! so the plain value never reaches the encoder. The whole document is then sealed as a
+//! so the plain value never reaches the encoder; the connections follow the credential
+//! schema ([`ConnectionsDoc`]). The whole document is then sealed as a
 //! record ([`crate::store::record`]; for etcd, [`crate::store::codec`]).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::Zeroize;
 
 use crate::model::{
-    Connections, M3terConn, MailkitConn, MiradoreConn, PartnerRecord, TenantRecord,
+    Connection, Connections, FieldMut, FieldRef, PartnerRecord, Slot, TenantRecord, VendorFields,
+    VendorKind, VendorVisitor, vendor_fields,
 };
 use crate::secret::Secret;
 use crate::store::StoreError;
@@ -47,35 +51,25 @@ pub(crate) struct PartnerDoc {
     update_time: Option<TimeDoc>,
 }
 
-/// Each `Option<String>` secret below holds a sealed value (see [`sealing`]), never a plain one.
-#[derive(Serialize, Deserialize, Default)]
+/// The connections of a record: per vendor present, its fields in the schema's order
+/// ([`Connection::FIELDS`]), each text as is and each secret sealed (see [`sealing`]), never
+/// plain. Stored as `{"<vendor>": {"<field>": "text", "<secret>": "sealed" | null}}`, in
+/// the order of [`Connections::for_each_vendor`]; reading ignores unknown names, takes a
+/// missing secret as blank and refuses a missing text field, a name given twice or a value
+/// of the wrong type.
+#[derive(Default)]
 pub(crate) struct ConnectionsDoc {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    miradore: Option<MiradoreDoc>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    m3ter: Option<M3terDoc>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    mailkit: Option<MailkitDoc>,
+    vendors: Vec<VendorDoc>,
 }
 
-#[derive(Serialize, Deserialize)]
-pub(crate) struct MiradoreDoc {
-    site: String,
-    api_key: Option<String>,
+struct VendorDoc {
+    vendor: VendorKind,
+    fields: Vec<(&'static str, StoredField)>,
 }
 
-#[derive(Serialize, Deserialize)]
-pub(crate) struct M3terDoc {
-    access_key_id: String,
-    api_secret: Option<String>,
-    org_id: String,
-    environment: String,
-}
-
-#[derive(Serialize, Deserialize)]
-pub(crate) struct MailkitDoc {
-    client_id: String,
-    client_md5: Option<String>,
+enum StoredField {
+    Text(String),
+    Sealed(Option<String>),
 }
 
 /// A time as seconds and nanoseconds since the Unix epoch.
@@ -168,99 +162,107 @@ impl ConnectionsDoc {
         owner: &str,
         c: &Connections,
     ) -> Result<Self, StoreError> {
-        let seal = |field: &str, s: &Option<Secret>| -> Result<Option<String>, StoreError> {
-            s.as_ref()
-                .map(|s| {
-                    sealing::seal(keys, &format!("{owner}/{field}"), s.expose().as_bytes())
-                        .map_err(seal_error)
-                })
-                .transpose()
+        struct Seal<'a> {
+            keys: &'a MasterKeys,
+            owner: &'a str,
+            conns: &'a Connections,
+            out: Result<ConnectionsDoc, StoreError>,
+        }
+        impl VendorVisitor for Seal<'_> {
+            fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+                let (Ok(out), Some(conn)) = (&mut self.out, (slot.get)(self.conns)) else {
+                    return;
+                };
+                let mut fields = Vec::with_capacity(C::FIELDS.len());
+                for field in C::FIELDS {
+                    let stored = match (field.get)(conn) {
+                        FieldRef::Text(t) => StoredField::Text(t.clone()),
+                        FieldRef::Secret(s) => {
+                            let place =
+                                format!("{}/{}.{}", self.owner, C::VENDOR.as_str(), field.name);
+                            let sealed = s.as_ref().map(|s| {
+                                sealing::seal(self.keys, &place, s.expose().as_bytes())
+                                    .map_err(seal_error)
+                            });
+                            match sealed.transpose() {
+                                Ok(sealed) => StoredField::Sealed(sealed),
+                                Err(e) => {
+                                    self.out = Err(e);
+                                    return;
+                                }
+                            }
+                        }
+                    };
+                    fields.push((field.name, stored));
+                }
+                out.vendors.push(VendorDoc {
+                    vendor: C::VENDOR,
+                    fields,
+                });
+            }
+        }
+        let mut seal = Seal {
+            keys,
+            owner,
+            conns: c,
+            out: Ok(Self::default()),
         };
-        Ok(Self {
-            miradore: c
-                .miradore
-                .as_ref()
-                .map(|m| -> Result<_, StoreError> {
-                    Ok(MiradoreDoc {
-                        site: m.site.clone(),
-                        api_key: seal("miradore.api_key", &m.api_key)?,
-                    })
-                })
-                .transpose()?,
-            m3ter: c
-                .m3ter
-                .as_ref()
-                .map(|m| -> Result<_, StoreError> {
-                    Ok(M3terDoc {
-                        access_key_id: m.access_key_id.clone(),
-                        api_secret: seal("m3ter.api_secret", &m.api_secret)?,
-                        org_id: m.org_id.clone(),
-                        environment: m.environment.clone(),
-                    })
-                })
-                .transpose()?,
-            mailkit: c
-                .mailkit
-                .as_ref()
-                .map(|m| -> Result<_, StoreError> {
-                    Ok(MailkitDoc {
-                        client_id: m.client_id.clone(),
-                        client_md5: seal("mailkit.client_md5", &m.client_md5)?,
-                    })
-                })
-                .transpose()?,
-        })
+        Connections::for_each_vendor(&mut seal);
+        seal.out
     }
 
     pub(crate) fn open(self, keys: &MasterKeys, owner: &str) -> Result<Connections, StoreError> {
-        let open = |field: &str, s: Option<String>| -> Result<Option<Secret>, StoreError> {
-            s.map(|s| open_secret(keys, &format!("{owner}/{field}"), &s))
-                .transpose()
+        struct Open<'a> {
+            keys: &'a MasterKeys,
+            owner: &'a str,
+            docs: Vec<VendorDoc>,
+            out: Result<Connections, StoreError>,
+        }
+        impl VendorVisitor for Open<'_> {
+            fn visit<C: Connection>(&mut self, slot: &Slot<C>) {
+                let Some(doc) = self.docs.iter_mut().find(|d| d.vendor == C::VENDOR) else {
+                    return;
+                };
+                let Ok(out) = &mut self.out else { return };
+                let mut conn = C::default();
+                for (field, (name, stored)) in C::FIELDS.iter().zip(&mut doc.fields) {
+                    match ((field.get_mut)(&mut conn), stored) {
+                        (FieldMut::Text(dst), StoredField::Text(t)) => *dst = std::mem::take(t),
+                        (FieldMut::Secret(dst), StoredField::Sealed(Some(sealed))) => {
+                            let place = format!("{}/{}.{name}", self.owner, C::VENDOR.as_str());
+                            match open_secret(self.keys, &place, sealed) {
+                                Ok(secret) => *dst = Some(secret),
+                                Err(e) => {
+                                    self.out = Err(e);
+                                    return;
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                *(slot.get_mut)(out) = Some(conn);
+            }
+        }
+        let mut open = Open {
+            keys,
+            owner,
+            docs: self.vendors,
+            out: Ok(Connections::default()),
         };
-        Ok(Connections {
-            miradore: self
-                .miradore
-                .map(|m| -> Result<_, StoreError> {
-                    Ok(MiradoreConn {
-                        site: m.site,
-                        api_key: open("miradore.api_key", m.api_key)?,
-                    })
-                })
-                .transpose()?,
-            m3ter: self
-                .m3ter
-                .map(|m| -> Result<_, StoreError> {
-                    Ok(M3terConn {
-                        access_key_id: m.access_key_id,
-                        api_secret: open("m3ter.api_secret", m.api_secret)?,
-                        org_id: m.org_id,
-                        environment: m.environment,
-                    })
-                })
-                .transpose()?,
-            mailkit: self
-                .mailkit
-                .map(|m| -> Result<_, StoreError> {
-                    Ok(MailkitConn {
-                        client_id: m.client_id,
-                        client_md5: open("mailkit.client_md5", m.client_md5)?,
-                    })
-                })
-                .transpose()?,
-        })
+        Connections::for_each_vendor(&mut open);
+        open.out
     }
 
-    /// The sealed secrets with their field paths, for rotation.
-    pub(crate) fn sealed_mut(&mut self) -> Vec<(&'static str, &mut String)> {
+    /// The sealed secrets with their field paths (`miradore.api_key`), for rotation.
+    pub(crate) fn sealed_mut(&mut self) -> Vec<(String, &mut String)> {
         let mut out = Vec::new();
-        if let Some(s) = self.miradore.as_mut().and_then(|m| m.api_key.as_mut()) {
-            out.push(("miradore.api_key", s));
-        }
-        if let Some(s) = self.m3ter.as_mut().and_then(|m| m.api_secret.as_mut()) {
-            out.push(("m3ter.api_secret", s));
-        }
-        if let Some(s) = self.mailkit.as_mut().and_then(|m| m.client_md5.as_mut()) {
-            out.push(("mailkit.client_md5", s));
+        for doc in &mut self.vendors {
+            for (name, stored) in &mut doc.fields {
+                if let StoredField::Sealed(Some(sealed)) = stored {
+                    out.push((format!("{}.{name}", doc.vendor.as_str()), sealed));
+                }
+            }
         }
         out
     }
@@ -293,6 +295,127 @@ impl ConnectionsDoc {
     }
 }
 
+impl Serialize for ConnectionsDoc {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.vendors.len()))?;
+        for doc in &self.vendors {
+            map.serialize_entry(doc.vendor.as_str(), &FieldsOut(&doc.fields))?;
+        }
+        map.end()
+    }
+}
+
+struct FieldsOut<'a>(&'a [(&'static str, StoredField)]);
+
+impl Serialize for FieldsOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (name, stored) in self.0 {
+            match stored {
+                StoredField::Text(t) => map.serialize_entry(name, t)?,
+                StoredField::Sealed(sealed) => map.serialize_entry(name, sealed)?,
+            }
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for ConnectionsDoc {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Vendors;
+        impl<'de> Visitor<'de> for Vendors {
+            type Value = ConnectionsDoc;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of vendor connections")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let all = vendor_fields();
+                let mut found: Vec<Option<Option<VendorDoc>>> = all.iter().map(|_| None).collect();
+                while let Some(key) = map.next_key::<String>()? {
+                    let Some(i) = all.iter().position(|v| v.vendor.as_str() == key) else {
+                        map.next_value::<IgnoredAny>()?;
+                        continue;
+                    };
+                    if found[i].is_some() {
+                        return Err(de::Error::duplicate_field(all[i].vendor.as_str()));
+                    }
+                    found[i] = Some(map.next_value_seed(OptionalFields(&all[i]))?);
+                }
+                let vendors = found.into_iter().flatten().flatten().collect();
+                Ok(ConnectionsDoc { vendors })
+            }
+        }
+        d.deserialize_map(Vendors)
+    }
+}
+
+/// A vendor's fields, or `null` for none.
+struct OptionalFields(&'static VendorFields);
+
+impl<'de> DeserializeSeed<'de> for OptionalFields {
+    type Value = Option<VendorDoc>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for OptionalFields {
+    type Value = Option<VendorDoc>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a vendor connection or null")
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(StoredFields(self.0)).map(Some)
+    }
+}
+
+/// A vendor's stored fields: each by its declared name, at most once.
+struct StoredFields(&'static VendorFields);
+
+impl<'de> Visitor<'de> for StoredFields {
+    type Value = VendorDoc;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "the {} connection", self.0.vendor.as_str())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let schema = &self.0.fields;
+        let mut found: Vec<Option<StoredField>> = schema.iter().map(|_| None).collect();
+        while let Some(key) = map.next_key::<String>()? {
+            let Some(i) = schema.iter().position(|f| f.name == key) else {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            };
+            if found[i].is_some() {
+                return Err(de::Error::duplicate_field(schema[i].name));
+            }
+            found[i] = Some(if schema[i].secret {
+                StoredField::Sealed(map.next_value()?)
+            } else {
+                StoredField::Text(map.next_value()?)
+            });
+        }
+        let mut fields = Vec::with_capacity(schema.len());
+        for (field, value) in schema.iter().zip(found) {
+            let value = match value {
+                Some(v) => v,
+                None if field.secret => StoredField::Sealed(None),
+                None => return Err(de::Error::missing_field(field.name)),
+            };
+            fields.push((field.name, value));
+        }
+        Ok(VendorDoc {
+            vendor: self.0.vendor,
+            fields,
+        })
+    }
+}
+
 fn open_secret(keys: &MasterKeys, place: &str, sealed: &str) -> Result<Secret, StoreError> {
     let mut plain = sealing::open(keys, place, sealed).map_err(seal_error)?;
     // Moved, not copied, into the Secret, so no unzeroed copy is left behind.
@@ -304,5 +427,63 @@ fn open_secret(keys: &MasterKeys, place: &str, sealed: &str) -> Result<Secret, S
                 "the secret at {place} is not UTF-8 after opening: corrupted"
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record as every version since schema 2 wrote it: vendors and fields in this order,
+    /// a blank secret as `null`, an absent vendor left out.
+    const STORED: &str = concat!(
+        r#"{"miradore":{"site":"acme","api_key":"sealed-1"},"#,
+        r#""m3ter":{"access_key_id":"AK","api_secret":null,"org_id":"o","environment":""},"#,
+        r#""mailkit":{"client_id":"12","client_md5":"sealed-2"}}"#,
+    );
+
+    #[test]
+    fn stored_connections_read_and_write_the_same_bytes() {
+        let mut doc: ConnectionsDoc = serde_json::from_str(STORED).unwrap();
+        assert_eq!(serde_json::to_string(&doc).unwrap(), STORED);
+        let sealed: Vec<_> = doc
+            .sealed_mut()
+            .into_iter()
+            .map(|(p, s)| (p, s.clone()))
+            .collect();
+        assert_eq!(
+            sealed,
+            [
+                ("miradore.api_key".into(), "sealed-1".to_owned()),
+                ("mailkit.client_md5".into(), "sealed-2".to_owned())
+            ]
+        );
+        // Field order in the input does not matter; unknown fields are ignored; a missing
+        // secret is blank; a missing text field, a duplicate or a wrong type is an error.
+        let reordered = r#"{"mailkit":{"x":1,"client_md5":null,"client_id":"12"},"other":{}}"#;
+        let doc: ConnectionsDoc = serde_json::from_str(reordered).unwrap();
+        assert_eq!(
+            serde_json::to_string(&doc).unwrap(),
+            r#"{"mailkit":{"client_id":"12","client_md5":null}}"#
+        );
+        let doc: ConnectionsDoc = serde_json::from_str(r#"{"miradore":{"site":"a"}}"#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&doc).unwrap(),
+            r#"{"miradore":{"site":"a","api_key":null}}"#
+        );
+        for bad in [
+            r#"{"miradore":{"api_key":null}}"#,
+            r#"{"miradore":{"site":"a","site":"b"}}"#,
+            r#"{"miradore":{"site":1}}"#,
+            r#"{"miradore":{"site":"a"},"miradore":null}"#,
+            r#"{"miradore":"a"}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<ConnectionsDoc>(bad).is_err(),
+                "{bad}"
+            );
+        }
+        let empty: ConnectionsDoc = serde_json::from_str(r#"{"m3ter":null}"#).unwrap();
+        assert_eq!(serde_json::to_string(&empty).unwrap(), "{}");
     }
 }

@@ -5,7 +5,7 @@
 use super::model::{Connection, Connections, FieldRef, Slot, VendorVisitor};
 use crate::secret::Secret;
 
-use super::model::is_dns_label;
+use crate::syntax::is_dns_label;
 
 /// One offending field: its path (e.g. `tenant.m3ter.org_id`) and what is wrong with it.
 /// Descriptions never quote a secret value.
@@ -183,7 +183,9 @@ fn validate_secret(s: &Secret, field: &str, out: &mut Vec<FieldViolation>) -> bo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{M3terConn, MailkitConn, MiradoreConn, is_miradore_site, is_uuid};
+    use crate::model::{M3terConn, MailkitConn, MiradoreConn};
+    use crate::syntax::is_uuid;
+    use crate::vendors::miradore::fields::is_site as is_miradore_site;
 
     #[test]
     fn echoed_text_is_short_ascii_and_quoted() {

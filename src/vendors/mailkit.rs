@@ -39,6 +39,27 @@ use super::{BodyRule, Plan, RuleInput, TestOutcome, Vendor, Via};
 use crate::tenants::{EffectiveTenant, MailkitCreds, VendorKind};
 use crate::upstream;
 
+/// The formats of Mailkit's credential fields, as the credential schema
+/// (`crate::model::MailkitConn`) checks them on every write. A leaf (it imports only
+/// [`crate::syntax`]), so the model can name it without importing the data plane.
+pub mod fields {
+    use crate::syntax::problem;
+
+    pub fn client_id(s: &str) -> Result<(), String> {
+        problem(
+            s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()),
+            "must be 1-20 digits",
+        )
+    }
+
+    pub fn client_md5(s: &str) -> Result<(), String> {
+        problem(
+            s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()),
+            "must be 32 hex digits",
+        )
+    }
+}
+
 /// Mailkit's API host.
 pub const HOST: &str = "api.mailkit.eu";
 

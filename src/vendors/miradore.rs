@@ -30,6 +30,33 @@ use super::{BodyRule, Plan, RuleInput, TestOutcome, Vendor, Via};
 use crate::tenants::{EffectiveTenant, MiradoreCreds, VendorKind};
 use crate::upstream;
 
+/// The formats of Miradore's credential fields, as the credential schema
+/// (`crate::model::MiradoreConn`) checks them on every write. A leaf (it imports only
+/// [`crate::syntax`]), so the model can name it without importing the data plane.
+pub mod fields {
+    use crate::syntax::problem;
+
+    /// `[A-Za-z0-9-]{1,63}`, case kept: the site is a path segment and a host label here.
+    pub fn is_site(s: &str) -> bool {
+        (1..=63).contains(&s.len()) && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+    }
+
+    pub fn site(s: &str) -> Result<(), String> {
+        problem(
+            is_site(s),
+            "must be 1-63 letters, digits or '-' (case is kept)",
+        )
+    }
+
+    /// The key travels in the X-API-Key header, which must be visible ASCII.
+    pub fn api_key(s: &str) -> Result<(), String> {
+        problem(
+            s.bytes().all(|b| b.is_ascii_graphic()),
+            "must be visible ASCII characters without spaces",
+        )
+    }
+}
+
 /// Miradore's API host; a legacy `<site>.online.miradore.com` is routed here too.
 pub const HOST: &str = "online.miradore.com";
 /// The legacy per-site hosts: `<site>.online.miradore.com`.

@@ -29,6 +29,44 @@ use crate::upstream;
 /// The vendor's name: its `vendor` metrics label and log field.
 pub const VENDOR: &str = "m3ter";
 
+/// The formats of m3ter's credential fields, as the credential schema
+/// (`crate::model::M3terConn`) checks them on every write. A leaf (it imports only
+/// [`crate::syntax`]), so the model can name it without importing the data plane.
+pub mod fields {
+    use crate::syntax::{is_dns_label, is_uuid, problem};
+
+    /// Longest accepted access key ID, in bytes.
+    pub const MAX_ACCESS_KEY_ID_LEN: usize = 256;
+
+    /// It is the user part of HTTP Basic credentials, where ':' ends it.
+    pub fn access_key_id(s: &str) -> Result<(), String> {
+        if s.len() <= MAX_ACCESS_KEY_ID_LEN && s.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "must be at most {MAX_ACCESS_KEY_ID_LEN} visible ASCII characters, without ':' or spaces"
+            ))
+        }
+    }
+
+    pub fn api_secret(_: &str) -> Result<(), String> {
+        Ok(())
+    }
+
+    pub fn org_id(s: &str) -> Result<(), String> {
+        problem(is_uuid(s), "must be a UUID (8-4-4-4-12 hex digits)")
+    }
+
+    /// It names the hosts `api.<env>.m3ter.com` and `ingest.<env>.m3ter.com`.
+    pub fn environment(s: &str) -> Result<(), String> {
+        problem(
+            is_dns_label(s),
+            "must be empty, \"prod\", or a DNS label (lower-case letters, digits, '-')",
+        )
+    }
+}
+
 /// m3ter as the proxy sees it: prefixes `/m3ter` (the tenant's API host) and `/m3ter-ingest`
 /// (its ingest host), whose names depend on the tenant's environment; requests get a bearer
 /// token from the [`TokenSource`] and are replayed once when m3ter refuses it.
