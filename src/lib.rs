@@ -24,6 +24,7 @@ pub mod proxy;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod tenants;
 pub mod tenants_file;
 #[cfg(test)]

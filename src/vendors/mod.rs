@@ -82,6 +82,9 @@ pub struct SendContext<'a> {
     pub replay_limit: usize,
     /// Bodies kept for replay are held within this budget.
     pub budget: &'a BodyBudget,
+    /// The request's trace, when tracing is on: vendor calls and token waits become its
+    /// child spans.
+    pub trace: Option<&'a crate::telemetry::RequestTrace>,
 }
 
 /// The verdict of `TestTenant`: one harmless authenticated call to the vendor.

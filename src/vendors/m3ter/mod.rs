@@ -123,6 +123,7 @@ impl Vendor for M3ter {
                 host: cx.host,
                 replay_limit: cx.replay_limit,
                 budget: cx.budget,
+                trace: cx.trace,
             };
             rule::send(ctx, parts, body).await
         })

@@ -98,6 +98,7 @@ pub(crate) struct Ctx<'a> {
     pub replay_limit: usize,
     /// Bodies kept for replay are held within the proxy's byte budget.
     pub budget: &'a crate::budget::BodyBudget,
+    pub trace: Option<&'a crate::telemetry::RequestTrace>,
 }
 
 /// Sends `parts` + `body` (URI and headers already prepared) with a bearer token, replaying
@@ -172,10 +173,12 @@ fn refused(status: StatusCode) -> bool {
 }
 
 async fn fetch_token(ctx: &Ctx<'_>) -> Result<BearerToken, RuleError> {
-    ctx.tokens
-        .token(ctx.creds)
-        .await
-        .map_err(|e| RuleError::TokenExchange(e.message))
+    let token = ctx.tokens.token(ctx.creds);
+    let token = match ctx.trace {
+        None => token.await,
+        Some(trace) => trace.token_exchange(token).await,
+    };
+    token.map_err(|e| RuleError::TokenExchange(e.message))
 }
 
 fn with_token(
@@ -195,8 +198,7 @@ async fn forward(
     ctx: &Ctx<'_>,
     req: Request<upstream::Body>,
 ) -> Result<Response<upstream::VendorBody>, RuleError> {
-    ctx.client
-        .send(req)
+    crate::telemetry::send(ctx.client, ctx.trace, "m3ter", req)
         .await
         .map_err(|source| RuleError::Upstream {
             vendor: "m3ter",
