@@ -9,9 +9,9 @@
 //! exchange`). Attributes are names and codes only: never a credential, a query string or a
 //! body (docs/operations.md lists them).
 //!
-//! Spans are batched and exported by a task on the runtime, from a bounded queue; a full
-//! queue drops spans, and an export that does not finish within its timeout is abandoned, so
-//! a slow or absent collector never holds a request.
+//! Spans are batched and exported by the SDK's export thread, from a bounded queue: ending a
+//! span never waits (a full queue drops it), and an export that does not finish within its
+//! timeout is abandoned, so a slow or absent collector never holds a request.
 //!
 //! - [`traceparent`]: the strict W3C `traceparent` reader, also used for the log line.
 
@@ -34,9 +34,9 @@ use opentelemetry::trace::{
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{RetryPolicy, WithExportConfig as _, WithTonicConfig as _};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::runtime;
-use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
-use opentelemetry_sdk::trace::{BatchConfigBuilder, SdkTracer, SdkTracerProvider, Span};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider, Span,
+};
 
 use crate::upstream::{self, UpstreamError, VendorBody};
 use traceparent::{TRACEPARENT, TRACESTATE, TraceParent};
@@ -51,9 +51,11 @@ pub const MAX_QUEUE_SIZE: usize = 2048;
 pub const MAX_EXPORT_BATCH_SIZE: usize = 512;
 /// How often queued spans are exported.
 pub const EXPORT_INTERVAL: Duration = Duration::from_secs(5);
-/// Bound on one export call (connect included); past it the batch is dropped. No retries:
-/// the next batch is the next attempt.
+/// Bound on one export call; past it the batch is dropped. No retries: the next batch is the
+/// next attempt.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on connecting to the collector.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on the final flush when sidekey stops.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -97,34 +99,33 @@ impl fmt::Debug for Tracing {
 
 impl Tracing {
     /// Starts exporting to `endpoint` (already checked with [`parse_endpoint`]). Must run
-    /// inside the tokio runtime: the export task is spawned on it. Nothing is dialled until
+    /// inside the tokio runtime, where the gRPC channel's I/O runs. Nothing is dialled until
     /// the first export.
     pub fn start(endpoint: &str) -> Result<Self, String> {
-        let builder = opentelemetry_otlp::SpanExporter::builder()
+        let config_error = |e: &dyn fmt::Display| format!("OTLP exporter: {e}");
+        let mut channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|e| config_error(&e))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(EXPORT_TIMEOUT);
+        if endpoint.starts_with("https:") {
+            channel = channel
+                .tls_config(tonic::transport::ClientTlsConfig::new().with_enabled_roots())
+                .map_err(|e| config_error(&e))?;
+        }
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
-            .with_endpoint(endpoint)
+            .with_channel(channel.connect_lazy())
             .with_timeout(EXPORT_TIMEOUT)
-            .with_retry_policy(RetryPolicy::disabled());
-        let builder = if endpoint.starts_with("https:") {
-            builder.with_tls_config(
-                opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new()
-                    .with_enabled_roots(),
-            )
-        } else {
-            builder
-        };
-        let exporter = builder
+            .with_retry_policy(RetryPolicy::disabled())
             .build()
-            .map_err(|e| format!("OTLP exporter for {endpoint}: {e}"))?;
+            .map_err(|e| config_error(&e))?;
         // Every setting given here, so OTEL_BSP_* variables change nothing.
         let batch = BatchConfigBuilder::default()
             .with_max_queue_size(MAX_QUEUE_SIZE)
             .with_max_export_batch_size(MAX_EXPORT_BATCH_SIZE)
             .with_scheduled_delay(EXPORT_INTERVAL)
-            .with_max_export_timeout(EXPORT_TIMEOUT)
-            .with_max_concurrent_exports(1)
             .build();
-        let processor = BatchSpanProcessor::builder(exporter, runtime::Tokio)
+        let processor = BatchSpanProcessor::builder(exporter)
             .with_batch_config(batch)
             .build();
         let resource = Resource::builder()
@@ -142,8 +143,8 @@ impl Tracing {
     /// Exports what is queued and stops the export task, within [`SHUTDOWN_TIMEOUT`].
     pub async fn shutdown(&self) {
         let provider = self.provider.clone();
-        // The SDK blocks the calling thread until its export task answers, and that task
-        // runs on this runtime: ask from a blocking thread.
+        // The SDK blocks the calling thread until its export thread answers, and that
+        // thread's gRPC I/O runs on this runtime: ask from a blocking thread.
         let flush = tokio::task::spawn_blocking(move || provider.shutdown());
         match tokio::time::timeout(SHUTDOWN_TIMEOUT, flush).await {
             Ok(Ok(Ok(()))) => {}
