@@ -45,7 +45,7 @@ use traceparent::{TRACEPARENT, TRACESTATE, TraceParent};
 /// (`SIDEKEY_OTLP_ENDPOINT`) is not set.
 pub const OTEL_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 
-/// Finished spans waiting for export; past it new spans are dropped (and the SDK warns once).
+/// Finished spans waiting for export; past it new spans are dropped.
 pub const MAX_QUEUE_SIZE: usize = 2048;
 /// Spans per export call.
 pub const MAX_EXPORT_BATCH_SIZE: usize = 512;
