@@ -378,9 +378,9 @@ impl Proxy {
             // Sidekey's trace when tracing (the app's trace id when it sent a valid
             // traceparent), else the app's.
             let trace_id = match (&trace, logged.app_trace) {
-                (Some(trace), _) => trace.trace_id(),
-                (None, Some(app)) => app.trace_id_hex(),
-                (None, None) => String::new(),
+                (Some(trace), _) => Some(trace.trace_id_text()),
+                (None, Some(app)) => Some(app.trace_id_text()),
+                (None, None) => None,
             };
             // Path without query: Miradore v1 keys travel in the query.
             tracing::info!(
@@ -393,7 +393,7 @@ impl Proxy {
                 latency_ms = elapsed.as_secs_f64() * 1000.0,
                 error = code.unwrap_or(""),
                 app_request_id = logged.app_request_id.as_deref().unwrap_or(""),
-                trace_id,
+                trace_id = trace_id.as_ref().map_or("", |t| t.as_str()),
                 "proxied request"
             );
         }

@@ -39,7 +39,7 @@ use opentelemetry_sdk::trace::{
 };
 
 use crate::upstream::{self, UpstreamError, VendorBody};
-use traceparent::{TRACEPARENT, TRACESTATE, TraceParent};
+use traceparent::{TRACEPARENT, TRACESTATE, TraceIdText, TraceParent};
 
 /// The standard OpenTelemetry variable naming the collector, read when `--otlp-endpoint`
 /// (`SIDEKEY_OTLP_ENDPOINT`) is not set.
@@ -214,8 +214,8 @@ pub(crate) struct RequestOutcome<'a> {
 
 impl RequestTrace {
     /// The trace id, as logged.
-    pub(crate) fn trace_id(&self) -> String {
-        self.span.span_context().trace_id().to_string()
+    pub(crate) fn trace_id_text(&self) -> TraceIdText {
+        TraceIdText::new(self.span.span_context().trace_id().to_bytes())
     }
 
     /// Names the span after the vendor, records the outcome and ends it.

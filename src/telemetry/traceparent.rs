@@ -54,9 +54,30 @@ impl TraceParent {
         })
     }
 
-    /// The trace id as 32 lowercase hex digits, as logged.
-    pub fn trace_id_hex(&self) -> String {
-        hex(&self.trace_id)
+    /// The trace id as logged.
+    pub fn trace_id_text(&self) -> TraceIdText {
+        TraceIdText::new(self.trace_id)
+    }
+}
+
+/// A trace id as 32 lowercase hex digits, without allocating.
+#[derive(Clone, Copy)]
+pub struct TraceIdText([u8; 32]);
+
+impl TraceIdText {
+    pub fn new(trace_id: [u8; 16]) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [0u8; 32];
+        for (b, pair) in trace_id.iter().zip(text.chunks_exact_mut(2)) {
+            pair[0] = HEX[usize::from(b >> 4)];
+            pair[1] = HEX[usize::from(b & 0xf)];
+        }
+        Self(text)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only hex digits are ever written into it.
+        std::str::from_utf8(&self.0).unwrap_or("")
     }
 }
 
@@ -75,16 +96,6 @@ fn decode_hex(digits: &[u8], out: &mut [u8]) -> Option<()> {
     Some(())
 }
 
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,8 +105,14 @@ mod tests {
     #[test]
     fn the_spec_example_parses() {
         let tp = TraceParent::parse(VALID.as_bytes()).unwrap();
-        assert_eq!(tp.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(hex(&tp.parent_id), "00f067aa0ba902b7");
+        assert_eq!(
+            tp.trace_id_text().as_str(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(
+            tp.parent_id,
+            [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+        );
         assert_eq!(tp.flags, 1);
         let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
         assert_eq!(TraceParent::parse(unsampled.as_bytes()).unwrap().flags, 0);
