@@ -363,8 +363,9 @@ async fn a_malformed_traceparent_starts_a_new_trace() {
 }
 
 /// A collector that refuses connections, and one that accepts them and never answers:
-/// requests are served as fast as ever and every one succeeds; shutdown gives up on the
-/// flush within its bound.
+/// requests are served as fast as ever and every one succeeds, also while an export (started
+/// when the first full batch of 512 spans was queued) hangs on the silent one; shutdown gives
+/// up on the flush within its bound.
 #[tokio::test]
 async fn an_unreachable_or_silent_collector_never_fails_or_slows_a_request() {
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -374,31 +375,47 @@ async fn an_unreachable_or_silent_collector_never_fails_or_slows_a_request() {
     let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_endpoint = format!("http://{}", silent.local_addr().unwrap());
 
-    let run = |endpoint: String| async move {
-        let env = Env::start(endpoint).await;
-        for i in 0..20 {
-            let path = if i % 2 == 0 {
-                "/miradore/api/v2/Device".to_owned()
-            } else {
-                format!("/m3ter/organizations/{ORG}/meters")
-            };
-            let resp = tokio::time::timeout(
-                Duration::from_secs(5),
-                env.get("acme", &path, traceparent(APP_TRACE_A, APP_PARENT_A)),
-            )
-            .await
-            .expect("served without waiting on the collector");
-            assert_eq!(resp.status(), 200);
-        }
-        let started = Instant::now();
-        env.running.shutdown().await;
-        let bound = sidekey::telemetry::SHUTDOWN_TIMEOUT + Duration::from_secs(3);
-        assert!(
-            started.elapsed() < bound,
-            "shutdown took {:?}",
-            started.elapsed()
-        );
-    };
-    tokio::join!(run(refused_endpoint), run(silent_endpoint));
+    tokio::join!(
+        serve_through(refused_endpoint, None),
+        serve_through(silent_endpoint, Some(&silent))
+    );
     drop(silent);
+}
+
+/// Serves requests through a sidekey exporting to `endpoint`, then shuts it down; with
+/// `silent`, checks the collector was dialled during the requests.
+async fn serve_through(endpoint: String, silent: Option<&TcpListener>) {
+    let env = Env::start(endpoint).await;
+    // Two spans each (request and vendor call): past one export batch.
+    let requests = sidekey::telemetry::MAX_EXPORT_BATCH_SIZE / 2 + 40;
+    for _ in 0..requests {
+        // Far below the collector's connect (5 s) and export (10 s) deadlines.
+        let resp = tokio::time::timeout(
+            Duration::from_secs(2),
+            env.get(
+                "acme",
+                "/miradore/api/v2/Device",
+                traceparent(APP_TRACE_A, APP_PARENT_A),
+            ),
+        )
+        .await
+        .expect("served without waiting on the collector");
+        assert_eq!(resp.status(), 200);
+    }
+    if let Some(silent) = silent {
+        // The full batch's export has dialled the silent collector: the requests above
+        // were served while it hung.
+        tokio::time::timeout(Duration::from_secs(2), silent.accept())
+            .await
+            .expect("an export started during the requests")
+            .unwrap();
+    }
+    let started = Instant::now();
+    env.running.shutdown().await;
+    let bound = sidekey::telemetry::SHUTDOWN_TIMEOUT + Duration::from_secs(3);
+    assert!(
+        started.elapsed() < bound,
+        "shutdown took {:?}",
+        started.elapsed()
+    );
 }
