@@ -119,7 +119,7 @@ impl Tracing {
             .with_retry_policy(RetryPolicy::disabled())
             .build()
             .map_err(|e| config_error(&e))?;
-        // Every setting given here, so OTEL_BSP_* variables change nothing.
+        // The settings this processor uses are all given here: OTEL_BSP_* change nothing.
         let batch = BatchConfigBuilder::default()
             .with_max_queue_size(MAX_QUEUE_SIZE)
             .with_max_export_batch_size(MAX_EXPORT_BATCH_SIZE)
@@ -140,7 +140,7 @@ impl Tracing {
         Ok(Self { provider, tracer })
     }
 
-    /// Exports what is queued and stops the export task, within [`SHUTDOWN_TIMEOUT`].
+    /// Exports what is queued and stops the export thread, within [`SHUTDOWN_TIMEOUT`].
     pub async fn shutdown(&self) {
         let provider = self.provider.clone();
         // The SDK blocks the calling thread until its export thread answers, and that
@@ -149,7 +149,8 @@ impl Tracing {
         match tokio::time::timeout(SHUTDOWN_TIMEOUT, flush).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "flushing traces failed"),
-            Ok(Err(_)) | Err(_) => tracing::warn!("flushing traces did not finish in time"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "flushing traces failed"),
+            Err(_) => tracing::warn!("flushing traces did not finish in time"),
         }
     }
 
