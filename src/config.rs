@@ -154,7 +154,9 @@ pub struct ServeArgs {
     /// Export traces over OTLP/gRPC to this collector: http://HOST:PORT or
     /// https://HOST:PORT (https verified against the public web roots). Without it (and
     /// without OTEL_EXPORTER_OTLP_ENDPOINT, read when this is unset) tracing is off.
-    #[arg(long, env = "SIDEKEY_OTLP_ENDPOINT", value_parser = crate::telemetry::parse_endpoint)]
+    // Checked at start (`telemetry::parse_endpoint`), not by clap, whose error would quote
+    // the value: a URL with userinfo may hold a password.
+    #[arg(long, env = "SIDEKEY_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
 
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.

@@ -208,7 +208,10 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     let _retain = broker.spawn_retain(catalog.snapshot());
     let tracing = match &config.otlp_endpoint {
         Some(endpoint) => {
-            let tracing = crate::telemetry::Tracing::start(endpoint).map_err(StartError::Config)?;
+            let endpoint = crate::telemetry::parse_endpoint(endpoint)
+                .map_err(|e| StartError::Config(format!("--otlp-endpoint: {e}")))?;
+            let tracing =
+                crate::telemetry::Tracing::start(&endpoint).map_err(StartError::Config)?;
             tracing::info!(%endpoint, "exporting traces over OTLP");
             Some(tracing)
         }

@@ -1203,6 +1203,17 @@ fn otlp_endpoints_outside_the_grammar_stop_start_up() {
     .expect("must not start");
     assert!(failed.contains("--otlp-endpoint"), "{failed}");
     assert!(failed.contains("scheme must be http or https"), "{failed}");
+    let failed = serve_with_env(
+        dir.path(),
+        KEY,
+        &[],
+        "info",
+        &[("SIDEKEY_OTLP_ENDPOINT", "http://u:secret-pw@collector:4317")],
+    )
+    .err()
+    .expect("must not start");
+    assert!(failed.contains("--otlp-endpoint"), "{failed}");
+    assert!(!failed.contains("secret-pw"), "{failed}");
 
     let failed = serve_with_env(
         dir.path(),
