@@ -151,6 +151,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDEKEY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Export traces over OTLP/gRPC to this collector: http://HOST:PORT or
+    /// https://HOST:PORT (https verified against the public web roots). Without it (and
+    /// without OTEL_EXPORTER_OTLP_ENDPOINT, read when this is unset) tracing is off.
+    // Checked at start (`telemetry::parse_endpoint`), not by clap, whose error would quote
+    // the value: a URL with userinfo may hold a password.
+    #[arg(long, env = "SIDEKEY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "SIDEKEY_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -241,6 +249,8 @@ pub struct ServeConfig {
     /// The interception CA's certificate and key files, when interception is on.
     pub intercept_ca: Option<InterceptCaFiles>,
     pub log_format: LogFormat,
+    /// The OTLP/gRPC collector traces go to; `None`: tracing off.
+    pub otlp_endpoint: Option<String>,
     pub shutdown_grace: Duration,
 }
 
@@ -297,6 +307,7 @@ impl ServeArgs {
                 _ => None,
             },
             log_format: self.log_format,
+            otlp_endpoint: self.otlp_endpoint,
             shutdown_grace: self.shutdown_grace,
         }
     }
@@ -325,6 +336,7 @@ impl ServeConfig {
             body_memory_budget: crate::proxy::DEFAULT_BODY_MEMORY_BUDGET,
             intercept_ca: None,
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
             shutdown_grace: Duration::from_secs(20),
         }
     }

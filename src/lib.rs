@@ -27,6 +27,7 @@ pub mod secret;
 pub mod server;
 pub mod store;
 pub mod syntax;
+pub mod telemetry;
 pub mod tenants;
 pub mod tenants_file;
 #[cfg(test)]

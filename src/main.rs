@@ -124,10 +124,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (client, command) = match cli.command {
         Command::Serve(args) => {
-            let config = args.into_config(
+            let mut config = args.into_config(
                 std::env::var("SIDEKEY_MASTER_KEY").ok(),
                 std::env::var(sidekey::config::ETCD_PASSWORD_ENV).ok(),
             );
+            // The standard OpenTelemetry variable, when --otlp-endpoint is not given.
+            if config.otlp_endpoint.is_none()
+                && let Ok(value) = std::env::var(sidekey::telemetry::OTEL_ENDPOINT_ENV)
+                && !value.is_empty()
+            {
+                match sidekey::telemetry::parse_endpoint(&value) {
+                    Ok(endpoint) => config.otlp_endpoint = Some(endpoint),
+                    Err(e) => {
+                        eprintln!("sidekey: {}: {e}", sidekey::telemetry::OTEL_ENDPOINT_ENV);
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             let _flush_logs = match init_logging(config.log_format) {
                 Ok(guard) => guard,
                 Err(e) => {

@@ -65,6 +65,8 @@ pub struct Running {
     stop_admin: watch::Sender<bool>,
     admin: tokio::task::JoinHandle<()>,
     grace: Duration,
+    /// Flushed once the proxy has drained, so the last requests' spans are exported.
+    tracing: Option<crate::telemetry::Tracing>,
 }
 
 async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, StartError> {
@@ -204,6 +206,17 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         BrokerConfig::default(),
     ));
     let _retain = broker.spawn_retain(catalog.snapshot());
+    let tracing = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            let endpoint = crate::telemetry::parse_endpoint(endpoint)
+                .map_err(|e| StartError::Config(format!("--otlp-endpoint: {e}")))?;
+            let tracing =
+                crate::telemetry::Tracing::start(&endpoint).map_err(StartError::Config)?;
+            tracing::info!(%endpoint, "exporting traces over OTLP");
+            Some(tracing)
+        }
+        None => None,
+    };
     let proxy = Proxy::new(
         catalog.snapshot(),
         client.clone(),
@@ -212,6 +225,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
             tenant_metrics: config.metrics_tenant_label,
             body_memory_budget: config.body_memory_budget,
             intercept,
+            tracing: tracing.clone(),
             ..ProxyConfig::default()
         },
     );
@@ -286,6 +300,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         stop_admin,
         admin,
         grace: config.shutdown_grace,
+        tracing,
     })
 }
 
@@ -350,6 +365,9 @@ impl Running {
         if !finished {
             tracing::warn!(grace = ?self.grace, "in-flight work did not finish within the shutdown grace; aborting it");
             self.tasks.abort_all();
+        }
+        if let Some(tracing) = &self.tracing {
+            tracing.shutdown().await;
         }
         self.stop_admin.send_replace(true);
         let _ = self.admin.await;

@@ -1355,3 +1355,56 @@ fn metrics_after_a_restart_show_the_start_up_state() {
         "{text}"
     );
 }
+
+#[test]
+fn otlp_endpoints_outside_the_grammar_stop_start_up() {
+    // The flag (and so SIDEKEY_OTLP_ENDPOINT) and the standard variable share one grammar.
+    let dir = tempfile::tempdir().unwrap();
+    let failed = serve_with(
+        dir.path(),
+        KEY,
+        &["--otlp-endpoint", "grpc://collector:4317"],
+        "info",
+    )
+    .err()
+    .expect("must not start");
+    assert!(failed.contains("--otlp-endpoint"), "{failed}");
+    assert!(failed.contains("scheme must be http or https"), "{failed}");
+    let failed = serve_with_env(
+        dir.path(),
+        KEY,
+        &[],
+        "info",
+        &[("SIDEKEY_OTLP_ENDPOINT", "http://u:secret-pw@collector:4317")],
+    )
+    .err()
+    .expect("must not start");
+    assert!(failed.contains("--otlp-endpoint"), "{failed}");
+    assert!(!failed.contains("secret-pw"), "{failed}");
+
+    let failed = serve_with_env(
+        dir.path(),
+        KEY,
+        &[],
+        "info",
+        &[(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://u:secret-pw@collector:4317",
+        )],
+    )
+    .err()
+    .expect("must not start");
+    assert!(failed.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{failed}");
+    assert!(!failed.contains("secret-pw"), "{failed}");
+
+    // A valid one starts sidekey, collector or not; the flag wins over the variable.
+    let server = serve_with_env(
+        dir.path(),
+        KEY,
+        &["--otlp-endpoint", "http://127.0.0.1:9"],
+        "info",
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "not a url")],
+    )
+    .unwrap();
+    drop(server);
+}

@@ -743,3 +743,44 @@ async fn a_tunnel_without_a_tls_handshake_is_closed_at_the_deadline() {
     assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
     wait_for_slots(&p.slots, 1).await;
 }
+
+/// The `CONNECT` answer (200 and refusals) and every answer inside the tunnel (forwarded or
+/// refused) carry their own `x-sidekey-request-id`.
+#[tokio::test]
+async fn tunnel_answers_carry_request_ids() {
+    let ca = TestCa::new("vendor CA");
+    let mock = MockVendor::builder(&ca).start().await;
+    let local = LocalCa::new();
+    let p = start(&ca, &mock, &local, |_| {}).await;
+    let id_in = |head: &str| {
+        head.lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("x-sidekey-request-id: ")
+                    .map(|v| v.trim().to_owned())
+            })
+            .unwrap_or_else(|| panic!("no request id in {head}"))
+    };
+    let (_s, status, opened) = raw_connect(p.addr, "api.mailkit.eu:443", Some("acme")).await;
+    assert_eq!(status, 200, "{opened}");
+    let (_s, status, refused) = raw_connect(p.addr, "evil.example:443", Some("acme")).await;
+    assert_eq!(status, 403, "{refused}");
+    let mut ids = vec![id_in(&opened), id_in(&refused)];
+    let c = https_client(&p, &local, "acme", b"h2");
+    for (url, status) in [
+        ("https://online.miradore.com/api/v2/Device", 200),
+        ("https://online.miradore.com/Other/API/Device", 403),
+    ] {
+        let r = c.get(url).send().await.unwrap();
+        assert_eq!(r.status(), status);
+        ids.push(
+            r.headers()["x-sidekey-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "{ids:?}");
+    assert!(ids.iter().all(|id| id.len() == 32), "{ids:?}");
+}

@@ -37,6 +37,7 @@ async fn assert_refusal(resp: reqwest::Response, status: u16, code: &str) -> Str
     assert_eq!(resp.status().as_u16(), status, "status for {code}");
     assert_eq!(resp.headers()["x-sidekey-error"], code);
     assert_eq!(resp.headers()["content-type"], "application/json");
+    request_id_of(resp.headers());
     let body: serde_json::Value =
         serde_json::from_slice(&resp.bytes().await.unwrap()).expect("JSON error body");
     assert_eq!(body["error"]["code"], code);
@@ -48,6 +49,23 @@ async fn assert_refusal(resp: reqwest::Response, status: u16, code: &str) -> Str
         assert!(!message.contains(secret), "secret in message {message:?}");
     }
     message
+}
+
+/// The response's `x-sidekey-request-id`, which must be 32 lowercase hex digits.
+fn request_id_of(headers: &reqwest::header::HeaderMap) -> String {
+    let id = headers
+        .get("x-sidekey-request-id")
+        .expect("x-sidekey-request-id on every answer")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(id.len(), 32, "{id}");
+    assert!(
+        id.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "{id}"
+    );
+    id
 }
 
 /// The vendor received exactly `want`, with a Content-Length that fits it and no chunking.
@@ -618,6 +636,7 @@ async fn connect_is_refused() {
     assert!(out.starts_with("HTTP/1.1 405"), "{out}");
     let lc = out.to_ascii_lowercase();
     assert!(lc.contains("x-sidekey-error: connect_unsupported"), "{out}");
+    assert!(lc.contains("x-sidekey-request-id: "), "{out}");
     assert!(lc.contains("content-type: application/json"), "{out}");
     assert!(out.contains("\"code\":\"connect_unsupported\""), "{out}");
     assert_eq!(mock.connections(), 0);
@@ -1862,5 +1881,162 @@ async fn a_saturated_vendor_connection_gets_a_second_one() {
     }
     for task in held {
         assert_eq!(task.await.unwrap(), 200);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Request ids and trace context in the log line
+
+/// A log line's `name` field has `value` (the text format quotes strings, not ids).
+fn has_field(line: &str, name: &str, value: &str) -> bool {
+    line.contains(&format!("{name}={value} "))
+        || line.contains(&format!("{name}={value:?}"))
+        || line.ends_with(&format!("{name}={value}"))
+}
+
+/// Runs `f` with sidekey's INFO log captured on this thread; returns the log's lines.
+async fn logged<F: std::future::Future<Output = ()>>(f: F) -> Vec<String> {
+    let buf = LogBuffer::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("sidekey=info"))
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    {
+        let _guard = tracing::subscriber::set_default(subscriber);
+        f.await;
+    }
+    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    log.lines()
+        .filter(|l| l.contains("proxied request"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every kind of answer (forwarded 2xx and 4xx, local, each refusal family) carries its own
+/// `x-sidekey-request-id`, the `request_id` of its log line; ids share this process's prefix.
+#[tokio::test]
+async fn every_answer_carries_the_request_id_of_its_log_line() {
+    let (_ca, _mock, proxy) = setup(|m| {
+        m.respond(|r| {
+            if r.path_and_query().contains("missing") {
+                MockResponse::status(404)
+            } else {
+                MockResponse::ok("{}")
+            }
+        })
+    })
+    .await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let unreachable = TestProxy::builder()
+        .tenant(acme())
+        .route_to_port(port)
+        .start()
+        .await;
+    let mut ids = Vec::new();
+    let lines = logged(async {
+        let c = proxy.client();
+        let cases: Vec<(reqwest::RequestBuilder, u16)> = vec![
+            (
+                proxy.request(reqwest::Method::GET, "/miradore/api/v2/Device", "acme"),
+                200,
+            ),
+            (
+                proxy.request(reqwest::Method::GET, "/miradore/api/v2/missing", "acme"),
+                404,
+            ),
+            (
+                proxy.request(reqwest::Method::POST, "/m3ter/oauth/token", "acme"),
+                200,
+            ),
+            (proxy.request(reqwest::Method::GET, "/nope", "acme"), 404),
+            (c.get(proxy.url("/miradore/api/v2/Device")), 407),
+            (
+                proxy.request(reqwest::Method::GET, "/miradore/api/v2/Device", "ghost"),
+                403,
+            ),
+            (
+                proxy.request(reqwest::Method::GET, "/mailkit/json.fcgi", "bare"),
+                403,
+            ),
+            (
+                unreachable.request(reqwest::Method::GET, "/miradore/api/v2/Device", "acme"),
+                502,
+            ),
+        ];
+        for (req, status) in cases {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status().as_u16(), status);
+            ids.push(request_id_of(resp.headers()));
+        }
+    })
+    .await;
+    assert_eq!(lines.len(), ids.len(), "{lines:#?}");
+    for (id, line) in ids.iter().zip(&lines) {
+        assert!(has_field(line, "request_id", id), "{id} not in {line}");
+    }
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "{ids:?}");
+    // One proxy, one prefix: the two proxies above have one each.
+    let prefixes: std::collections::HashSet<_> = ids.iter().map(|id| &id[..16]).collect();
+    assert_eq!(prefixes.len(), 2, "{ids:?}");
+}
+
+/// The app's `x-request-id` and `traceparent` reach the vendor unchanged (tracing is off) and
+/// their values are logged; an invalid traceparent or an unprintable id is not logged as is.
+#[tokio::test]
+async fn app_request_ids_and_trace_ids_are_forwarded_and_logged() {
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const BAD_TRACEPARENT: &str = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01";
+    let (_ca, mock, proxy) = setup(|m| m).await;
+    let send = |request_id: &'static [u8], traceparent: &'static str| {
+        proxy
+            .request(reqwest::Method::GET, "/miradore/api/v2/Device", "acme")
+            .header(
+                "x-request-id",
+                reqwest::header::HeaderValue::from_bytes(request_id).unwrap(),
+            )
+            .header("traceparent", traceparent)
+            .header("tracestate", "congo=t61rcWkgMzE")
+            .send()
+    };
+    let lines = logged(async {
+        assert_eq!(send(b"app-req-7", TRACEPARENT).await.unwrap().status(), 200);
+        assert_eq!(
+            send(b"two words", BAD_TRACEPARENT).await.unwrap().status(),
+            200
+        );
+    })
+    .await;
+    let recorded = mock.requests();
+    assert_eq!(recorded[0].header("x-request-id"), Some("app-req-7"));
+    assert_eq!(recorded[0].header("traceparent"), Some(TRACEPARENT));
+    assert_eq!(recorded[0].header("tracestate"), Some("congo=t61rcWkgMzE"));
+    assert_eq!(recorded[1].header("traceparent"), Some(BAD_TRACEPARENT));
+    assert_eq!(recorded[1].header("x-request-id"), Some("two words"));
+
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(
+        has_field(&lines[0], "app_request_id", "app-req-7"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        has_field(&lines[0], "trace_id", "4bf92f3577b34da6a3ce929d0e0e4736"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        has_field(&lines[1], "app_request_id", "invalid"),
+        "{}",
+        lines[1]
+    );
+    assert!(has_field(&lines[1], "trace_id", ""), "{}", lines[1]);
+    assert!(!lines[1].contains("4BF92F"), "{}", lines[1]);
+    for line in &lines {
+        assert!(!line.contains(MIRADORE_KEY), "{line}");
     }
 }

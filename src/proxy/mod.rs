@@ -22,11 +22,11 @@ pub(crate) mod connection;
 pub mod error;
 mod headers;
 pub mod listener;
+pub mod request_id;
 pub(crate) mod route;
 pub(crate) mod tunnel;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -39,12 +39,16 @@ use hyper::body::Incoming;
 pub use crate::budget::BodyBudget;
 pub use error::ProxyError;
 pub use listener::{ConnectionSlots, serve};
+pub use request_id::REQUEST_ID_HEADER;
 
 use crate::intercept::Leaves;
+use crate::telemetry::traceparent::TraceParent;
+use crate::telemetry::{self, RequestOutcome, RequestTrace, Tracing};
 use crate::tenants::SnapshotReader;
 use crate::upstream;
 use crate::vendors::m3ter::TokenSource;
 use crate::vendors::{BodyRule, Registry, RuleInput, SendContext, Via};
+use request_id::RequestIds;
 use route::Endpoint;
 use tunnel::TunnelOrigin;
 
@@ -109,6 +113,9 @@ pub struct ProxyConfig {
     /// (docs/interception.md). Default: none, and `CONNECT` is refused with 405
     /// `connect_unsupported`.
     pub intercept: Option<Arc<Leaves>>,
+    /// Traces over OTLP (`--otlp-endpoint`, [`crate::telemetry`]): a span per request,
+    /// exported to a collector. Default: none, and no request pays for tracing.
+    pub tracing: Option<Tracing>,
 }
 
 /// Default of [`ProxyConfig::body_memory_budget`]: 64 MiB, four Mailkit bodies at the
@@ -135,6 +142,7 @@ impl Default for ProxyConfig {
             body_memory_budget: DEFAULT_BODY_MEMORY_BUDGET,
             tenant_metrics: false,
             intercept: None,
+            tracing: None,
         }
     }
 }
@@ -152,7 +160,7 @@ struct Inner {
     config: ProxyConfig,
     slots: ConnectionSlots,
     budget: BodyBudget,
-    next_id: AtomicU64,
+    ids: RequestIds,
     /// Tenants with their own label, when per-tenant metrics are on.
     tenant_labels: Option<Mutex<HashSet<Arc<str>>>>,
     metrics: HotMetrics,
@@ -262,6 +270,14 @@ impl HotMetrics {
     }
 }
 
+/// The log line's fields taken from the request, copied only when the line will be written.
+struct LoggedRequest {
+    method: Method,
+    path: Box<str>,
+    app_request_id: Option<Box<str>>,
+    app_trace: Option<TraceParent>,
+}
+
 /// What one request's log line and metrics say, filled in as the request is understood.
 struct RequestLog {
     tenant: Option<Arc<str>>,
@@ -297,7 +313,7 @@ impl Proxy {
                 slots: ConnectionSlots::new(config.max_connections),
                 budget: BodyBudget::new(config.body_memory_budget),
                 config,
-                next_id: AtomicU64::new(1),
+                ids: RequestIds::new(),
             }),
         }
     }
@@ -314,10 +330,16 @@ impl Proxy {
     /// Serves one request: never fails, refusals become sidekey's error responses.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         let start = Instant::now();
-        let request_id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let request_id = self.inner.ids.next();
         // The log line's request fields, copied only when the line will be written.
-        let logged = tracing::enabled!(tracing::Level::INFO)
-            .then(|| (req.method().clone(), Box::<str>::from(req.uri().path())));
+        let logged = tracing::enabled!(tracing::Level::INFO).then(|| LoggedRequest {
+            method: req.method().clone(),
+            path: req.uri().path().into(),
+            app_request_id: request_id::loggable_app_request_id(req.headers()),
+            app_trace: TraceParent::from_headers(req.headers()),
+        });
+        let trace = (self.inner.config.tracing.as_ref())
+            .map(|t| t.start_request(req.method(), req.headers()));
         let mut log = RequestLog {
             tenant: None,
             vendor: None,
@@ -327,11 +349,14 @@ impl Proxy {
         let deadline = tokio::time::Instant::from_std(start) + self.inner.config.request_timeout;
         // Boxed: the routing future holds the whole upstream exchange, a large state machine
         // that would otherwise be moved with this one.
-        let (resp, code) = match Box::pin(self.route(req, deadline, &mut log)).await {
+        let route = Box::pin(self.route(req, deadline, &mut log, trace.as_ref()));
+        let (mut resp, code) = match route.await {
             Ok(resp) => (resp, None),
             Err(e) => (e.to_response().map(Either::Right), Some(e.code())),
         };
         let elapsed = start.elapsed();
+        resp.headers_mut()
+            .insert(REQUEST_ID_HEADER, request_id.header_value());
         let status = resp.status();
         self.inner
             .metrics
@@ -353,19 +378,37 @@ impl Proxy {
                 "tenant" => label, "vendor" => self.inner.metrics.label(log.vendor))
             .increment(1);
         }
-        if let Some((method, path)) = logged {
+        if let Some(logged) = logged {
+            // Sidekey's trace when tracing (the app's trace id when it sent a valid
+            // traceparent), else the app's.
+            let trace_id = match (&trace, logged.app_trace) {
+                (Some(trace), _) => Some(trace.trace_id_text()),
+                (None, Some(app)) => Some(app.trace_id_text()),
+                (None, None) => None,
+            };
             // Path without query: Miradore v1 keys travel in the query.
             tracing::info!(
-                request_id,
+                request_id = %request_id,
                 tenant = log.tenant.as_deref().unwrap_or("-"),
                 vendor = self.inner.metrics.label(log.vendor),
-                method = %method,
-                path = %path,
+                method = %logged.method,
+                path = %logged.path,
                 status = status.as_u16(),
                 latency_ms = elapsed.as_secs_f64() * 1000.0,
                 error = code.unwrap_or(""),
+                app_request_id = logged.app_request_id.as_deref().unwrap_or(""),
+                trace_id = trace_id.as_ref().map_or("", |t| t.as_str()),
                 "proxied request"
             );
+        }
+        if let Some(trace) = trace {
+            trace.finish(RequestOutcome {
+                vendor: self.inner.metrics.label(log.vendor),
+                tenant: log.tenant.as_deref(),
+                status: status.as_u16(),
+                error: code,
+                request_id: request_id.as_str(),
+            });
         }
         resp
     }
@@ -391,6 +434,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         deadline: tokio::time::Instant,
         log: &mut RequestLog,
+        trace: Option<&RequestTrace>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let vendors = &self.inner.vendors;
         // Set only on requests inside a tunnel (the map is empty otherwise, so this is cheap).
@@ -451,7 +495,7 @@ impl Proxy {
             BodyRule::Stream => {
                 vendor.inject(&mut parts, &tenant)?;
                 let req = Request::from_parts(parts, Either::Left(body));
-                let resp = self.inner.client.send_by(req, Some(deadline)).await;
+                let resp = telemetry::send(&self.inner.client, trace, label, req, deadline).await;
                 Ok(to_app(resp.map_err(upstream_failed)?))
             }
             BodyRule::Rewrite => {
@@ -476,8 +520,9 @@ impl Proxy {
                     .headers
                     .insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
                 let req = Request::from_parts(parts, upstream::full_body(rewritten));
-                let resp = self.inner.client.send_by(req, Some(deadline));
-                let resp = resp.await.map_err(upstream_failed)?;
+                let resp = telemetry::send(&self.inner.client, trace, label, req, deadline)
+                    .await
+                    .map_err(upstream_failed)?;
                 // The body has been sent by the time the vendor answers.
                 drop(held);
                 Ok(to_app(resp))
@@ -490,6 +535,7 @@ impl Proxy {
                     replay_limit: self.inner.config.replay_body_limit,
                     budget: &self.inner.budget,
                     deadline,
+                    trace,
                 };
                 Ok(to_app(vendor.send(cx, parts, body).await?))
             }

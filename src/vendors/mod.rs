@@ -85,6 +85,9 @@ pub struct SendContext<'a> {
     /// The proxied request's deadline: every wait of the send (token, body, vendor) ends by
     /// it, with `UpstreamError::Timeout` (504 `upstream_timeout`).
     pub deadline: tokio::time::Instant,
+    /// The request's trace, when tracing is on: vendor calls and token waits become its
+    /// child spans.
+    pub trace: Option<&'a crate::telemetry::RequestTrace>,
 }
 
 /// The verdict of `TestTenant`: one harmless authenticated call to the vendor.

@@ -165,6 +165,7 @@ impl Vendor for M3ter {
                 replay_limit: cx.replay_limit,
                 budget: cx.budget,
                 deadline: cx.deadline,
+                trace: cx.trace,
             };
             rule::send(ctx, parts, body).await
         })

@@ -100,6 +100,7 @@ pub(crate) struct Ctx<'a> {
     pub budget: &'a crate::budget::BodyBudget,
     /// Every wait here (token, body, m3ter) ends by the proxied request's deadline.
     pub deadline: tokio::time::Instant,
+    pub trace: Option<&'a crate::telemetry::RequestTrace>,
 }
 
 /// Sends `parts` + `body` (URI and headers already prepared) with a bearer token, replaying
@@ -177,9 +178,13 @@ fn refused(status: StatusCode) -> bool {
 }
 
 async fn fetch_token(ctx: &Ctx<'_>) -> Result<BearerToken, RuleError> {
+    let token = ctx.tokens.token(ctx.creds);
     // A cached token is ready at once: the deadline's timer is only armed for a wait.
-    tokio::time::timeout_at(ctx.deadline, ctx.tokens.token(ctx.creds))
-        .await
+    let token = match ctx.trace {
+        None => tokio::time::timeout_at(ctx.deadline, token).await,
+        Some(trace) => tokio::time::timeout_at(ctx.deadline, trace.token_exchange(token)).await,
+    };
+    token
         .map_err(|_| timed_out(ctx))?
         .map_err(|e| RuleError::TokenExchange(e.message))
 }
@@ -210,8 +215,7 @@ async fn forward(
     ctx: &Ctx<'_>,
     req: Request<upstream::Body>,
 ) -> Result<Response<upstream::VendorBody>, RuleError> {
-    ctx.client
-        .send_by(req, Some(ctx.deadline))
+    crate::telemetry::send(ctx.client, ctx.trace, "m3ter", req, ctx.deadline)
         .await
         .map_err(|source| RuleError::Upstream {
             vendor: super::VENDOR,
