@@ -601,7 +601,7 @@ def profile(a, cases, parties):
                     parts = line.strip().split(",")
                     if len(parts) > 2 and parts[0].replace(".", "").isdigit():
                         f.write(f"{parts[2]:<32} {float(parts[0]) / r2['requests']:8.2f}\n")
-                        if parts[2].startswith("probe_libc:"):
+                        if parts[2].startswith("probe_"):
                             allocs += float(parts[0])
             if allocs:
                 f.write(f"{'heap allocations (all three)':<32} {allocs / r2['requests']:8.2f}\n")
@@ -621,11 +621,12 @@ def profile(a, cases, parties):
                 + opts,
                 stdout=f, stderr=subprocess.DEVNULL, timeout=900,
             )
-    if any(e.startswith("probe_libc:") for e in events):
-        # Third run: where the allocations come from (call graphs of the malloc probe).
+    if any(e.startswith("probe_") for e in events):
+        # Third run: where the allocations come from (call graphs of the first probe).
         adata = os.path.join(out_dir, f"perf-{c['key']}-alloc.data")
         ar = subprocess.Popen(
-            ["taskset", "-c", str(a.load_cpu), "perf", "record", "-e", "probe_libc:malloc",
+            ["taskset", "-c", str(a.load_cpu), "perf", "record", "-e",
+             next(e for e in events if e.startswith("probe_")),
              "--call-graph", "dwarf,16384", "-o", adata, "-p", pids, "--", "sleep", "2"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -633,7 +634,7 @@ def profile(a, cases, parties):
         run_load(a, c, 2)
         ar.wait(timeout=120)
         with open(out, "a") as f:
-            f.write("==== heap allocations by caller (malloc calls, with call chains) ====\n")
+            f.write("==== heap allocations by caller (allocator calls, with call chains) ====\n")
             f.flush()
             subprocess.run(
                 ["perf", "report", "-i", adata, "--stdio", "--no-children", "-G",
@@ -646,34 +647,44 @@ def profile(a, cases, parties):
     return 0
 
 
-ALLOCATORS = ("malloc", "calloc", "realloc")
+# The allocation entry points counted: libc's (nginx, and sidekey built without mimalloc),
+# or mimalloc's, linked into the sidekey binary (src/main.rs's global allocator).
+LIBC_ALLOCATORS = ("malloc", "calloc", "realloc")
+MIMALLOC_ALLOCATORS = ("mi_malloc_aligned", "mi_zalloc_aligned", "mi_realloc_aligned")
 
 
 def alloc_probes(pid):
-    """perf events counting calls into libc's allocator (uprobes, added once per machine);
-    none when the kernel or perf cannot place them."""
-    libc = None
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                path = line.split()[-1]
-                if "/libc.so" in path:
-                    libc = path
-                    break
-    except OSError:
+    """perf events counting calls into the process's allocator (uprobes, added once per
+    binary); none when the kernel or perf cannot place them."""
+    exe = os.path.realpath(f"/proc/{pid}/exe")
+    symbols = subprocess.run(["nm", "--defined-only", exe], capture_output=True,
+                             text=True).stdout if shutil.which("nm") else ""
+    if " mi_malloc_aligned\n" in symbols:
+        target, fns, group = exe, MIMALLOC_ALLOCATORS, "probe_" + os.path.basename(exe)
+    else:
+        target = None
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    path = line.split()[-1]
+                    if "/libc.so" in path:
+                        target = path
+                        break
+        except OSError:
+            return []
+        fns, group = LIBC_ALLOCATORS, "probe_libc"
+    if not target:
         return []
-    if not libc:
-        return []
-    listed = subprocess.run(["perf", "probe", "-l"], capture_output=True, text=True).stdout
     events = []
-    for fn in ALLOCATORS:
-        if f"probe_libc:{fn} " not in listed:
-            added = subprocess.run(["perf", "probe", "-q", "-x", libc, "--add", fn],
-                                   capture_output=True, text=True)
-            if added.returncode != 0:
-                log(f"no allocation counts: perf probe {fn}: {added.stderr.strip()[:200]}")
-                return []
-        events.append(f"probe_libc:{fn}")
+    for fn in fns:
+        # Re-added each time: a probe on a rebuilt binary would point at stale offsets.
+        subprocess.run(["perf", "probe", "-q", "-d", f"{group}:{fn}"], capture_output=True)
+        added = subprocess.run(["perf", "probe", "-q", "-x", target, "--add", fn],
+                               capture_output=True, text=True)
+        if added.returncode != 0:
+            log(f"no allocation counts: perf probe {fn}: {added.stderr.strip()[:200]}")
+            return []
+        events.append(f"{group}:{fn}")
     return events
 
 
@@ -950,6 +961,8 @@ def parse_args():
     p.add_argument("--tenants", type=int, default=int(os.environ.get("BENCH_TENANTS", "10000")))
     p.add_argument("--docs", default=os.path.join(REPO, "docs", "benchmarks.md"))
     p.add_argument("--no-docs", action="store_true")
+    p.add_argument("--json-out", metavar="FILE",
+                   help="also write the raw results of the measured cases here (bench/ab.py)")
     p.add_argument("--cases", metavar="KEY,KEY",
                    help="run only these cases (e.g. nginx,sk_miradore) and print their "
                         "medians instead of the report: for A/B runs of one change")
@@ -1117,6 +1130,9 @@ def run(a, procs):
                 if p.poll() is not None:
                     raise BenchError(f"{name} exited during the run:\n{procs.log_tail(name)}")
 
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump({"info": info, "results": results}, f, indent=1)
     if a.cases:
         for c in cases:
             rs = results[c["key"]]
