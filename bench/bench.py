@@ -625,9 +625,11 @@ def profile(a, cases, parties):
         # Third run: where the allocations come from (call graphs of the first probe).
         adata = os.path.join(out_dir, f"perf-{c['key']}-alloc.data")
         ar = subprocess.Popen(
+            # A short window: every call is recorded with its stack (a uprobe is not sampled),
+            # half a second of them is already a few hundred megabytes.
             ["taskset", "-c", str(a.load_cpu), "perf", "record", "-e",
              next(e for e in events if e.startswith("probe_")),
-             "--call-graph", "dwarf,16384", "-o", adata, "-p", pids, "--", "sleep", "2"],
+             "--call-graph", "dwarf,16384", "-o", adata, "-p", pids, "--", "sleep", "0.5"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         time.sleep(0.5)
@@ -641,6 +643,7 @@ def profile(a, cases, parties):
                  "--percent-limit", "1", "--sort", "symbol"],
                 stdout=f, stderr=subprocess.DEVNULL, timeout=900,
             )
+        os.remove(adata)
     log(f"wrote {os.path.relpath(out, REPO)}")
     if flame:
         log(f"wrote {os.path.relpath(flame, REPO)}")
@@ -700,7 +703,9 @@ def flamegraph(data, svg):
     folded = subprocess.run([collapse], stdin=script.stdout, capture_output=True, timeout=900)
     script.wait()
     with open(svg, "wb") as f:
-        subprocess.run([draw, "--title", os.path.basename(svg)[:-4], "--width", "1600"],
+        # Frames under 2 pixels wide are left out: they are unreadable and make the file big.
+        subprocess.run([draw, "--title", os.path.basename(svg)[:-4], "--width", "1600",
+                        "--minwidth", "2"],
                        input=folded.stdout, stdout=f, check=True, timeout=300)
     return svg
 
