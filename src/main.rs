@@ -120,6 +120,20 @@ fn serve_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
+/// The outcome of a local command: its output on stdout, or its error on stderr and exit 1.
+fn report(outcome: Result<String, String>) -> ExitCode {
+    match outcome {
+        Ok(output) => {
+            println!("{output}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("sidekey: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (client, command) = match cli.command {
@@ -176,50 +190,19 @@ fn main() -> ExitCode {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build();
-            return match runtime.map_err(|e| format!("cannot start the runtime: {e}")) {
-                Ok(runtime) => match runtime.block_on(sidekey::cli::health::run(args)) {
-                    Ok(line) => {
-                        println!("{line}");
-                        ExitCode::SUCCESS
-                    }
-                    Err(message) => {
-                        eprintln!("sidekey: {message}");
-                        ExitCode::FAILURE
-                    }
-                },
-                Err(message) => {
-                    eprintln!("sidekey: {message}");
-                    ExitCode::FAILURE
-                }
-            };
+            return report(
+                runtime
+                    .map_err(|e| format!("cannot start the runtime: {e}"))
+                    .and_then(|runtime| runtime.block_on(sidekey::cli::health::run(args))),
+            );
         }
-        Command::Ca { command } => {
-            return match sidekey::cli::ca::run(command) {
-                Ok(lines) => {
-                    println!("{lines}");
-                    ExitCode::SUCCESS
-                }
-                Err(message) => {
-                    eprintln!("sidekey: {message}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
+        Command::Ca { command } => return report(sidekey::cli::ca::run(command)),
         Command::Store { command } => {
             let env = sidekey::cli::store::StoreEnv {
                 master_key: std::env::var("SIDEKEY_MASTER_KEY").ok(),
                 etcd_password: std::env::var(sidekey::config::ETCD_PASSWORD_ENV).ok(),
             };
-            return match sidekey::cli::store::run(command, env) {
-                Ok(line) => {
-                    println!("{line}");
-                    ExitCode::SUCCESS
-                }
-                Err(message) => {
-                    eprintln!("sidekey: {message}");
-                    ExitCode::FAILURE
-                }
-            };
+            return report(sidekey::cli::store::run(command, env));
         }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
