@@ -103,9 +103,9 @@ pub(crate) fn into_forward_form<B>(
     Ok(())
 }
 
-/// Once the app has the `200`: terminates TLS on the tunnel (within the header read timeout)
-/// and serves the requests inside like any app connection, holding the slot of the
-/// connection it rides on.
+/// Once the app has the `200`: terminates TLS on the tunnel (within the header read timeout,
+/// and only until the listener stops) and serves the requests inside like any app connection,
+/// holding the slot of the connection it rides on.
 pub(crate) async fn serve(
     upgrade: OnUpgrade,
     tls: Arc<ServerConfig>,
@@ -122,14 +122,24 @@ pub(crate) async fn serve(
             .await
             .map_err(|e| e.to_string())
     };
-    let stream = match tokio::time::timeout(deadline, handshake).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => {
-            tracing::debug!(%peer, host = %origin.host, %error, "tunnel closed before its TLS handshake completed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, host = %origin.host, "tunnel TLS handshake timed out");
+    // Like a plain connection still in protocol detection, a tunnel that has not finished
+    // its handshake has no request in flight: it is dropped at once when the listener stops,
+    // rather than holding the shutdown until its deadline.
+    let mut stopping = hold.stopping();
+    let stream = tokio::select! {
+        done = tokio::time::timeout(deadline, handshake) => match done {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                tracing::debug!(%peer, host = %origin.host, %error, "tunnel closed before its TLS handshake completed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, host = %origin.host, "tunnel TLS handshake timed out");
+                return;
+            }
+        },
+        _ = stopping.wait_for(|s| *s) => {
+            tracing::debug!(%peer, host = %origin.host, "tunnel closed in its TLS handshake: the listener is stopping");
             return;
         }
     };
