@@ -5,11 +5,15 @@
 //! [`Proxy::handle`](super::Proxy::handle) as a plain one, in forward-proxy form for the
 //! tunnel's host, with the tunnel's tenant.
 //!
-//! Refusals before the tunnel (the first failing one answers): the target is not `host:443`
-//! (other port, no port) → 403 `host_not_allowed`;
-//! no tenant → 407 `tenant_required`; unknown tenant → 403 `unknown_tenant`; then steps 5 to
-//! 7 of the routing order ([`super::route`]) for that host (so an IP literal, which is no
-//! vendor's host, → 403 `host_not_allowed`).
+//! Refusals before the tunnel (the first failing one answers): a `CONNECT` over HTTP/2 → 405
+//! `connect_unsupported`; the target is not `host:443` (other port, no port) → 403
+//! `host_not_allowed`; no tenant → 407 `tenant_required`; unknown tenant → 403
+//! `unknown_tenant`; then steps 5 to 7 of the routing order ([`super::route`]) for that host
+//! (so an IP literal, which is no vendor's host, → 403 `host_not_allowed`); last, a host the
+//! CA's name constraints do not permit → 500 `intercept_failed`.
+//!
+//! A tunnel still in its TLS handshake when the listener stops is dropped at once, like a
+//! plain connection still in protocol detection.
 
 use std::sync::Arc;
 
