@@ -162,6 +162,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
                     "the interception CA has no name constraints: clients trusting it accept \
                      its certificates for any domain");
             }
+            ca.warn_uncovered(&crate::cli::ca::permitted_domains(), &files.cert);
             Some(Arc::new(Leaves::new(ca)))
         }
         None => None,

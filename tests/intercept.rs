@@ -35,9 +35,12 @@ struct LocalCa {
 
 impl LocalCa {
     fn new() -> Self {
+        Self::permitting(&sidekey::cli::ca::permitted_domains())
+    }
+    /// A CA whose name constraints permit `domains` only (an older sidekey's, say).
+    fn permitting(domains: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let domains = sidekey::cli::ca::permitted_domains();
-        let (cert, key) = sidekey::intercept::ca::init(&dir.path().join("ca"), &domains).unwrap();
+        let (cert, key) = sidekey::intercept::ca::init(&dir.path().join("ca"), domains).unwrap();
         Self {
             _dir: dir,
             cert,
@@ -59,7 +62,16 @@ impl LocalCa {
 struct Intercepting {
     addr: SocketAddr,
     slots: ConnectionSlots,
-    _stop: oneshot::Sender<()>,
+    stop: oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<()>,
+}
+
+impl Intercepting {
+    /// Stops the listener; whether `serve` returned (every connection closed) within `bound`.
+    async fn shutdown_within(self, bound: Duration) -> bool {
+        let _ = self.stop.send(());
+        tokio::time::timeout(bound, self.served).await.is_ok()
+    }
 }
 
 async fn start(
@@ -102,13 +114,14 @@ async fn start(
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(sidekey::proxy::serve(listener, proxy, async move {
+    let served = tokio::spawn(sidekey::proxy::serve(listener, proxy, async move {
         let _ = rx.await;
     }));
     Intercepting {
         addr,
         slots,
-        _stop: tx,
+        stop: tx,
+        served,
     }
 }
 
@@ -400,6 +413,61 @@ async fn without_interception_connect_says_how_to_proceed() {
     assert_eq!(mock.connections(), 0);
 }
 
+/// `CONNECT` sent as an HTTP/2 stream (h2c prior knowledge to the proxy port) is refused with
+/// 405 `connect_unsupported` saying HTTP/1.1 is required: no tunnel, nothing dialled.
+#[tokio::test]
+async fn connect_over_http2_is_refused_with_a_clear_error() {
+    use base64::Engine as _;
+    use http_body_util::BodyExt as _;
+    let ca = TestCa::new("vendor CA");
+    let mock = MockVendor::builder(&ca).start().await;
+    let local = LocalCa::new();
+    let p = start(&ca, &mock, &local, |_| {}).await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("acme:x")
+    );
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("api.m3ter.com:443")
+        .header("proxy-authorization", auth)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.version(), Version::HTTP_2);
+    assert_eq!(resp.headers()["x-sidekey-error"], "connect_unsupported");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "connect_unsupported");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("HTTP/2"), "{message}");
+    assert!(message.contains("HTTP/1.1 CONNECT"), "{message}");
+    assert_eq!(mock.connections(), 0);
+    // The connection still serves plain requests.
+    let plain = http::Request::builder()
+        .uri("http://online.miradore.com/api/v2/Device")
+        .header("x-sidekey-tenant", "acme")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(plain))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
 // ---------------------------------------------------------------------------------------
 // Certificates
 
@@ -577,6 +645,103 @@ async fn the_ca_is_name_constrained_to_the_vendor_domains() {
     }
 }
 
+/// A CA whose name constraints omit a vendor domain (one made before that vendor host was
+/// added): `CONNECT` to such a host is refused with 500 `intercept_failed` saying why and
+/// how to fix it, rather than served a leaf the client rejects with an opaque TLS error;
+/// hosts the CA covers still work.
+#[tokio::test]
+async fn connect_to_a_host_outside_the_cas_name_constraints_is_refused() {
+    let ca = TestCa::new("vendor CA");
+    let mock = MockVendor::builder(&ca).start().await;
+    let local = LocalCa::permitting(&["online.miradore.com", "api.mailkit.eu"]);
+    let p = start(&ca, &mock, &local, |_| {}).await;
+    let key_text = std::fs::read_to_string(&local.key).unwrap();
+    for target in ["api.m3ter.com:443", "ingest.m3ter.com:443"] {
+        let (_s, status, out) = raw_connect(p.addr, target, Some("acme")).await;
+        assert_eq!(status, 500, "{out}");
+        let lc = out.to_ascii_lowercase();
+        assert!(lc.contains("x-sidekey-error: intercept_failed"), "{out}");
+        assert!(lc.contains("content-type: application/json"), "{out}");
+        let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "intercept_failed", "{body}");
+        let message = v["error"]["message"].as_str().unwrap();
+        let host = target.trim_end_matches(":443");
+        assert!(message.contains(host), "{message}");
+        assert!(message.contains("name constraints"), "{message}");
+        assert!(message.contains("sidekey ca init"), "{message}");
+        for secret in [MIRADORE_KEY, M3TER_SECRET, MAILKIT_MD5] {
+            assert!(!out.contains(secret), "{out}");
+        }
+        for line in key_text.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!out.contains(line), "CA key material in {out}");
+        }
+    }
+    assert_eq!(mock.connections(), 0, "a refused CONNECT dialled out");
+    let c = https_client(&p, &local, "acme", b"h2");
+    let r = c
+        .get("https://online.miradore.com/api/v2/Device")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// At start-up, a CA whose name constraints omit a vendor domain is named in one warning
+/// per domain, with the fix; covered domains are not.
+#[tokio::test]
+async fn start_up_warns_of_vendor_domains_outside_the_cas_name_constraints() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = LocalCa::permitting(&["online.miradore.com", "api.mailkit.eu"]);
+    let mut config = sidekey::config::ServeConfig::ephemeral(dir.path().join("data"));
+    config.master_key = Some(sidekey::secret::Secret::new(
+        "0000000000000000000000000000000000000000000000000000000000000000",
+    ));
+    config.intercept_ca = Some(sidekey::config::InterceptCaFiles {
+        cert: local.cert.clone(),
+        key: local.key.clone(),
+        allow_unconstrained: false,
+    });
+    let buf = LogBuffer::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("sidekey=warn"))
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let running = {
+        let _guard = tracing::subscriber::set_default(subscriber);
+        sidekey::server::start(config).await.unwrap()
+    };
+    running.shutdown().await;
+    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("name constraints do not permit"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(warnings[0].contains("WARN"), "{log}");
+    assert!(warnings[0].contains("m3ter.com"), "{log}");
+    assert!(warnings[0].contains("sidekey ca init"), "{log}");
+    let key_text = std::fs::read_to_string(&local.key).unwrap();
+    for line in key_text.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!log.contains(line), "CA key material in the log");
+    }
+}
+
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[test]
 fn ca_init_writes_a_private_key_and_never_overwrites() {
     use std::os::unix::fs::PermissionsExt as _;
@@ -624,6 +789,25 @@ fn unconstrained_ca(dir: &Path) -> (PathBuf, PathBuf) {
     (c, k)
 }
 
+/// A CA whose name constraints permit an IP range only: nothing limits its DNS names.
+fn ip_constrained_ca(dir: &Path) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.name_constraints = Some(rcgen::NameConstraints {
+        permitted_subtrees: vec![rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V4(
+            [10, 0, 0, 0],
+            [255, 0, 0, 0],
+        ))],
+        excluded_subtrees: Vec::new(),
+    });
+    let cert = params.self_signed(&key).unwrap();
+    let (c, k) = (dir.join("ip.pem"), dir.join("ip.key"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}
+
 #[test]
 fn bad_ca_files_are_refused_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
@@ -634,6 +818,7 @@ fn bad_ca_files_are_refused_with_a_clear_message() {
     std::fs::write(&garbage, "not a pem").unwrap();
     let missing = dir.path().join("missing.pem");
     let (open_cert, open_key) = unconstrained_ca(dir.path());
+    let (ip_only_cert, ip_only_key) = ip_constrained_ca(dir.path());
     let leaf_only = dir.path().join("leaf.pem");
     {
         let key = rcgen::KeyPair::from_pem(&key_text).unwrap();
@@ -648,6 +833,8 @@ fn bad_ca_files_are_refused_with_a_clear_message() {
         (&a.cert, &b.key, "does not belong to the certificate"),
         (&leaf_only, &a.key, "not a CA certificate"),
         (&open_cert, &open_key, "no X.509 name constraints"),
+        // Constraints on IP addresses only leave every DNS name open.
+        (&ip_only_cert, &ip_only_key, "no X.509 name constraints"),
     ];
     for (cert, key, want) in cases {
         let err: CaError = InterceptCa::load(cert, key, false).unwrap_err();
@@ -742,6 +929,54 @@ async fn a_tunnel_without_a_tls_handshake_is_closed_at_the_deadline() {
     let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await;
     assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
     wait_for_slots(&p.slots, 1).await;
+}
+
+/// A stopping listener drops a tunnel still in its TLS handshake at once, as it drops a plain
+/// connection still in protocol detection, and closes tunnels with no request in flight: the
+/// shutdown does not wait for the handshake deadline (here an hour).
+#[tokio::test]
+async fn shutdown_closes_tunnels_in_their_handshake_and_idle_ones_at_once() {
+    let ca = TestCa::new("vendor CA");
+    let mock = MockVendor::builder(&ca).start().await;
+    let local = LocalCa::new();
+    let p = start(&ca, &mock, &local, |c| {
+        c.header_read_timeout = Duration::from_secs(3600)
+    })
+    .await;
+    // A tunnel whose client never starts its handshake, and one that stops half-way
+    // through its ClientHello.
+    let (silent, status, _) = raw_connect(p.addr, "api.mailkit.eu:443", Some("acme")).await;
+    assert_eq!(status, 200);
+    let (mut partial, status, _) = raw_connect(p.addr, "api.m3ter.com:443", Some("acme")).await;
+    assert_eq!(status, 200);
+    partial
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+        .await
+        .unwrap();
+    // Tunnels whose handshake is done, idle after one request: HTTP/1.1 and h2.
+    let mut idle = Vec::new();
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        let c = https_client(&p, &local, "acme", alpn);
+        let r = c
+            .get("https://online.miradore.com/api/v2/Device")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        idle.push(c);
+    }
+    // Each tunnel holds a slot, plus the one the accept loop holds while it waits.
+    wait_for_slots(&p.slots, 5).await;
+    assert!(
+        p.shutdown_within(Duration::from_secs(10)).await,
+        "shutdown waited for tunnels with nothing in flight"
+    );
+    for mut s in [silent, partial] {
+        let mut b = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    }
 }
 
 /// The `CONNECT` answer (200 and refusals) and every answer inside the tunnel (forwarded or

@@ -47,8 +47,8 @@ pub enum CaError {
     )]
     Mismatch { cert: String, key: String },
     #[error(
-        "--intercept-ca-cert {0} has no X.509 name constraints, so clients trusting it would \
-         accept its certificates for any domain: create a constrained CA with `sidekey ca \
+        "--intercept-ca-cert {0} has no X.509 name constraints limiting it to some DNS names, \
+         so clients trusting it would accept its certificates for any domain: create a constrained CA with `sidekey ca \
          init`, or pass --intercept-ca-allow-unconstrained to accept this one"
     )]
     Unconstrained(String),
@@ -68,14 +68,86 @@ pub enum CaError {
 pub struct InterceptCa {
     issuer: Issuer<'static, KeyPair>,
     cert: CertificateDer<'static>,
-    constrained: bool,
+    names: DnsConstraints,
 }
 
 impl fmt::Debug for InterceptCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InterceptCa")
-            .field("constrained", &self.constrained)
+            .field("names", &self.names)
             .finish_non_exhaustive()
+    }
+}
+
+/// The DNS-name part of a CA's X.509 name constraints (RFC 5280 4.2.1.10, as webpki, Go and
+/// OpenSSL apply them): which host names a client trusting the CA accepts its leaves for.
+/// Constraints on other name types (IP addresses, e-mail, directory names) say nothing
+/// about DNS names.
+#[derive(Debug, Default)]
+struct DnsConstraints {
+    /// Permitted DNS subtrees; `None` when there are none (any name is permitted).
+    permitted: Option<Vec<String>>,
+    /// Excluded DNS subtrees.
+    excluded: Vec<String>,
+}
+
+impl DnsConstraints {
+    fn from_x509(nc: &x509_parser::extensions::NameConstraints<'_>) -> Self {
+        fn dns(subtrees: Option<&Vec<x509_parser::extensions::GeneralSubtree<'_>>>) -> Vec<String> {
+            subtrees
+                .into_iter()
+                .flatten()
+                .filter_map(|s| match s.base {
+                    x509_parser::extensions::GeneralName::DNSName(name) => {
+                        Some(name.to_ascii_lowercase())
+                    }
+                    _ => None,
+                })
+                .collect()
+        }
+        let permitted = dns(nc.permitted_subtrees.as_ref());
+        Self {
+            permitted: (!permitted.is_empty()).then_some(permitted),
+            excluded: dns(nc.excluded_subtrees.as_ref()),
+        }
+    }
+
+    /// Whether a leaf for `host` passes these constraints.
+    fn permits(&self, host: &str) -> bool {
+        let inside = |c: &String| subtree_contains(c, host);
+        self.permitted.as_ref().is_none_or(|p| p.iter().any(inside))
+            && !self.excluded.iter().any(inside)
+    }
+
+    /// Whether a leaf for `domain` and for every name under it passes these constraints.
+    fn permits_all_under(&self, domain: &str) -> bool {
+        self.permitted
+            .as_ref()
+            .is_none_or(|p| p.iter().any(|c| subtree_contains(c, domain)))
+            && !self.excluded.iter().any(|e| {
+                subtree_contains(e, domain) || is_within(e.trim_start_matches('.'), domain)
+            })
+    }
+}
+
+/// Whether the DNS name constraint `subtree` covers `name`: `m3ter.com` covers `m3ter.com`
+/// and every name under it, `.m3ter.com` only the names under it, and an empty one every
+/// name. ASCII case is ignored.
+fn subtree_contains(subtree: &str, name: &str) -> bool {
+    match subtree.strip_prefix('.') {
+        _ if subtree.is_empty() => true,
+        Some(parent) => is_within(name, parent) && name.len() > parent.len(),
+        None => is_within(name, subtree),
+    }
+}
+
+/// Whether `name` is `domain` or a name under it (label-wise, ASCII case ignored).
+fn is_within(name: &str, domain: &str) -> bool {
+    let (name, domain) = (name.as_bytes(), domain.as_bytes());
+    match name.len().checked_sub(domain.len()) {
+        Some(0) => name.eq_ignore_ascii_case(domain),
+        Some(cut) => name[cut - 1] == b'.' && name[cut..].eq_ignore_ascii_case(domain),
+        None => false,
     }
 }
 
@@ -114,7 +186,7 @@ impl InterceptCa {
             problem: "not a PEM PKCS#8 private key of a supported type (ECDSA P-256/P-384, \
                       Ed25519, RSA)",
         })?;
-        let constrained = {
+        let names = {
             let (_, x509) = x509_parser::parse_x509_certificate(&der)
                 .map_err(|_| invalid_cert("not a valid X.509 certificate"))?;
             let is_ca = x509
@@ -134,16 +206,14 @@ impl InterceptCa {
                 });
             }
             match x509.name_constraints() {
-                Ok(Some(nc)) => nc
-                    .value
-                    .permitted_subtrees
-                    .as_ref()
-                    .is_some_and(|p| !p.is_empty()),
-                Ok(None) => false,
+                Ok(Some(nc)) => DnsConstraints::from_x509(nc.value),
+                Ok(None) => DnsConstraints::default(),
                 Err(_) => return Err(invalid_cert("its name constraints cannot be parsed")),
             }
         };
-        if !constrained && !allow_unconstrained {
+        // Constraints that permit no DNS subtree (only IP ranges, say) leave every host name
+        // open: such a CA is as dangerous as one without constraints.
+        if names.permitted.is_none() && !allow_unconstrained {
             return Err(CaError::Unconstrained(cert_name));
         }
         let issuer = Issuer::from_ca_cert_der(&der, key_pair)
@@ -151,13 +221,41 @@ impl InterceptCa {
         Ok(Self {
             issuer,
             cert: der,
-            constrained,
+            names,
         })
     }
 
-    /// Whether the CA carries name constraints.
+    /// Whether the CA's name constraints permit some DNS names only (not every name).
     pub fn is_constrained(&self) -> bool {
-        self.constrained
+        self.names.permitted.is_some()
+    }
+
+    /// Whether clients that honour the CA's name constraints accept a leaf for `host`.
+    pub fn permits(&self, host: &str) -> bool {
+        self.names.permits(host)
+    }
+
+    /// Those of `domains` (vendor DNS suffixes, [`crate::vendors::Registry::dns_suffixes`])
+    /// for which the CA's name constraints do not permit the domain and every name under it:
+    /// a CA made by an older sidekey or by hand, before a vendor host was added.
+    pub fn uncovered<'a>(&self, domains: &[&'a str]) -> Vec<&'a str> {
+        domains
+            .iter()
+            .copied()
+            .filter(|d| !self.names.permits_all_under(d))
+            .collect()
+    }
+
+    /// Logs one warning per vendor domain in `domains` the CA cannot vouch for, naming it and
+    /// the fix; `CONNECT` to those hosts is refused (500 `intercept_failed`).
+    pub fn warn_uncovered(&self, domains: &[&str], cert: &Path) {
+        for domain in self.uncovered(domains) {
+            tracing::warn!(cert = %cert.display(), domain,
+                "the interception CA's name constraints do not permit {domain} (and the names \
+                 under it): CONNECT to those hosts will be refused with intercept_failed, since \
+                 clients would reject the certificate; create a new CA with `sidekey ca init` and \
+                 give apps its certificate");
+        }
     }
 
     /// The CA certificate (DER).
@@ -234,4 +332,80 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
         })?;
     file.write_all(contents).map_err(failed)?;
     file.sync_all().map_err(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dns_subtree_covers_its_name_and_the_names_under_it() {
+        for (subtree, name, covered) in [
+            ("m3ter.com", "m3ter.com", true),
+            ("m3ter.com", "api.m3ter.com", true),
+            ("m3ter.com", "API.M3ter.COM", true),
+            ("M3TER.com", "a.b.m3ter.com", true),
+            ("m3ter.com", "evilm3ter.com", false),
+            ("m3ter.com", "m3ter.com.evil.example", false),
+            ("m3ter.com", "com", false),
+            (".m3ter.com", "m3ter.com", false),
+            (".m3ter.com", "api.m3ter.com", true),
+            ("", "anything.example", true),
+        ] {
+            assert_eq!(
+                subtree_contains(subtree, name),
+                covered,
+                "{subtree:?} {name:?}"
+            );
+        }
+    }
+
+    fn names(permitted: &[&str], excluded: &[&str]) -> DnsConstraints {
+        let own = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        DnsConstraints {
+            permitted: (!permitted.is_empty()).then(|| own(permitted)),
+            excluded: own(excluded),
+        }
+    }
+
+    #[test]
+    fn uncovered_domains_are_those_not_wholly_permitted() {
+        let domains = ["online.miradore.com", "m3ter.com", "api.mailkit.eu"];
+        let uncovered = |n: DnsConstraints| -> Vec<&str> {
+            domains
+                .iter()
+                .copied()
+                .filter(|d| !n.permits_all_under(d))
+                .collect()
+        };
+        // As `sidekey ca init` makes it: all covered.
+        assert!(uncovered(names(&domains, &[])).is_empty());
+        // A parent domain covers its subdomains.
+        assert!(uncovered(names(&["com", "eu"], &[])).is_empty());
+        // A vendor domain left out, or only part of it permitted, or part of it excluded.
+        assert_eq!(
+            uncovered(names(&["online.miradore.com", "api.mailkit.eu"], &[])),
+            ["m3ter.com"]
+        );
+        assert_eq!(
+            uncovered(names(
+                &["online.miradore.com", "api.m3ter.com", "api.mailkit.eu"],
+                &[]
+            )),
+            ["m3ter.com"]
+        );
+        assert_eq!(
+            uncovered(names(&domains, &["ingest.m3ter.com"])),
+            ["m3ter.com"]
+        );
+        assert_eq!(uncovered(names(&domains, &[".eu"])), ["api.mailkit.eu"]);
+        // No DNS constraint at all permits everything.
+        assert!(uncovered(names(&[], &[])).is_empty());
+        // Host by host.
+        let n = names(&domains, &["ingest.m3ter.com"]);
+        assert!(n.permits("api.m3ter.com"));
+        assert!(n.permits("acme.online.miradore.com"));
+        assert!(!n.permits("ingest.m3ter.com"));
+        assert!(!n.permits("evil.example"));
+    }
 }

@@ -112,6 +112,15 @@ impl Leaves {
             host: host.to_owned(),
             reason,
         };
+        if !self.ca.permits(host) {
+            // A leaf the client would reject with an opaque TLS error: refuse it here instead.
+            return Err(failed(
+                "the interception CA's name constraints do not permit this host, so clients \
+                 would reject the certificate; the operator must create a new CA with `sidekey \
+                 ca init` (docs/interception.md)"
+                    .to_owned(),
+            ));
+        }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| failed(e.to_string()))?;
         let mut params =

@@ -35,6 +35,13 @@ pub enum ProxyError {
          docs/interception.md)"
     )]
     ConnectUnsupported,
+    /// A `CONNECT` sent as an HTTP/2 stream: tunnels are opened over HTTP/1.1 only. Same code
+    /// as [`ProxyError::ConnectUnsupported`].
+    #[error(
+        "CONNECT over HTTP/2 is not supported: open the tunnel with an HTTP/1.1 CONNECT (what \
+         proxy clients send by default; do not use HTTP/2 prior knowledge towards the proxy)"
+    )]
+    ConnectOverHttp2,
     #[error(
         "no tenant named: send the x-sidekey-tenant header or proxy credentials \
          (http://<tenant>:x@host:port)"
@@ -91,7 +98,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::UnknownRoute(_) => "unknown_route",
-            ProxyError::ConnectUnsupported => "connect_unsupported",
+            ProxyError::ConnectUnsupported | ProxyError::ConnectOverHttp2 => "connect_unsupported",
             ProxyError::TenantRequired => "tenant_required",
             ProxyError::UnknownTenant(_) => "unknown_tenant",
             ProxyError::VendorNotConfigured { .. } => "vendor_not_configured",
@@ -111,7 +118,9 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UnknownRoute(_) => StatusCode::NOT_FOUND,
-            ProxyError::ConnectUnsupported => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::ConnectUnsupported | ProxyError::ConnectOverHttp2 => {
+                StatusCode::METHOD_NOT_ALLOWED
+            }
             ProxyError::TenantRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::UnknownTenant(_)
             | ProxyError::VendorNotConfigured { .. }
@@ -256,6 +265,7 @@ mod tests {
             (ProxyError::bad_request("x"), 400, "bad_request"),
             (ProxyError::UnknownRoute("x".into()), 404, "unknown_route"),
             (ProxyError::ConnectUnsupported, 405, "connect_unsupported"),
+            (ProxyError::ConnectOverHttp2, 405, "connect_unsupported"),
             (ProxyError::UnknownTenant("t".into()), 403, "unknown_tenant"),
             (
                 ProxyError::HostNotAllowed("h".into()),

@@ -197,6 +197,13 @@ pub(crate) struct ConnectionHold {
     pub(crate) peer: SocketAddr,
 }
 
+impl ConnectionHold {
+    /// The listener's stop signal: `true` once it has stopped accepting.
+    pub(crate) fn stopping(&self) -> watch::Receiver<bool> {
+        self.stopping.clone()
+    }
+}
+
 /// Serves HTTP/1.1 or HTTP/2 (`is_http2`: what the client opened with) on `io` until it
 /// closes, the listener stops (requests in flight finish first) or it is idle for the idle
 /// timeout. The connection's slot is released when the last holder of `hold` is done.

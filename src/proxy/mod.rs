@@ -548,13 +548,18 @@ impl Proxy {
 impl Proxy {
     /// `CONNECT host:443` with interception on: the same tenant and host checks as an
     /// absolute-form request for `host`, then `200` and the tunnel served in the background.
-    /// Nothing is dialled here; requests inside the tunnel dial as plain ones do.
+    /// Nothing is dialled here; requests inside the tunnel dial as plain ones do. A `CONNECT`
+    /// over HTTP/2 is refused first: a tunnel is a whole HTTP/1.1 connection, holding its
+    /// connection slot and its deadlines, which one stream of a shared HTTP/2 connection is not.
     fn open_tunnel(
         &self,
         mut req: Request<Incoming>,
         leaves: &Leaves,
         log: &mut RequestLog,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        if req.version() == http::Version::HTTP_2 {
+            return Err(ProxyError::ConnectOverHttp2);
+        }
         let vendors = &self.inner.vendors;
         let host = tunnel::connect_host(req.uri())?.to_ascii_lowercase();
         let tenant_id = route::tenant_id(req.headers())?.ok_or(ProxyError::TenantRequired)?;

@@ -5,11 +5,15 @@
 //! [`Proxy::handle`](super::Proxy::handle) as a plain one, in forward-proxy form for the
 //! tunnel's host, with the tunnel's tenant.
 //!
-//! Refusals before the tunnel (the first failing one answers): the target is not `host:443`
-//! (other port, no port) → 403 `host_not_allowed`;
-//! no tenant → 407 `tenant_required`; unknown tenant → 403 `unknown_tenant`; then steps 5 to
-//! 7 of the routing order ([`super::route`]) for that host (so an IP literal, which is no
-//! vendor's host, → 403 `host_not_allowed`).
+//! Refusals before the tunnel (the first failing one answers): a `CONNECT` over HTTP/2 → 405
+//! `connect_unsupported`; the target is not `host:443` (other port, no port) → 403
+//! `host_not_allowed`; no tenant → 407 `tenant_required`; unknown tenant → 403
+//! `unknown_tenant`; then steps 5 to 7 of the routing order ([`super::route`]) for that host
+//! (so an IP literal, which is no vendor's host, → 403 `host_not_allowed`); last, a host the
+//! CA's name constraints do not permit → 500 `intercept_failed`.
+//!
+//! A tunnel still in its TLS handshake when the listener stops is dropped at once, like a
+//! plain connection still in protocol detection.
 
 use std::sync::Arc;
 
@@ -103,9 +107,9 @@ pub(crate) fn into_forward_form<B>(
     Ok(())
 }
 
-/// Once the app has the `200`: terminates TLS on the tunnel (within the header read timeout)
-/// and serves the requests inside like any app connection, holding the slot of the
-/// connection it rides on.
+/// Once the app has the `200`: terminates TLS on the tunnel (within the header read timeout,
+/// and only until the listener stops) and serves the requests inside like any app connection,
+/// holding the slot of the connection it rides on.
 pub(crate) async fn serve(
     upgrade: OnUpgrade,
     tls: Arc<ServerConfig>,
@@ -122,14 +126,24 @@ pub(crate) async fn serve(
             .await
             .map_err(|e| e.to_string())
     };
-    let stream = match tokio::time::timeout(deadline, handshake).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => {
-            tracing::debug!(%peer, host = %origin.host, %error, "tunnel closed before its TLS handshake completed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, host = %origin.host, "tunnel TLS handshake timed out");
+    // Like a plain connection still in protocol detection, a tunnel that has not finished
+    // its handshake has no request in flight: it is dropped at once when the listener stops,
+    // rather than holding the shutdown until its deadline.
+    let mut stopping = hold.stopping();
+    let stream = tokio::select! {
+        done = tokio::time::timeout(deadline, handshake) => match done {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                tracing::debug!(%peer, host = %origin.host, %error, "tunnel closed before its TLS handshake completed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, host = %origin.host, "tunnel TLS handshake timed out");
+                return;
+            }
+        },
+        _ = stopping.wait_for(|s| *s) => {
+            tracing::debug!(%peer, host = %origin.host, "tunnel closed in its TLS handshake: the listener is stopping");
             return;
         }
     };
