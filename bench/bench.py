@@ -557,8 +557,7 @@ def profile(a, cases, parties):
         raise BenchError("--perf needs a proxied case: " + a.perf)
     c = cases[0]
     if a.warmup:
-        run_wrk(a.load_cpu, c["url"], c["headers"], a.warmup, c["connections"], a.wrk_threads,
-                c.get("body_file"))
+        run_load(a, c, a.warmup)
     out_dir = os.path.join(REPO, "target", "bench")
     os.makedirs(out_dir, exist_ok=True)
     data = os.path.join(out_dir, f"perf-{c['key']}.data")
