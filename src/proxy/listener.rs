@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::connection::{self, InFlight, Tracked};
-use super::{Proxy, ProxyConfig};
+use super::{Proxy, ProxyConfig, TunnelOrigin};
 
 /// hyper refuses an HTTP/1 read buffer smaller than this.
 const MIN_H1_BUF: usize = 8192;
@@ -156,7 +156,7 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Ou
                 }
             };
             let is_http2 = io.is_http2();
-            serve_http(io, is_http2, proxy, hold, None::<()>).await;
+            serve_http(io, is_http2, proxy, hold, None).await;
         });
     }
     drop(listener);
@@ -207,17 +207,16 @@ impl ConnectionHold {
 /// Serves HTTP/1.1 or HTTP/2 (`is_http2`: what the client opened with) on `io` until it
 /// closes, the listener stops (requests in flight finish first) or it is idle for the idle
 /// timeout. The connection's slot is released when the last holder of `hold` is done.
-/// With a `tag` (a tunnel's origin), every request carries it as an extension; without one, a
-/// `CONNECT` carries `hold`, for the tunnel it opens.
-pub(crate) async fn serve_http<I, T>(
+/// With an `origin` (the connection is a tunnel's), every request is served as coming
+/// through it; without one, a `CONNECT` carries `hold`, for the tunnel it opens.
+pub(crate) async fn serve_http<I>(
     io: I,
     is_http2: bool,
     proxy: Proxy,
     hold: ConnectionHold,
-    tag: Option<T>,
+    origin: Option<TunnelOrigin>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    T: Clone + Send + Sync + 'static,
 {
     let idle_timeout = proxy.config().header_read_timeout;
     let peer = hold.peer;
@@ -230,13 +229,13 @@ pub(crate) async fn serve_http<I, T>(
     let service = service_fn(move |mut req: Request<Incoming>| {
         let proxy = proxy.clone();
         let guard = counted.as_ref().map(InFlight::start);
-        if let Some(tag) = &tag {
-            req.extensions_mut().insert(tag.clone());
-        } else if req.method() == Method::CONNECT {
+        if origin.is_none() && req.method() == Method::CONNECT {
             req.extensions_mut().insert(hold.clone());
         }
+        // A clone of the origin is two reference counts: no allocation per request.
+        let origin = origin.clone();
         async move {
-            let resp = proxy.handle(req).await;
+            let resp = proxy.handle_from(req, origin).await;
             Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, guard)))
         }
     });

@@ -50,7 +50,7 @@ use crate::vendors::m3ter::TokenSource;
 use crate::vendors::{BodyRule, Registry, RuleInput, SendContext, Via};
 use request_id::RequestIds;
 use route::Endpoint;
-use tunnel::TunnelOrigin;
+pub(crate) use tunnel::TunnelOrigin;
 
 /// The header that names the tenant; removed before forwarding.
 pub const TENANT_HEADER: HeaderName = HeaderName::from_static("x-sidekey-tenant");
@@ -329,6 +329,15 @@ impl Proxy {
 
     /// Serves one request: never fails, refusals become sidekey's error responses.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        self.handle_from(req, None).await
+    }
+
+    /// [`Self::handle`] for a request that arrived inside the tunnel `origin`, if any.
+    pub(crate) async fn handle_from(
+        &self,
+        req: Request<Incoming>,
+        origin: Option<TunnelOrigin>,
+    ) -> Response<ResponseBody> {
         let start = Instant::now();
         let request_id = self.inner.ids.next();
         // The log line's request fields, copied only when the line will be written.
@@ -349,7 +358,7 @@ impl Proxy {
         let deadline = tokio::time::Instant::from_std(start) + self.inner.config.request_timeout;
         // Boxed: the routing future holds the whole upstream exchange, a large state machine
         // that would otherwise be moved with this one.
-        let route = Box::pin(self.route(req, deadline, &mut log, trace.as_ref()));
+        let route = Box::pin(self.route(req, origin, deadline, &mut log, trace.as_ref()));
         let (mut resp, code) = match route.await {
             Ok(resp) => (resp, None),
             Err(e) => (e.to_response().map(Either::Right), Some(e.code())),
@@ -432,13 +441,12 @@ impl Proxy {
     async fn route(
         &self,
         mut req: Request<Incoming>,
+        origin: Option<TunnelOrigin>,
         deadline: tokio::time::Instant,
         log: &mut RequestLog,
         trace: Option<&RequestTrace>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let vendors = &self.inner.vendors;
-        // Set only on requests inside a tunnel (the map is empty otherwise, so this is cheap).
-        let origin = req.extensions_mut().remove::<TunnelOrigin>();
         match &origin {
             Some(origin) => tunnel::into_forward_form(&mut req, origin)?,
             None => {
@@ -583,10 +591,7 @@ impl Proxy {
             .server_config(&host)
             .map_err(|e| ProxyError::InterceptFailed(e.to_string()))?;
         let upgrade = hyper::upgrade::on(&mut req);
-        let origin = TunnelOrigin {
-            host: host.into(),
-            tenant: tenant.id.clone(),
-        };
+        let origin = TunnelOrigin::new(&host, tenant.id.clone())?;
         tokio::spawn(tunnel::serve(upgrade, tls, self.clone(), hold, origin));
         Ok(Response::new(Either::Right(Full::new(Bytes::new()))))
     }

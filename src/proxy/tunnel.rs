@@ -18,6 +18,7 @@
 use std::sync::Arc;
 
 use http::header::HOST;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Uri};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -31,11 +32,27 @@ use super::listener::{ConnectionHold, serve_http};
 /// The only port a tunnel may name: vendors are dialled on 443.
 const TUNNEL_PORT: u16 = 443;
 
-/// Marks a request that arrived inside a tunnel: the host and tenant the `CONNECT` named.
+/// What a request that arrived inside a tunnel carries: the host and tenant the `CONNECT`
+/// named. Made once per tunnel; cloned per request without allocating.
 #[derive(Clone, Debug)]
 pub(crate) struct TunnelOrigin {
     pub host: Arc<str>,
     pub tenant: Arc<str>,
+    /// `host` as the requests' URI authority.
+    authority: Authority,
+}
+
+impl TunnelOrigin {
+    /// `host` must be a host a `CONNECT` was accepted for ([`connect_host`]).
+    pub(crate) fn new(host: &str, tenant: Arc<str>) -> Result<Self, ProxyError> {
+        let authority = Authority::try_from(host)
+            .map_err(|_| ProxyError::bad_request("the CONNECT host is not a valid host"))?;
+        Ok(Self {
+            host: host.into(),
+            tenant,
+            authority,
+        })
+    }
 }
 
 /// The host of a `CONNECT` target, which must be `dns-name:443`.
@@ -69,42 +86,44 @@ pub(crate) fn into_forward_form<B>(
         ));
     }
     let named = match req.uri().authority() {
-        Some(a) => Some(a.as_str().to_owned()),
+        Some(a) => Some(a.as_str()),
         None => match req.headers().get(HOST) {
             Some(h) => Some(
                 h.to_str()
-                    .map_err(|_| ProxyError::bad_request("the Host header is not valid text"))?
-                    .to_owned(),
+                    .map_err(|_| ProxyError::bad_request("the Host header is not valid text"))?,
             ),
             None => None,
         },
     };
-    if let Some(named) = named {
-        let authority: http::uri::Authority = named
-            .parse()
-            .map_err(|_| ProxyError::bad_request("the Host header is not a valid host[:port]"))?;
-        let same_host = authority.host().eq_ignore_ascii_case(&origin.host);
-        let same_port = matches!(authority.port_u16(), None | Some(TUNNEL_PORT));
-        if !same_host || !same_port || named.contains('@') {
-            return Err(ProxyError::bad_request(format!(
-                "this tunnel is to {}; the request names {named}",
-                origin.host
-            )));
-        }
+    if let Some(named) = named
+        && !names_host(named, &origin.host)
+    {
+        return Err(ProxyError::bad_request(format!(
+            "this tunnel is to {}; the request names {named}",
+            origin.host
+        )));
     }
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let uri = Uri::builder()
-        .scheme("https")
-        .authority(origin.host.as_ref())
-        .path_and_query(path_and_query)
-        .build()
+    // The request's own path, moved (not copied) into the absolute form.
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(Scheme::HTTPS);
+    parts.authority = Some(origin.authority.clone());
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() = Uri::from_parts(parts)
         .map_err(|_| ProxyError::bad_request("the request path is not a valid URI"))?;
-    *req.uri_mut() = uri;
     Ok(())
+}
+
+/// Whether `named` (a URI authority or `Host`) is the tunnel's `host`, alone or with port
+/// 443, compared as text: a vendor host is a DNS name, so anything else (another port,
+/// userinfo, another name) is not it.
+fn names_host(named: &str, host: &str) -> bool {
+    let (name, port) = match named.rsplit_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (named, None),
+    };
+    name.eq_ignore_ascii_case(host) && port.is_none_or(|p| p.parse() == Ok(TUNNEL_PORT))
 }
 
 /// Once the app has the `200`: terminates TLS on the tunnel (within the header read timeout,
@@ -175,10 +194,7 @@ mod tests {
             b = b.header(HOST, h);
         }
         let mut req = b.body(()).unwrap();
-        let origin = TunnelOrigin {
-            host: "api.m3ter.com".into(),
-            tenant: "acme".into(),
-        };
+        let origin = TunnelOrigin::new("api.m3ter.com", "acme".into()).unwrap();
         into_forward_form(&mut req, &origin)
             .map(|()| req.uri().to_string())
             .map_err(|e| e.code())
