@@ -236,11 +236,12 @@ impl Slot {
                 }))
             }
             Conn::Http1(mut sender) => {
-                // HTTP/1.1 to an origin: origin-form request target and a Host header.
-                let path = req
-                    .uri()
-                    .path_and_query()
-                    .cloned()
+                // HTTP/1.1 to an origin: origin-form request target and a Host header. The
+                // path is moved out of the absolute URI, not cloned: a clone of its bytes
+                // would allocate on every request.
+                let path = std::mem::take(req.uri_mut())
+                    .into_parts()
+                    .path_and_query
                     .unwrap_or_else(|| PathAndQuery::from_static("/"));
                 *req.uri_mut() = Uri::from(path);
                 req.headers_mut().insert(HOST, self.host_header.clone());
