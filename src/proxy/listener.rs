@@ -235,7 +235,7 @@ pub(crate) async fn serve_http<I>(
         // A clone of the origin is two reference counts: no allocation per request.
         let origin = origin.clone();
         async move {
-            let resp = proxy.handle_from(req, origin).await;
+            let resp = proxy.handle(req, origin).await;
             Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, guard)))
         }
     });

@@ -327,13 +327,9 @@ impl Proxy {
         self.inner.slots.clone()
     }
 
-    /// Serves one request: never fails, refusals become sidekey's error responses.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
-        self.handle_from(req, None).await
-    }
-
-    /// [`Self::handle`] for a request that arrived inside the tunnel `origin`, if any.
-    pub(crate) async fn handle_from(
+    /// Serves one request, which arrived inside the tunnel `origin` if there is one: never
+    /// fails, refusals become sidekey's error responses.
+    pub(crate) async fn handle(
         &self,
         req: Request<Incoming>,
         origin: Option<TunnelOrigin>,

@@ -124,7 +124,7 @@ pub(crate) async fn send(
             let read = Limited::new(body, ctx.replay_limit).collect();
             tokio::time::timeout_at(ctx.deadline, read)
                 .await
-                .map_err(|_| timed_out(&ctx))?
+                .map_err(|_| upstream_failed(&ctx, upstream::UpstreamError::Timeout))?
                 .map_err(|_| crate::budget::BudgetError::Read)?
                 .to_bytes()
         }
@@ -185,16 +185,16 @@ async fn fetch_token(ctx: &Ctx<'_>) -> Result<BearerToken, RuleError> {
         Some(trace) => tokio::time::timeout_at(ctx.deadline, trace.token_exchange(token)).await,
     };
     token
-        .map_err(|_| timed_out(ctx))?
+        .map_err(|_| upstream_failed(ctx, upstream::UpstreamError::Timeout))?
         .map_err(|e| RuleError::TokenExchange(e.message))
 }
 
-/// The proxied request's deadline passed while waiting here.
-fn timed_out(ctx: &Ctx<'_>) -> RuleError {
+/// Reaching m3ter failed, or the proxied request's deadline passed while waiting here.
+fn upstream_failed(ctx: &Ctx<'_>, source: upstream::UpstreamError) -> RuleError {
     RuleError::Upstream {
-        vendor: "m3ter",
+        vendor: super::VENDOR,
         host: ctx.host.to_owned(),
-        source: upstream::UpstreamError::Timeout,
+        source,
     }
 }
 
@@ -215,13 +215,9 @@ async fn forward(
     ctx: &Ctx<'_>,
     req: Request<upstream::Body>,
 ) -> Result<Response<upstream::VendorBody>, RuleError> {
-    crate::telemetry::send(ctx.client, ctx.trace, "m3ter", req, ctx.deadline)
+    crate::telemetry::send(ctx.client, ctx.trace, super::VENDOR, req, ctx.deadline)
         .await
-        .map_err(|source| RuleError::Upstream {
-            vendor: super::VENDOR,
-            host: ctx.host.to_owned(),
-            source,
-        })
+        .map_err(|source| upstream_failed(ctx, source))
 }
 
 #[cfg(test)]
