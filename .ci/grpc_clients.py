@@ -7,13 +7,7 @@ decoded with the types reflection serves."""
 import argparse
 import base64
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 
 import grpc
 from google.protobuf import descriptor_pool, message_factory
@@ -22,29 +16,14 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-DEADLINE_S = 60
+from harness import Harness, free_port, ready
+
 CALL_TIMEOUT_S = 10
 TOKEN = "ci-operator-token-0123456789abcdef"
 
 
 def fail(message):
     sys.exit(f"grpc-tooling: {message}")
-
-
-def ready(port):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
@@ -65,40 +44,24 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sidekey", required=True)
     a = p.parse_args()
-    tmp = tempfile.mkdtemp(prefix="sidekey-grpc.")
-    sk = None
-    try:
-        token_file = os.path.join(tmp, "token")
+    with Harness("grpc-tooling", "sidekey-grpc.") as h:
+        token_file = os.path.join(h.tmp, "token")
         with open(token_file, "w") as f:
             f.write(TOKEN + "\n")
-        socket_path = os.path.join(tmp, "grpc.sock")
+        socket_path = os.path.join(h.tmp, "grpc.sock")
         admin_port = free_port()
         env = dict(os.environ, SIDEKEY_MASTER_KEY=base64.b64encode(os.urandom(32)).decode(),
                    RUST_LOG="warn")
-        sk = subprocess.Popen([
+        sk = h.start([
             a.sidekey, "serve",
             "--proxy-listen", f"127.0.0.1:{free_port()}",
             "--admin-listen", f"127.0.0.1:{admin_port}",
             "--grpc-listen", f"unix:{socket_path}",
             "--grpc-token-file", token_file,
-            "--data-dir", os.path.join(tmp, "data"),
+            "--data-dir", os.path.join(h.tmp, "data"),
         ], env=env)
-        end = time.monotonic() + DEADLINE_S
-        while not ready(admin_port):
-            if sk.poll() is not None:
-                fail(f"sidekey exited with {sk.returncode}")
-            if time.monotonic() > end:
-                fail(f"sidekey not ready within {DEADLINE_S} s")
-            time.sleep(0.05)
+        h.wait_until("sidekey /readyz", lambda: ready(admin_port), sk)
         run(f"unix:{socket_path}")
-    finally:
-        if sk is not None:
-            sk.send_signal(signal.SIGTERM)
-            try:
-                sk.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                sk.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(target):

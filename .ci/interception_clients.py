@@ -5,14 +5,11 @@ import argparse
 import base64
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
-import time
-import urllib.request
+
+from harness import DEADLINE_S, Harness, free_port, ready
 
 TENANT = "acme"
 MIRADORE_SITE = "Acme1"
@@ -20,31 +17,6 @@ MIRADORE_KEY = "ci-miradore-key"
 M3TER_ORG = "0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa"
 MAILKIT_ID = "12345"
 MAILKIT_MD5 = "0123456789abcdef0123456789abcdef"
-DEADLINE_S = 60
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(what, cond, proc):
-    end = time.monotonic() + DEADLINE_S
-    while not cond():
-        if proc.poll() is not None:
-            sys.exit(f"interception-clients: {what}: process exited with {proc.returncode}")
-        if time.monotonic() > end:
-            sys.exit(f"interception-clients: {what} not within {DEADLINE_S} s")
-        time.sleep(0.05)
-
-
-def ready(port):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def main():
@@ -52,33 +24,17 @@ def main():
     p.add_argument("--bins", required=True)
     p.add_argument("--node-modules", required=True)
     a = p.parse_args()
-    tmp = tempfile.mkdtemp(prefix="sidekey-interception.")
-    procs = []
-    try:
-        run(a, tmp, procs)
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with Harness("interception-clients", "sidekey-interception.") as h:
+        run(a, h)
 
 
-def run(a, tmp, procs):
+def run(a, h):
+    tmp = h.tmp
     sidekey = os.path.join(a.bins, "sidekey")
-    mock_dir = os.path.join(tmp, "mock")
     log_path = os.path.join(tmp, "requests.log")
-    mock = subprocess.Popen([
-        os.path.join(a.bins, "examples", "mock_vendor"), "--port", "0", "--ca-dir", mock_dir,
-        "--miradore-key", MIRADORE_KEY, "--mailkit-md5", MAILKIT_MD5, "--request-log", log_path,
-    ])
-    procs.append(mock)
-    port_file = os.path.join(mock_dir, "port")
-    wait_until("the mock vendor", lambda: os.path.exists(port_file), mock)
-    mock_port = int(open(port_file).read().strip())
+    mock_port, mock_dir = h.start_mock(
+        a.bins, "--miradore-key", MIRADORE_KEY, "--mailkit-md5", MAILKIT_MD5,
+        "--request-log", log_path)
 
     ca_dir = os.path.join(tmp, "intercept")
     subprocess.run([sidekey, "ca", "init", "--out", ca_dir], check=True, stdout=subprocess.DEVNULL)
@@ -111,9 +67,8 @@ def run(a, tmp, procs):
     ]
     for host in ("online.miradore.com", "api.m3ter.com", "ingest.m3ter.com", "api.mailkit.eu"):
         argv += ["--connect-to", f"{host}:443:127.0.0.1:{mock_port}"]
-    sk = subprocess.Popen(argv, env=env)
-    procs.append(sk)
-    wait_until("sidekey /readyz", lambda: ready(admin_port), sk)
+    sk = h.start(argv, env=env)
+    h.wait_until("sidekey /readyz", lambda: ready(admin_port), sk)
 
     proxy = f"http://{TENANT}:x@127.0.0.1:{proxy_port}"
     # Only what each client documents; no proxy for anything else.

@@ -6,23 +6,19 @@ Miradore and m3ter and one refusal, checks `sidekey health`, then scrapes /metri
 import argparse
 import base64
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
-import time
 import urllib.error
 import urllib.request
+
+from harness import DEADLINE_S, Harness, free_port, ready
 
 TENANT = "acme"
 MIRADORE_SITE = "Acme1"
 MIRADORE_KEY = "ci-miradore-key"
 M3TER_ORG = "0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa"
 MAILKIT_MD5 = "0123456789abcdef0123456789abcdef"
-DEADLINE_S = 60
 # Families the traffic below must have produced, with the process ones.
 EXPECTED = [
     "sidekey_proxy_requests_total",
@@ -45,22 +41,6 @@ def fail(msg):
     sys.exit(f"metrics-check: {msg}")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(what, cond, proc):
-    end = time.monotonic() + DEADLINE_S
-    while not cond():
-        if proc.poll() is not None:
-            fail(f"{what}: process exited with {proc.returncode}")
-        if time.monotonic() > end:
-            fail(f"{what} not within {DEADLINE_S} s")
-        time.sleep(0.05)
-
-
 def get(url, headers=None):
     """(status, body) of a GET; sidekey's refusals are answers too."""
     req = urllib.request.Request(url, headers=headers or {})
@@ -69,13 +49,6 @@ def get(url, headers=None):
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
-
-
-def ready(port):
-    try:
-        return get(f"http://127.0.0.1:{port}/readyz")[0] == 200
-    except OSError:
-        return False
 
 
 def check_docs_alerts():
@@ -95,32 +68,15 @@ def main():
     p.add_argument("--bins", required=True)
     a = p.parse_args()
     check_docs_alerts()
-    tmp = tempfile.mkdtemp(prefix="sidekey-metrics.")
-    procs = []
-    try:
-        run(a, tmp, procs)
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with Harness("metrics-check", "sidekey-metrics.") as h:
+        run(a, h)
 
 
-def run(a, tmp, procs):
+def run(a, h):
+    tmp = h.tmp
     sidekey = os.path.join(a.bins, "sidekey")
-    mock_dir = os.path.join(tmp, "mock")
-    mock = subprocess.Popen([
-        os.path.join(a.bins, "examples", "mock_vendor"), "--port", "0", "--ca-dir", mock_dir,
-        "--miradore-key", MIRADORE_KEY, "--mailkit-md5", MAILKIT_MD5,
-    ])
-    procs.append(mock)
-    port_file = os.path.join(mock_dir, "port")
-    wait_until("the mock vendor", lambda: os.path.exists(port_file), mock)
-    mock_port = int(open(port_file).read().strip())
+    mock_port, mock_dir = h.start_mock(
+        a.bins, "--miradore-key", MIRADORE_KEY, "--mailkit-md5", MAILKIT_MD5)
 
     tenants = os.path.join(tmp, "tenants.yaml")
     with open(tenants, "w") as f:
@@ -147,9 +103,8 @@ def run(a, tmp, procs):
     ]
     for host in ("online.miradore.com", "api.m3ter.com", "ingest.m3ter.com"):
         argv += ["--connect-to", f"{host}:443:127.0.0.1:{mock_port}"]
-    sk = subprocess.Popen(argv, env=env)
-    procs.append(sk)
-    wait_until("sidekey /readyz", lambda: ready(admin_port), sk)
+    sk = h.start(argv, env=env)
+    h.wait_until("sidekey /readyz", lambda: ready(admin_port), sk)
 
     health = subprocess.run([sidekey, "health", "--admin", f"127.0.0.1:{admin_port}"],
                             capture_output=True, text=True, timeout=DEADLINE_S)

@@ -474,8 +474,13 @@ def run_wrk(cpu, url, headers, duration, connections, threads, body_file=None, t
     m = re.search(r"^BENCH (.*)$", out, re.M)
     if p.returncode != 0 or not m:
         raise BenchError(f"wrk failed ({p.returncode}) on {url}:\n{out}\n{err}")
+    return parse_bench_line(m.group(1))
+
+
+def parse_bench_line(fields):
+    """The `BENCH k=v ...` line of bench/wrk.lua and examples/https_load.rs, as numbers."""
     r = {}
-    for kv in m.group(1).split():
+    for kv in fields.split():
         k, v = kv.split("=", 1)
         r[k] = float(v)
     r["rps"] = r["requests"] / (r["duration_us"] / 1e6) if r["duration_us"] else 0.0
@@ -499,13 +504,7 @@ def run_https_load(a, cpu, case, duration):
     m = re.search(r"^BENCH (.*)$", p.stdout, re.M)
     if p.returncode != 0 or not m:
         raise BenchError(f"https_load failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    r = {}
-    for kv in m.group(1).split():
-        k, v = kv.split("=", 1)
-        r[k] = float(v)
-    r["rps"] = r["requests"] / (r["duration_us"] / 1e6) if r["duration_us"] else 0.0
-    r["errors"] = r["connect"] + r["read"] + r["write"] + r["timeout"]
-    return r
+    return parse_bench_line(m.group(1))
 
 
 def run_load(a, case, duration):
