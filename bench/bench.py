@@ -1011,9 +1011,15 @@ def run(a, procs):
                                    tenants_file, intercept)
     idle_rss = status_kib(sk.pid, "VmRSS") / 1024
     sk_threads = thread_names(sk.pid)
-    ngx, ngx_port, ngx_tls_port, ngx_logs_port = start_nginx(
-        procs, a.tmp, a.proxy_cpu, ca, mock_port, a.connections, nginx_tls)
-    parties = {"mock": mock, "sidekey": sk, "nginx": ngx}
+    parties = {"mock": mock, "sidekey": sk}
+    # nginx only when a case asks for it: a run of sidekey's cases alone (deploy/build-pgo.sh's
+    # training run) needs no nginx installed.
+    if not a.cases or any(k.startswith("nginx") for k in a.cases.split(",")):
+        ngx, ngx_port, ngx_tls_port, ngx_logs_port = start_nginx(
+            procs, a.tmp, a.proxy_cpu, ca, mock_port, a.connections, nginx_tls)
+        parties["nginx"] = ngx
+    else:
+        ngx = ngx_port = ngx_tls_port = ngx_logs_port = None
     # A second sidekey at its default log level (info: one request line per request), its
     # log going to a file, for the logs-on case; started only when that case runs.
     if not a.cases or "sk_logs" in a.cases.split(",") or a.perf == "sk_logs":

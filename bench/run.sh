@@ -2,12 +2,13 @@
 # Side-by-side benchmark: sidekey vs nginx doing the same header injection vs no proxy, in one
 # run on this machine. See docs/benchmarks.md for what it measures and how to read it.
 #
-#   bench/run.sh            # full run (release build, 3 reps x 10 s per case), rewrites the
+#   bench/run.sh            # full run (sidekey as the image ships it: production profile +
+#                           # PGO, deploy/build-pgo.sh; 3 reps x 10 s per case), rewrites the
 #                           # generated part of docs/benchmarks.md
 #   bench/run.sh --smoke    # seconds: dev build, 1 rep x 1 s, asserts every case answered 2xx
 #
 # Knobs (environment): BENCH_REPS (3), BENCH_DURATION (10 s), BENCH_WARMUP (3 s),
-# BENCH_CONNECTIONS (32), BENCH_TENANTS (10000). Extra arguments go to bench/bench.py.
+# BENCH_CONNECTIONS (32), BENCH_TENANTS (10000), BENCH_PGO (1; 0 = production profile only). Extra arguments go to bench/bench.py.
 #
 # Installs wrk and nginx from Debian when missing (as root, or with sudo). Everything else
 # lives in a temporary directory; no system configuration is touched, nothing listens
@@ -62,8 +63,22 @@ if ((smoke)); then
     cargo build --locked --bins --examples
     bins=$target/debug profile=dev
 else
-    cargo build --locked --release --bin sidekey --example mock_vendor --example https_load
-    bins=$target/release profile=release
+    # The load tools in release; sidekey as the container image ships it: the production
+    # profile with PGO (deploy/build-pgo.sh, ~15 min on 2 cores), or with BENCH_PGO=0 the
+    # production profile alone (one build).
+    cargo build --locked --release --example mock_vendor --example https_load
+    [[ $target == /* ]] || target=$PWD/$target
+    bins=$target/bench-bins
+    mkdir -p "$bins/examples"
+    cp "$target/release/examples/mock_vendor" "$target/release/examples/https_load" "$bins/examples/"
+    if [[ ${BENCH_PGO:-1} == 0 ]]; then
+        cargo build --locked --profile production --bin sidekey
+        cp "$target/production/sidekey" "$bins/sidekey"
+        profile=production
+    else
+        deploy/build-pgo.sh "$bins/sidekey"
+        profile="production + PGO"
+    fi
 fi
 
 # ---- run ---------------------------------------------------------------------------------
