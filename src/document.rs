@@ -300,7 +300,9 @@ pub struct ConnectionsDoc {
 #[derive(Debug)]
 enum FieldDoc {
     Text(String),
-    Secret(Option<SecretDoc>),
+    /// Boxed: a secret's document is four times a text field's size, and a tenants file of
+    /// 10,000 tenants holds every field at once while it is read.
+    Secret(Option<Box<SecretDoc>>),
 }
 
 /// A secret: `value` inline, or `valueFrom` a file or an environment variable. With only a
@@ -407,7 +409,7 @@ impl ConnectionsDoc {
                         (ProtoMut::Text(dst), FieldDoc::Text(text)) => *dst = text,
                         (ProtoMut::Secret(dst), FieldDoc::Secret(doc)) => {
                             let path = format!("{}.{}", C::VENDOR.as_str(), json_name(field.name));
-                            match resolve_secret(doc, &path, self.sources) {
+                            match resolve_secret(doc.map(|d| *d), &path, self.sources) {
                                 Ok(secret) => *dst = secret,
                                 Err(e) => {
                                     self.out = Err(e);
