@@ -8,7 +8,8 @@
 #   bench/run.sh --smoke    # seconds: dev build, 1 rep x 1 s, asserts every case answered 2xx
 #
 # Knobs (environment): BENCH_REPS (3), BENCH_DURATION (10 s), BENCH_WARMUP (3 s),
-# BENCH_CONNECTIONS (32), BENCH_TENANTS (10000), BENCH_PGO (1; 0 = production profile only). Extra arguments go to bench/bench.py.
+# BENCH_CONNECTIONS (32), BENCH_TENANTS (10000), BENCH_PGO (1; 0 = the production profile
+# alone). Extra arguments go to bench/bench.py.
 #
 # Installs wrk and nginx from Debian when missing (as root, or with sudo). Everything else
 # lives in a temporary directory; no system configuration is touched, nothing listens
