@@ -117,13 +117,16 @@ pub(crate) fn into_forward_form<B>(
 
 /// Whether `named` (a URI authority or `Host`) is the tunnel's `host`, alone or with port
 /// 443, compared as text: a vendor host is a DNS name, so anything else (another port,
-/// userinfo, another name) is not it.
+/// userinfo, another name, a port that is not plain digits) is not it.
 fn names_host(named: &str, host: &str) -> bool {
     let (name, port) = match named.rsplit_once(':') {
         Some((name, port)) => (name, Some(port)),
         None => (named, None),
     };
-    name.eq_ignore_ascii_case(host) && port.is_none_or(|p| p.parse() == Ok(TUNNEL_PORT))
+    // Digits only: `u16`'s parser would also take `+443`.
+    let is_tunnel_port =
+        |p: &str| p.bytes().all(|b| b.is_ascii_digit()) && p.parse() == Ok(TUNNEL_PORT);
+    name.eq_ignore_ascii_case(host) && port.is_none_or(is_tunnel_port)
 }
 
 /// Once the app has the `200`: terminates TLS on the tunnel (within the header read timeout,
@@ -211,6 +214,12 @@ mod tests {
             ("/x", Some("ingest.m3ter.com")),
             ("/x", Some("api.m3ter.com:8443")),
             ("/x", Some("u@api.m3ter.com")),
+            ("/x", Some("api.m3ter.com:")),
+            ("/x", Some("api.m3ter.com:+443")),
+            ("/x", Some("api.m3ter.com: 443")),
+            ("/x", Some("api.m3ter.com:443:443")),
+            ("/x", Some("api.m3ter.com.")),
+            ("/x", Some(":443")),
             ("https://evil.example/x", None),
         ] {
             assert_eq!(inside(uri, host), Err("bad_request"), "{uri} {host:?}");
