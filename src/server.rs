@@ -23,7 +23,7 @@ use crate::store::etcd::EtcdStore;
 use crate::store::health::StoreHealth;
 use crate::store::master_key::{MasterKeySource, MasterKeys};
 use crate::tenants::Catalog;
-use crate::tenants_file::{TenantsFile, TenantsFileStatus};
+use crate::tenants_file::{QUIET_PERIOD, TenantsFile, TenantsFileStatus};
 use crate::upstream::{self, UpstreamConfig};
 use crate::vendors::Tester;
 use crate::vendors::m3ter::broker::{BrokerConfig, TokenBroker};
@@ -139,7 +139,8 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     let mut tenants_file = match &config.tenants_file {
         Some(path) => {
             let mut file = TenantsFile::new(path.clone(), &config.data_dir, catalog.clone())
-                .max_delete_percent(config.tenants_file_max_delete);
+                .max_delete_percent(config.tenants_file_max_delete)
+                .quiet_period(QUIET_PERIOD.min(config.tenants_file_interval));
             file.apply_at_start(config.tenants_file_interval)
                 .await
                 .map_err(StartError::TenantsFile)?;

@@ -13,10 +13,13 @@
 //! Each poll first stats the file and the secret files it references; only when one of them
 //! changed are they read (on the blocking pool, size-capped) and hashed.
 //!
-//! A file being written is never applied half-way: a new version is applied only once two
-//! reads one poll apart found the same content (so at start-up, once one poll interval has
-//! passed), and an empty declaration must be explicit (`tenants: []`): an empty file, a
-//! comment, or `tenants:` alone is refused.
+//! A file being written is never applied half-way: a version is applied only once every
+//! file it was read from had gone unmodified for [`QUIET_PERIOD`] when it was read (a
+//! writer moves the modification time with each write, before its bytes can be read), or
+//! else once two reads one poll apart found the same content. At start-up a version not yet
+//! quiet is read again as soon as it can be, so start-up waits at most about a second for a
+//! file written just before it. An empty declaration must be explicit (`tenants: []`): an
+//! empty file, a comment, or `tenants:` alone is refused.
 //!
 //! Tenants the file declared before and no longer declares are deleted, but a version that
 //! would delete more than `max_delete_percent` of them at once (more than one tenant) is
@@ -26,7 +29,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -46,8 +49,14 @@ pub const DEFAULT_POLL: Duration = Duration::from_secs(5);
 /// single tenant is always allowed.
 pub const DEFAULT_MAX_DELETE_PERCENT: u8 = 50;
 
-/// At start-up, how many polls the file may keep changing before sidekey gives up.
+/// At start-up, for how many poll intervals the file may keep changing before sidekey
+/// gives up.
 const START_ATTEMPTS: u32 = 10;
+
+/// How long every file a version is read from must have gone unmodified for that version
+/// to be applied at its first read (or the poll interval, if shorter). A writer pausing
+/// longer than this half-way through a file is the case the deletion guard still covers.
+pub const QUIET_PERIOD: Duration = Duration::from_secs(1);
 
 /// Name of the file in the data directory listing the ids the tenants file last declared.
 pub const APPLIED_IDS_FILE: &str = "tenants-file.applied";
@@ -177,6 +186,12 @@ struct Stamp {
 }
 
 impl Stamp {
+    /// When the file's content was last modified.
+    fn modified(&self) -> Option<SystemTime> {
+        let ns = u64::try_from(self.mtime_ns).ok()?;
+        UNIX_EPOCH.checked_add(Duration::from_nanos(ns))
+    }
+
     fn of(path: &Path) -> Option<Self> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(path).ok()?;
@@ -198,6 +213,19 @@ struct Reading {
     /// secrets themselves).
     digest: [u8; 32],
     stamps: Vec<(PathBuf, Option<Stamp>)>,
+    /// The latest modification time of the files read, if each of them was stat'ed the same
+    /// before and after its read (so no write landed during it): nothing read can be newer.
+    last_modified: Option<SystemTime>,
+}
+
+impl Reading {
+    /// Whether no file it was read from was modified in the `quiet` before `now`. A
+    /// modification time in the future (a skewed clock) is not quiet.
+    fn quiet_for(&self, quiet: Duration, now: SystemTime) -> bool {
+        self.last_modified
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|age| age >= quiet)
+    }
 }
 
 fn digest_of(text: &str, files: &[(PathBuf, Option<Stamp>, String)]) -> [u8; 32] {
@@ -227,10 +255,20 @@ fn read(path: &Path) -> Result<Reading, String> {
     let digest = digest_of(&text, &files);
     let mut stamps = vec![(path.to_owned(), stamp)];
     stamps.extend(files.into_iter().map(|(p, s, _)| (p, s)));
+    // Stat'ed again after every read: a write bumps the modification time before its bytes
+    // can be read, so a file stat'ed the same on both sides was read whole as of that time.
+    let last_modified = stamps
+        .iter()
+        .map(|(p, before)| match before {
+            Some(before) if Stamp::of(p).as_ref() == Some(before) => before.modified(),
+            _ => None,
+        })
+        .try_fold(UNIX_EPOCH, |latest, t| t.map(|t| latest.max(t)));
     Ok(Reading {
         declared,
         digest,
         stamps,
+        last_modified,
     })
 }
 
@@ -271,6 +309,9 @@ pub struct TenantsFile {
     settled: Option<[u8; 32]>,
     /// The digest of a version read once, waiting for a second read to confirm it.
     pending: Option<[u8; 32]>,
+    /// How long every file a version is read from must have gone unmodified for that
+    /// version to be applied at its first read; otherwise a second read confirms it.
+    quiet: Duration,
     /// The last poll could not read the file (reported once until it can).
     unreadable: bool,
     status: watch::Sender<TenantsFileStatus>,
@@ -290,6 +331,7 @@ impl TenantsFile {
             stamps: Vec::new(),
             settled: None,
             pending: None,
+            quiet: QUIET_PERIOD,
             unreadable: false,
             status: watch::Sender::new(TenantsFileStatus::default()),
             applied: metrics::counter!(METRIC_APPLIES, "outcome" => "applied"),
@@ -304,28 +346,41 @@ impl TenantsFile {
         self
     }
 
+    /// How long the files must have gone unmodified for a version to be applied at its
+    /// first read (default [`QUIET_PERIOD`]).
+    pub fn quiet_period(mut self, quiet: Duration) -> Self {
+        self.quiet = quiet;
+        self
+    }
+
     pub fn status(&self) -> watch::Receiver<TenantsFileStatus> {
         self.status.subscribe()
     }
 
-    /// Applies the file at start-up: polls every `poll` until a version has settled (two
-    /// equal reads) and is applied or rejected. An error here stops sidekey.
+    /// Applies the file at start-up: reads it until a version has settled (unmodified for
+    /// the quiet period, or two equal reads) and is applied or rejected, every quiet period
+    /// or `poll` if shorter. An error here, or a file still changing after
+    /// [`START_ATTEMPTS`] polls' time, stops sidekey.
     pub async fn apply_at_start(&mut self, poll: Duration) -> Result<Option<ApplyReport>, String> {
-        for attempt in 0..START_ATTEMPTS {
-            if attempt > 0 {
-                tokio::time::sleep(poll).await;
-            }
+        let give_up = tokio::time::Instant::now() + poll * START_ATTEMPTS;
+        loop {
             match self.poll().await {
                 Poll::Applied(report) => return Ok(Some(report)),
                 Poll::Rejected(e) => return Err(e),
                 Poll::Unchanged => return Ok(None),
                 Poll::Settling => {}
             }
+            let next = tokio::time::Instant::now() + self.quiet.min(poll);
+            if next > give_up {
+                return Err(format!(
+                    "{} kept changing for {:?}; it is applied once it has gone unmodified for {:?}",
+                    self.path.display(),
+                    poll * START_ATTEMPTS,
+                    self.quiet.min(poll),
+                ));
+            }
+            tokio::time::sleep_until(next).await;
         }
-        Err(format!(
-            "{} kept changing for {START_ATTEMPTS} polls; it is applied once two reads one poll apart agree",
-            self.path.display()
-        ))
     }
 
     /// One poll: stat, read if anything changed, apply a version read twice the same.
@@ -356,14 +411,15 @@ impl TenantsFile {
             }
         };
         self.unreadable = false;
+        let quiet = reading.quiet_for(self.quiet, SystemTime::now());
         self.stamps = reading.stamps;
         if self.settled == Some(reading.digest) {
             self.pending = None;
             return Poll::Unchanged;
         }
-        if self.pending != Some(reading.digest) {
-            // First sight of this version: it may be half written. Apply it only if the
-            // next poll reads the same.
+        if self.pending != Some(reading.digest) && !quiet {
+            // First sight of a version modified within the quiet period: it may be half
+            // written. Apply it only if the next poll reads the same.
             self.pending = Some(reading.digest);
             return Poll::Settling;
         }

@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use sidekey::config::ServeConfig;
 use sidekey::secret::Secret;
@@ -310,7 +310,8 @@ async fn a_half_written_file_is_not_applied_until_two_reads_agree() {
     let catalog = catalog(dir.path()).await;
     let full = plain(20);
     std::fs::write(&path, &full).unwrap();
-    let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone());
+    let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone())
+        .quiet_period(HOUR);
     assert!(matches!(settle(&mut w).await, Poll::Applied(_)));
     assert_eq!(count(&catalog), 20);
     // Unchanged: nothing read, nothing applied.
@@ -328,13 +329,148 @@ async fn a_half_written_file_is_not_applied_until_two_reads_agree() {
     }
 }
 
+/// Sets a file's modification time, as `touch -d` would.
+fn set_modified(path: &Path, at: SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(at)
+        .unwrap();
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[tokio::test]
+async fn a_file_unmodified_for_the_quiet_period_is_applied_at_first_sight() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tenants.yaml");
+    let catalog = catalog(dir.path()).await;
+    let quiet = Duration::from_secs(60);
+    let watcher = || {
+        TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone())
+            .quiet_period(quiet)
+    };
+
+    // Written an hour ago (a Secret mounted before the pod started): no second read needed.
+    std::fs::write(&path, plain(3)).unwrap();
+    set_modified(&path, SystemTime::now() - HOUR);
+    let mut w = watcher();
+    assert!(matches!(w.poll().await, Poll::Applied(_)));
+    assert_eq!(count(&catalog), 3);
+
+    // Written just now: it may still be being written, so a second read confirms it.
+    std::fs::write(&path, plain(4)).unwrap();
+    assert_eq!(w.poll().await, Poll::Settling);
+    assert_eq!(count(&catalog), 3);
+    assert!(matches!(w.poll().await, Poll::Applied(_)));
+    assert_eq!(count(&catalog), 4);
+
+    // A modification time in the future (a skewed clock) proves nothing.
+    std::fs::write(&path, plain(5)).unwrap();
+    set_modified(&path, SystemTime::now() + HOUR);
+    assert_eq!(w.poll().await, Poll::Settling);
+    assert_eq!(count(&catalog), 4);
+    assert!(matches!(w.poll().await, Poll::Applied(_)));
+    assert_eq!(count(&catalog), 5);
+
+    // An old file whose secret file was written just now waits too: every file counts.
+    let secret = dir.path().join("key");
+    std::fs::write(&secret, "key-from-file\n").unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "tenants:\n  - id: t0\n    miradore: {{ site: s0, apiKey: {{ valueFrom: {{ file: {} }} }} }}\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    set_modified(&path, SystemTime::now() - HOUR);
+    let mut w = watcher().max_delete_percent(100);
+    assert_eq!(w.poll().await, Poll::Settling);
+    assert_eq!(count(&catalog), 5);
+    // Both old: applied at first sight by a watcher that has seen neither.
+    set_modified(&secret, SystemTime::now() - HOUR);
+    let mut w = watcher().max_delete_percent(100);
+    assert!(matches!(w.poll().await, Poll::Applied(r) if r.deleted == 4));
+    assert_eq!(count(&catalog), 1);
+}
+
+#[tokio::test]
+async fn start_up_does_not_wait_a_poll_interval_for_a_file_already_in_place() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join("tenants.yaml");
+    std::fs::write(&path, plain(2)).unwrap();
+    set_modified(&path, SystemTime::now() - HOUR);
+    // Two reads one interval apart would take an hour.
+    let config = config_with_file(root.path(), &path, HOUR);
+    let running = tokio::time::timeout(BOUND, server::start(config))
+        .await
+        .expect("start-up waited for a second read")
+        .unwrap();
+    assert_eq!(count(&running.catalog), 2);
+}
+
+fn config_with_file(root: &Path, path: &Path, interval: Duration) -> ServeConfig {
+    let mut config = ServeConfig::ephemeral(root.join("data"));
+    config.master_key = Some(Secret::new("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="));
+    config.tenants_file = Some(path.to_owned());
+    config.tenants_file_interval = interval;
+    config
+}
+
+#[tokio::test]
+async fn start_up_reads_a_file_written_just_before_it_again_after_the_quiet_period() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join("tenants.yaml");
+    std::fs::write(&path, plain(2)).unwrap();
+    // Not an hour: the second read comes once the file has been quiet for QUIET_PERIOD.
+    let config = config_with_file(root.path(), &path, HOUR);
+    let running = tokio::time::timeout(BOUND, server::start(config))
+        .await
+        .expect("start-up waited a poll interval for a second read")
+        .unwrap();
+    assert_eq!(count(&running.catalog), 2);
+}
+
+#[tokio::test]
+async fn a_file_that_keeps_changing_at_start_up_stops_sidekey() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join("tenants.yaml");
+    std::fs::write(&path, plain(1)).unwrap();
+    // A writer replacing the file (whole, by rename) with a new version all the time.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (path, stop) = (path.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let tmp = path.with_extension("tmp");
+            let mut version = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                version += 1;
+                std::fs::write(&tmp, format!("# version {version}\n{}", plain(1))).unwrap();
+                std::fs::rename(&tmp, &path).unwrap();
+            }
+        })
+    };
+    let config = config_with_file(root.path(), &path, Duration::from_millis(300));
+    let result = tokio::time::timeout(BOUND, server::start(config))
+        .await
+        .expect("start-up gave up");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    let msg = result.err().expect("must not start").to_string();
+    assert!(msg.contains("kept changing"), "{msg}");
+    assert!(msg.contains("tenants.yaml"), "{msg}");
+}
+
 #[tokio::test]
 async fn an_empty_declaration_must_be_explicit() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tenants.yaml");
     let catalog = catalog(dir.path()).await;
     std::fs::write(&path, plain(1)).unwrap();
-    let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone());
+    let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone())
+        .quiet_period(HOUR);
     assert!(matches!(settle(&mut w).await, Poll::Applied(_)));
 
     for text in [
@@ -363,7 +499,8 @@ async fn deleting_more_than_the_allowed_share_needs_the_setting() {
     let path = dir.path().join("tenants.yaml");
     let catalog = catalog(dir.path()).await;
     std::fs::write(&path, plain(10)).unwrap();
-    let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone());
+    let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone())
+        .quiet_period(HOUR);
     assert!(matches!(settle(&mut w).await, Poll::Applied(_)));
 
     // 6 of 10 is more than the default 50 %: refused, all ten kept.
@@ -381,6 +518,7 @@ async fn deleting_more_than_the_allowed_share_needs_the_setting() {
     assert!(matches!(settle(&mut w).await, Poll::Applied(r) if r.deleted == 5));
     // With the setting raised, a large deletion goes through.
     let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone())
+        .quiet_period(HOUR)
         .max_delete_percent(100);
     std::fs::write(&path, "tenants: []\n").unwrap();
     assert!(matches!(settle(&mut w).await, Poll::Applied(r) if r.deleted == 5));
@@ -417,7 +555,8 @@ async fn secret_references_and_the_file_itself_are_read_with_bounds() {
             ),
         )
         .unwrap();
-        let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone());
+        let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone())
+            .quiet_period(HOUR);
         // Bounded by the test itself: a read that blocked would fail here, not hang.
         let polled = tokio::time::timeout(BOUND, settle(&mut w))
             .await
@@ -433,7 +572,8 @@ async fn secret_references_and_the_file_itself_are_read_with_bounds() {
         (fifo.as_path(), "not a regular file"),
         (huge.as_path(), "larger than"),
     ] {
-        let mut w = TenantsFile::new(file.to_owned(), &dir.path().join("data"), catalog.clone());
+        let mut w = TenantsFile::new(file.to_owned(), &dir.path().join("data"), catalog.clone())
+            .quiet_period(HOUR);
         match tokio::time::timeout(BOUND, w.poll())
             .await
             .expect("no hang")
@@ -449,7 +589,8 @@ async fn deeply_nested_yaml_is_refused_before_parsing_and_never_quotes_a_value()
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tenants.yaml");
     let catalog = catalog(dir.path()).await;
-    let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone());
+    let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone())
+        .quiet_period(HOUR);
     std::fs::write(
         &path,
         format!("tenants: {}{}\n", "[".repeat(60_000), "]".repeat(60_000)),

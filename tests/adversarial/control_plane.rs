@@ -47,7 +47,8 @@ async fn truncate_and_rewrite_cycles_delete_nothing() {
     let path = dir.path().join("tenants.yaml");
     let full = tenants(200);
     std::fs::write(&path, &full).unwrap();
-    let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone());
+    let mut w = TenantsFile::new(path.clone(), &dir.path().join("data"), catalog.clone())
+        .quiet_period(Duration::from_secs(3600));
     assert_eq!(w.poll().await, Poll::Settling);
     assert!(matches!(w.poll().await, Poll::Applied(_)));
 
