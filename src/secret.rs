@@ -5,8 +5,10 @@
 //! put on the wire or sealed for the store. Grepping for `expose(` lists every such place.
 
 use std::fmt;
+use std::sync::OnceLock;
 
-use ring::digest;
+use ring::rand::SystemRandom;
+use ring::{digest, hmac};
 use zeroize::Zeroizing;
 
 /// A secret credential value (API key, API secret, client MD5, bearer token).
@@ -52,6 +54,44 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Identifies a credential (its public parts and its secret) without holding the secret: an
+/// HMAC-SHA256 under a key drawn at random for each process. Equal credentials have equal
+/// keys; a rotated secret is a different key; a key printed or dumped gives nothing to test
+/// guesses against. Computed once where a credential is resolved, so a cache keyed by it
+/// costs no hashing of the secret per request.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CredentialKey([u8; 32]);
+
+impl CredentialKey {
+    /// The key of the credential made of `public` parts and `secret`; each part is
+    /// length-prefixed, so no two different lists of parts share an encoding.
+    pub fn of(public: &[&str], secret: &Secret) -> Self {
+        static KEY: OnceLock<hmac::Key> = OnceLock::new();
+        let key = KEY.get_or_init(|| {
+            hmac::Key::generate(hmac::HMAC_SHA256, &SystemRandom::new()).unwrap_or_else(|_| {
+                // Only the OS RNG failing gets here. A fixed key still separates credentials
+                // perfectly; it only loses protection of dumped keys against guessing.
+                tracing::warn!("no randomness for credential keys; using a fixed key");
+                hmac::Key::new(hmac::HMAC_SHA256, b"sidekey credential key")
+            })
+        });
+        let mut ctx = hmac::Context::with_key(key);
+        for part in public.iter().copied().chain([secret.expose()]) {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part.as_bytes());
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.sign().as_ref());
+        Self(out)
+    }
+}
+
+impl fmt::Debug for CredentialKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CredentialKey(<keyed hash>)")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +108,21 @@ mod tests {
     fn fingerprint_is_sha256_prefix() {
         // sha256("abc") = ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
         assert_eq!(Secret::new("abc").fingerprint(), "sha256:ba7816bf8f01");
+    }
+
+    #[test]
+    fn credential_keys_tell_credentials_apart_and_print_nothing() {
+        let secret = Secret::new("s3cret");
+        let key = CredentialKey::of(&["api.m3ter.com", "id"], &secret);
+        assert_eq!(key, CredentialKey::of(&["api.m3ter.com", "id"], &secret));
+        for other in [
+            CredentialKey::of(&["api.m3ter.com", "id"], &Secret::new("s3cret2")),
+            CredentialKey::of(&["api.m3ter.com", "id2"], &secret),
+            CredentialKey::of(&["api.m3ter.co", "mid"], &secret),
+            CredentialKey::of(&["api.m3ter.comid"], &secret),
+        ] {
+            assert_ne!(key, other);
+        }
+        assert_eq!(format!("{key:?}"), "CredentialKey(<keyed hash>)");
     }
 }

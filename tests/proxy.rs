@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use async_trait::async_trait;
 use sidekey::secret::Secret;
 use sidekey::tenants::M3terCreds;
-use sidekey::vendors::m3ter::{BearerToken, TokenError, TokenSource};
+use sidekey::vendors::m3ter::{Bearer, BearerToken, TokenError, TokenSource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
@@ -322,7 +322,9 @@ impl TokenSource for CountingTokens {
         }
         let n = self.refusals.load(Ordering::SeqCst) + 1;
         self.issued.fetch_max(n, Ordering::SeqCst);
-        Ok(Arc::new(Secret::new(format!("tok-{n}"))))
+        Ok(Arc::new(
+            Bearer::new(Secret::new(format!("tok-{n}"))).unwrap(),
+        ))
     }
     fn refused(&self, _: &M3terCreds, _: &BearerToken) {
         self.refusals.fetch_add(1, Ordering::SeqCst);

@@ -7,7 +7,7 @@ use super::model::{
     Connection, Connections, FieldMut, FieldRef, M3terConn, MailkitConn, MiradoreConn, VendorKind,
 };
 use super::validate::FieldViolation;
-use crate::secret::Secret;
+use crate::secret::{CredentialKey, Secret};
 
 #[derive(Clone, Debug)]
 pub struct MiradoreCreds {
@@ -15,6 +15,8 @@ pub struct MiradoreCreds {
     pub api_key: Secret,
 }
 
+/// Made with [`M3terCreds::new`] and not changed after: the token key is derived from the
+/// API host, the access key ID and the secret when it is made.
 #[derive(Clone, Debug)]
 pub struct M3terCreds {
     pub access_key_id: String,
@@ -26,6 +28,9 @@ pub struct M3terCreds {
     pub api_host: String,
     /// `ingest.m3ter.com` or `ingest.<env>.m3ter.com`.
     pub ingest_host: String,
+    /// Keys the bearer token cache: computed here, when the snapshot is built, not per
+    /// request.
+    token_key: CredentialKey,
 }
 
 #[derive(Clone, Debug)]
@@ -79,7 +84,7 @@ impl EffectiveTenant {
 }
 
 /// The m3ter hosts of an environment: empty or `prod` is production.
-pub fn m3ter_hosts(environment: &str) -> (String, String) {
+fn m3ter_hosts(environment: &str) -> (String, String) {
     if environment.is_empty() || environment == "prod" {
         ("api.m3ter.com".to_owned(), "ingest.m3ter.com".to_owned())
     } else {
@@ -136,20 +141,43 @@ impl MiradoreCreds {
 }
 
 impl M3terCreds {
-    fn from_resolved(c: M3terConn) -> Option<Self> {
-        let (api_host, ingest_host) = m3ter_hosts(&c.environment);
-        Some(Self {
-            access_key_id: c.access_key_id,
-            api_secret: c.api_secret?,
-            org_id: c.org_id,
-            environment: if c.environment == "prod" {
+    /// `environment` `prod` is the same as empty (production).
+    pub fn new(
+        access_key_id: String,
+        api_secret: Secret,
+        org_id: String,
+        environment: String,
+    ) -> Self {
+        let (api_host, ingest_host) = m3ter_hosts(&environment);
+        let token_key = CredentialKey::of(&[&api_host, &access_key_id], &api_secret);
+        Self {
+            access_key_id,
+            api_secret,
+            org_id,
+            environment: if environment == "prod" {
                 String::new()
             } else {
-                c.environment
+                environment
             },
             api_host,
             ingest_host,
-        })
+            token_key,
+        }
+    }
+
+    fn from_resolved(c: M3terConn) -> Option<Self> {
+        Some(Self::new(
+            c.access_key_id,
+            c.api_secret?,
+            c.org_id,
+            c.environment,
+        ))
+    }
+
+    /// Identifies the credential a bearer token is issued for (API host, access key id,
+    /// secret): two tenants with the same credential share a token.
+    pub fn token_key(&self) -> CredentialKey {
+        self.token_key
     }
 }
 

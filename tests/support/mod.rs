@@ -718,14 +718,12 @@ pub mod tenants {
         }
     }
     pub fn m3ter() -> M3terCreds {
-        M3terCreds {
-            access_key_id: "access-key-id".into(),
-            api_secret: Secret::new(M3TER_SECRET),
-            org_id: M3TER_ORG.into(),
-            environment: String::new(),
-            api_host: "api.m3ter.com".into(),
-            ingest_host: "ingest.m3ter.com".into(),
-        }
+        M3terCreds::new(
+            "access-key-id".into(),
+            Secret::new(M3TER_SECRET),
+            M3TER_ORG.into(),
+            String::new(),
+        )
     }
     pub fn mailkit() -> MailkitCreds {
         MailkitCreds {
@@ -759,7 +757,7 @@ pub mod tokens {
     use async_trait::async_trait;
     use sidekey::secret::Secret;
     use sidekey::tenants::M3terCreds;
-    use sidekey::vendors::m3ter::{BearerToken, TokenError, TokenSource};
+    use sidekey::vendors::m3ter::{Bearer, BearerToken, TokenError, TokenSource};
 
     /// Always the same token.
     pub struct Fixed(pub &'static str);
@@ -767,7 +765,9 @@ pub mod tokens {
     #[async_trait]
     impl TokenSource for Fixed {
         async fn token(&self, _: &M3terCreds) -> Result<BearerToken, TokenError> {
-            Ok(Arc::new(Secret::new(self.0)))
+            Ok(Arc::new(
+                Bearer::new(Secret::new(self.0)).expect("a header-safe token"),
+            ))
         }
         fn refused(&self, _: &M3terCreds, _: &BearerToken) {}
     }

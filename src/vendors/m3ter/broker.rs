@@ -24,7 +24,6 @@
 //!   [`TokenBroker::spawn_retain`]) drops slots of credentials no tenant uses any more.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
@@ -33,7 +32,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use moka::future::Cache;
 use moka::policy::EvictionPolicy;
-use ring::hmac;
 use ring::rand::SystemRandom;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -41,6 +39,7 @@ use tokio::time::Instant;
 
 use super::exchange::{Exchange, ExchangeFailure, IssuedToken};
 use super::{BearerToken, TokenError, TokenSource};
+use crate::secret::CredentialKey;
 use crate::tenants::{M3terCreds, Snapshot, SnapshotReader};
 
 /// Default most credentials whose slots are kept: 10,000. A slot is a few hundred bytes
@@ -213,26 +212,6 @@ fn random_unit() -> f64 {
     }
 }
 
-/// Identifies a credential. Holds an HMAC of the API secret under a per-process random key,
-/// never the secret: a key printed or dumped reveals nothing that could be brute-forced,
-/// and a rotated secret is a different key, so it never reuses the old token.
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct CredKey {
-    api_host: String,
-    access_key_id: String,
-    secret_mac: [u8; 32],
-}
-
-impl fmt::Debug for CredKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CredKey")
-            .field("api_host", &self.api_host)
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_mac", &"<keyed hash>")
-            .finish()
-    }
-}
-
 /// A token with the deadlines that govern it.
 struct Cached {
     token: BearerToken,
@@ -285,10 +264,11 @@ enum Next {
 
 /// The [`TokenSource`] that exchanges, caches, refreshes and backs off; see the module docs.
 pub struct TokenBroker {
-    slots: Cache<CredKey, Arc<Slot>>,
+    /// By [`M3terCreds::token_key`]: API host, access key id and a keyed hash of the
+    /// secret, so a rotated secret never reuses the old token.
+    slots: Cache<CredentialKey, Arc<Slot>>,
     exchange: Arc<dyn Exchange>,
     config: BrokerConfig,
-    mac_key: hmac::Key,
     /// Registered once: looked up by name, it cost a hash of its name on every m3ter request.
     cache_hits: metrics::Counter,
 }
@@ -305,18 +285,10 @@ impl TokenBroker {
             .max_capacity(config.capacity)
             .eviction_policy(EvictionPolicy::lru())
             .build();
-        let mac_key =
-            hmac::Key::generate(hmac::HMAC_SHA256, &SystemRandom::new()).unwrap_or_else(|_| {
-                // Only the OS RNG failing gets here. A fixed key still separates secrets
-                // perfectly; it only loses protection of dumped keys against guessing.
-                tracing::warn!("no randomness for the token cache key; using a fixed key");
-                hmac::Key::new(hmac::HMAC_SHA256, b"sidekey m3ter token cache")
-            });
         Self {
             slots,
             exchange,
             config,
-            mac_key,
             cache_hits: metrics::counter!(METRIC_CACHE_HITS),
         }
     }
@@ -325,29 +297,16 @@ impl TokenBroker {
         &self.config
     }
 
-    fn key(&self, creds: &M3terCreds) -> CredKey {
-        // Reading the secret here only to key the cache; the MAC is all that is kept.
-        let tag = hmac::sign(&self.mac_key, creds.api_secret.expose().as_bytes());
-        let mut secret_mac = [0u8; 32];
-        let n = tag.as_ref().len().min(secret_mac.len());
-        secret_mac[..n].copy_from_slice(&tag.as_ref()[..n]);
-        CredKey {
-            api_host: creds.api_host.clone(),
-            access_key_id: creds.access_key_id.clone(),
-            secret_mac,
-        }
-    }
-
     /// Drops the slots of credentials that no tenant in `snapshot` uses any more (tenant
     /// deleted, secret rotated, partner defaults changed). Waiters of an exchange in flight
     /// for a dropped credential still get its result; it is just not cached.
     pub async fn retain(&self, snapshot: &Snapshot) {
-        let live: HashSet<CredKey> = snapshot
+        let live: HashSet<CredentialKey> = snapshot
             .tenants()
             .filter_map(|t| t.m3ter.as_ref())
-            .map(|c| self.key(c))
+            .map(|c| c.token_key())
             .collect();
-        let dead: Vec<Arc<CredKey>> = self
+        let dead: Vec<Arc<CredentialKey>> = self
             .slots
             .iter()
             .filter(|(k, _)| !live.contains(&**k))
@@ -378,7 +337,7 @@ impl TokenBroker {
     /// is ready on the first poll (the usual case) this is an O(1) lookup. Otherwise it falls
     /// back to a scan, which is rare and still synchronous, so a refusal always takes effect
     /// before the caller asks for the replay's token.
-    fn slot_now(&self, key: &CredKey) -> Option<Arc<Slot>> {
+    fn slot_now(&self, key: &CredentialKey) -> Option<Arc<Slot>> {
         let mut get = pin!(self.slots.get(key));
         match get.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(slot) => slot,
@@ -525,7 +484,7 @@ impl TokenSource for TokenBroker {
     async fn token(&self, creds: &M3terCreds) -> Result<BearerToken, TokenError> {
         let slot = self
             .slots
-            .get_with(self.key(creds), async { Arc::new(Slot::default()) })
+            .get_with(creds.token_key(), async { Arc::new(Slot::default()) })
             .await;
         let next = {
             let now = Instant::now();
@@ -574,7 +533,7 @@ impl TokenSource for TokenBroker {
     }
 
     fn refused(&self, creds: &M3terCreds, token: &BearerToken) {
-        let Some(slot) = self.slot_now(&self.key(creds)) else {
+        let Some(slot) = self.slot_now(&creds.token_key()) else {
             return;
         };
         let now = Instant::now();
@@ -596,6 +555,7 @@ impl TokenSource for TokenBroker {
 #[cfg(test)]
 mod tests {
     use crate::testing::LogCapture;
+    use crate::vendors::m3ter::Bearer;
     use std::collections::{HashMap, VecDeque};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -660,7 +620,7 @@ mod tests {
 
     fn issued(token: &str, expires_in: Duration) -> IssuedToken {
         IssuedToken {
-            token: Secret::new(token),
+            token: Bearer::new(Secret::new(token)).unwrap(),
             expires_in,
         }
     }
@@ -807,8 +767,13 @@ mod tests {
             ("partner".into(), "s2".into())
         );
         // Same key and secret on another environment's host: its own token too.
-        let mut staging = creds("partner", "s1");
-        staging.api_host = "api.staging.m3ter.com".into();
+        let staging = M3terCreds::new(
+            "partner".into(),
+            crate::secret::Secret::new("s1"),
+            "0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa".into(),
+            "staging".into(),
+        );
+        assert_eq!(staging.api_host, "api.staging.m3ter.com");
         b.token(&staging).await.unwrap();
         assert_eq!(fake.calls(), 3);
     }
@@ -1226,10 +1191,9 @@ mod tests {
 
     #[test]
     fn cache_keys_never_show_the_secret() {
-        let b = TokenBroker::new(Fake::new([]), BrokerConfig::default());
-        let key = b.key(&creds("key", "hunter2-secret"));
-        let debug = format!("{key:?}");
-        assert!(!debug.contains("hunter2"));
+        let c = creds("key", "hunter2-secret");
+        let debug = format!("{c:?} {:?}", c.token_key());
+        assert!(!debug.contains("hunter2"), "{debug}");
         assert!(debug.contains("api.m3ter.com") && debug.contains("key"));
     }
 }

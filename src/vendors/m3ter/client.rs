@@ -52,16 +52,11 @@ pub async fn test(
         Ok(t) => t,
         Err(e) => return fail(0, e.message),
     };
-    let mut bearer = match http::HeaderValue::try_from(format!("Bearer {}", token.expose())) {
-        Ok(v) => v,
-        Err(_) => return fail(0, "m3ter issued a token that is not a valid header".into()),
-    };
-    bearer.set_sensitive(true);
     let req = Request::get(format!(
         "https://{}/organizations/{}/organizationconfig",
         creds.api_host, creds.org_id
     ))
-    .header(http::header::AUTHORIZATION, bearer)
+    .header(http::header::AUTHORIZATION, token.header().clone())
     .body(upstream::empty_body());
     let req = match req {
         Ok(r) => r,

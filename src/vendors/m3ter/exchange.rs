@@ -17,6 +17,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use super::Bearer;
 use crate::secret::Secret;
 use crate::tenants::M3terCreds;
 
@@ -36,7 +37,7 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct IssuedToken {
     /// The bearer token (a JWT); redacted in `Debug`.
-    pub token: Secret,
+    pub token: Bearer,
     /// Lifetime m3ter announced, counted from when it answered (m3ter: 18,000 s, 5 hours).
     pub expires_in: Duration,
 }
@@ -200,6 +201,11 @@ pub fn parse_token_response(
             });
         }
     };
+    // Checked here, once: a token no header can carry is an exchange that failed (and
+    // backs off), not a token cached to fail every request.
+    let token = Bearer::new(token).ok_or(ExchangeFailure::Malformed {
+        reason: "access_token is not a valid header value",
+    })?;
     // Without a lifetime we could only guess; m3ter always sends one, so its absence means
     // something else answered.
     let expires_in = match parsed.expires_in {
@@ -265,6 +271,9 @@ mod tests {
         let body = br#"{"token_type":"Bearer","access_token":"eyJ.abc.def","expires_in":18000,"scope":null}"#;
         let t = parse_token_response(StatusCode::OK, &HeaderMap::new(), body).unwrap();
         assert_eq!(t.token.expose(), "eyJ.abc.def");
+        assert_eq!(t.token.header(), "Bearer eyJ.abc.def");
+        assert!(t.token.header().is_sensitive());
+        assert!(!format!("{:?} {t:?}", t.token.header()).contains("eyJ"));
         assert_eq!(t.expires_in, Duration::from_secs(18000));
         // token_type is case-insensitive and may be absent.
         let body = br#"{"token_type":"bearer","access_token":"x","expires_in":60}"#;
@@ -303,6 +312,8 @@ mod tests {
             br#"{"token_type":"Bearer","access_token":"leaky-token","expires_in":0}"#,
             br#"{"token_type":"Bearer","access_token":"leaky-token","expires_in":"soon"}"#,
             br#"{"token_type":"Bearer","access_token":["leaky-token"],"expires_in":60}"#,
+            // No header can carry it: refused here, not cached to fail every request.
+            br#"{"token_type":"Bearer","access_token":"leaky\r\ntoken","expires_in":60}"#,
         ] {
             let err = parse_token_response(StatusCode::OK, &HeaderMap::new(), body).unwrap_err();
             assert!(matches!(err, ExchangeFailure::Malformed { .. }), "{err:?}");

@@ -16,10 +16,12 @@ pub(crate) mod rule;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::Response;
 use http::request::Parts;
+use http::{HeaderValue, Response};
 use hyper::body::Incoming;
+use zeroize::Zeroizing;
 
 use super::{BodyRule, Plan, RuleError, RuleInput, SendContext, TestOutcome, Vendor, Via};
 use crate::secret::Secret;
@@ -188,7 +190,45 @@ impl Vendor for M3ter {
 /// A bearer token as handed to requests. Compared by identity (`Arc::ptr_eq`) so that a
 /// refusal drops only the token that was refused, not one a concurrent refresh put in its
 /// place.
-pub type BearerToken = Arc<Secret>;
+pub type BearerToken = Arc<Bearer>;
+
+/// A bearer token m3ter issued, with its `Authorization: Bearer …` value made once, when
+/// the token is issued, rather than formatted and checked on every request: each request
+/// takes a reference to the same bytes. Those bytes are zeroed when the last request using
+/// them is done, as the token itself is.
+pub struct Bearer {
+    token: Secret,
+    header: HeaderValue,
+}
+
+impl Bearer {
+    /// `None` if the token cannot be carried in a header (m3ter's are JWTs, which can).
+    pub fn new(token: Secret) -> Option<Self> {
+        let mut value = Zeroizing::new(Vec::with_capacity(7 + token.expose().len()));
+        value.extend_from_slice(b"Bearer ");
+        value.extend_from_slice(token.expose().as_bytes());
+        let mut header = HeaderValue::from_maybe_shared(Bytes::from_owner(value)).ok()?;
+        header.set_sensitive(true);
+        Some(Self { token, header })
+    }
+
+    /// The `Authorization` value, marked sensitive (never indexed by HPACK, redacted in
+    /// `Debug`).
+    pub fn header(&self) -> &HeaderValue {
+        &self.header
+    }
+
+    /// The plain token. Call only to put it on the wire.
+    pub fn expose(&self) -> &str {
+        self.token.expose()
+    }
+}
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bearer(<redacted>)")
+    }
+}
 
 /// Why no token could be had; the proxy answers 502 `token_exchange_failed` with `message`.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -211,13 +251,10 @@ pub trait TokenSource: Send + Sync + 'static {
 /// Production m3ter credentials for unit tests.
 #[cfg(test)]
 pub(crate) fn test_creds(access_key_id: &str, secret: &str) -> M3terCreds {
-    let (api_host, ingest_host) = crate::tenants::effective::m3ter_hosts("");
-    M3terCreds {
-        access_key_id: access_key_id.into(),
-        api_secret: Secret::new(secret),
-        org_id: "0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa".into(),
-        environment: String::new(),
-        api_host,
-        ingest_host,
-    }
+    M3terCreds::new(
+        access_key_id.into(),
+        Secret::new(secret),
+        "0c2a1d53-5a44-4c1a-9f7e-3f7cc1d7e0aa".into(),
+        String::new(),
+    )
 }

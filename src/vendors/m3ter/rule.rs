@@ -130,7 +130,7 @@ pub(crate) async fn send(
         }
         _ => {
             // Too big or of unknown length to keep: stream it, no replay.
-            let req = with_token(parts, Either::Left(body), &token)?;
+            let req = with_token(parts, Either::Left(body), &token);
             let resp = forward(&ctx, req).await?;
             if refused(resp.status()) {
                 ctx.tokens.refused(ctx.creds, &token);
@@ -144,7 +144,7 @@ pub(crate) async fn send(
         parts.version,
         parts.headers.clone(),
     );
-    let req = with_token(parts, full_body(bytes.clone()), &token)?;
+    let req = with_token(parts, full_body(bytes.clone()), &token);
     let resp = forward(&ctx, req).await?;
     if !refused(resp.status()) {
         return Ok(resp);
@@ -165,7 +165,7 @@ pub(crate) async fn send(
     *retry.version_mut() = version;
     *retry.headers_mut() = headers;
     let (parts, body) = retry.into_parts();
-    let req = with_token(parts, body, &fresh)?;
+    let req = with_token(parts, body, &fresh);
     let resp = forward(&ctx, req).await?;
     if refused(resp.status()) {
         ctx.tokens.refused(ctx.creds, &fresh);
@@ -202,13 +202,11 @@ fn with_token(
     parts: http::request::Parts,
     body: upstream::Body,
     token: &BearerToken,
-) -> Result<Request<upstream::Body>, RuleError> {
+) -> Request<upstream::Body> {
     let mut req = Request::from_parts(parts, body);
-    let mut value = HeaderValue::try_from(format!("Bearer {}", token.expose()))
-        .map_err(|_| RuleError::TokenExchange("m3ter returned an unusable token".to_owned()))?;
-    value.set_sensitive(true);
-    req.headers_mut().insert(AUTHORIZATION, value);
-    Ok(req)
+    req.headers_mut()
+        .insert(AUTHORIZATION, token.header().clone());
+    req
 }
 
 async fn forward(
