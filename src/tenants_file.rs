@@ -362,7 +362,9 @@ impl TenantsFile {
     /// or `poll` if shorter. An error here, or a file still changing after
     /// [`START_ATTEMPTS`] polls' time, stops sidekey.
     pub async fn apply_at_start(&mut self, poll: Duration) -> Result<Option<ApplyReport>, String> {
-        let give_up = tokio::time::Instant::now() + poll * START_ATTEMPTS;
+        let patience = poll.saturating_mul(START_ATTEMPTS);
+        // `None`: an interval so long that giving up would come after the end of time.
+        let give_up = tokio::time::Instant::now().checked_add(patience);
         loop {
             match self.poll().await {
                 Poll::Applied(report) => return Ok(Some(report)),
@@ -371,11 +373,10 @@ impl TenantsFile {
                 Poll::Settling => {}
             }
             let next = tokio::time::Instant::now() + self.quiet.min(poll);
-            if next > give_up {
+            if give_up.is_some_and(|give_up| next > give_up) {
                 return Err(format!(
-                    "{} kept changing for {:?}; it is applied once it has gone unmodified for {:?}",
+                    "{} kept changing for {patience:?}; it is applied once it has gone unmodified for {:?}",
                     self.path.display(),
-                    poll * START_ATTEMPTS,
                     self.quiet.min(poll),
                 ));
             }
