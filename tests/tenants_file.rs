@@ -64,11 +64,8 @@ fn file(tenants: &[(&str, &str)]) -> String {
 }
 
 async fn start(root: &Path, mount: &SecretMount) -> Result<Running, server::StartError> {
-    let mut config = ServeConfig::ephemeral(root.join("data"));
-    config.master_key = Some(Secret::new("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="));
-    config.tenants_file = Some(mount.path("tenants.yaml"));
-    config.tenants_file_interval = Duration::from_millis(20);
-    server::start(config).await
+    let path = mount.path("tenants.yaml");
+    server::start(config_with_file(root, &path, Duration::from_millis(20))).await
 }
 
 fn sites(running: &Running) -> Vec<(String, String)> {
@@ -403,12 +400,18 @@ async fn start_up_does_not_wait_a_poll_interval_for_a_file_already_in_place() {
     std::fs::write(&path, plain(2)).unwrap();
     set_modified(&path, SystemTime::now() - HOUR);
     // Two reads one interval apart would take an hour.
-    let config = config_with_file(root.path(), &path, HOUR);
-    let running = tokio::time::timeout(BOUND, server::start(config))
-        .await
-        .expect("start-up waited for a second read")
-        .unwrap();
+    let running = start_with_an_hour_interval(root.path(), &path).await;
     assert_eq!(count(&running.catalog), 2);
+}
+
+/// Starts sidekey with `path` polled every hour: a start-up that waited for a poll interval
+/// would fail here rather than hang.
+async fn start_with_an_hour_interval(root: &Path, path: &Path) -> Running {
+    let config = config_with_file(root, path, HOUR);
+    tokio::time::timeout(BOUND, server::start(config))
+        .await
+        .expect("start-up waited a poll interval")
+        .unwrap()
 }
 
 fn config_with_file(root: &Path, path: &Path, interval: Duration) -> ServeConfig {
@@ -425,11 +428,7 @@ async fn start_up_reads_a_file_written_just_before_it_again_after_the_quiet_peri
     let path = root.path().join("tenants.yaml");
     std::fs::write(&path, plain(2)).unwrap();
     // Not an hour: the second read comes once the file has been quiet for QUIET_PERIOD.
-    let config = config_with_file(root.path(), &path, HOUR);
-    let running = tokio::time::timeout(BOUND, server::start(config))
-        .await
-        .expect("start-up waited a poll interval for a second read")
-        .unwrap();
+    let running = start_with_an_hour_interval(root.path(), &path).await;
     assert_eq!(count(&running.catalog), 2);
 }
 
