@@ -19,6 +19,7 @@ pub mod control;
 pub mod document;
 pub mod intercept;
 pub mod listen_addr;
+pub mod log_format;
 pub mod log_writer;
 pub mod model;
 pub mod process_metrics;

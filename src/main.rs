@@ -12,6 +12,7 @@ use tracing_subscriber::EnvFilter;
 
 use sidekey::cli::{Cli, ClientCommand, Command, Exit};
 use sidekey::config::{LogFormat, ServeConfig};
+use sidekey::log_format::PlainFields;
 use sidekey::log_writer::{BatchWriter, FlushGuard};
 
 /// Logs to stderr in batches (see `sidekey::log_writer`); the guard writes what is left
@@ -46,7 +47,7 @@ fn init_logging(format: LogFormat) -> std::io::Result<FlushGuard> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.fmt_fields(PlainFields).init(),
     }
     Ok(guard)
 }
