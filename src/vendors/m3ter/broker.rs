@@ -24,14 +24,12 @@
 //!   [`TokenBroker::spawn_retain`]) drops slots of credentials no tenant uses any more.
 
 use std::collections::HashSet;
-use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use moka::future::Cache;
 use moka::policy::EvictionPolicy;
+use moka::sync::Cache;
 use ring::rand::SystemRandom;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -300,7 +298,7 @@ impl TokenBroker {
     /// Drops the slots of credentials that no tenant in `snapshot` uses any more (tenant
     /// deleted, secret rotated, partner defaults changed). Waiters of an exchange in flight
     /// for a dropped credential still get its result; it is just not cached.
-    pub async fn retain(&self, snapshot: &Snapshot) {
+    pub fn retain(&self, snapshot: &Snapshot) {
         let live: HashSet<CredentialKey> = snapshot
             .tenants()
             .filter_map(|t| t.m3ter.as_ref())
@@ -313,7 +311,7 @@ impl TokenBroker {
             .map(|(k, _)| k)
             .collect();
         for key in dead {
-            self.slots.invalidate(&*key).await;
+            self.slots.invalidate(&*key);
         }
     }
 
@@ -327,26 +325,9 @@ impl TokenBroker {
                 let Some(broker) = broker.upgrade() else {
                     break;
                 };
-                broker.retain(&reader.load()).await;
+                broker.retain(&reader.load());
             }
         })
-    }
-
-    /// The slot of `key` without awaiting, for the synchronous `refused`. moka's `get` is
-    /// async only because it may help with housekeeping; it is cancellation-safe, and when it
-    /// is ready on the first poll (the usual case) this is an O(1) lookup. Otherwise it falls
-    /// back to a scan, which is rare and still synchronous, so a refusal always takes effect
-    /// before the caller asks for the replay's token.
-    fn slot_now(&self, key: &CredentialKey) -> Option<Arc<Slot>> {
-        let mut get = pin!(self.slots.get(key));
-        match get.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(slot) => slot,
-            Poll::Pending => self
-                .slots
-                .iter()
-                .find(|(k, _)| **k == *key)
-                .map(|(_, slot)| slot),
-        }
     }
 
     /// Registers a new exchange as the slot's flight and spawns it. Called with the slot's
@@ -484,8 +465,7 @@ impl TokenSource for TokenBroker {
     async fn token(&self, creds: &M3terCreds) -> Result<BearerToken, TokenError> {
         let slot = self
             .slots
-            .get_with(creds.token_key(), async { Arc::new(Slot::default()) })
-            .await;
+            .get_with(creds.token_key(), || Arc::new(Slot::default()));
         let next = {
             let now = Instant::now();
             let mut state = slot.lock();
@@ -533,7 +513,7 @@ impl TokenSource for TokenBroker {
     }
 
     fn refused(&self, creds: &M3terCreds, token: &BearerToken) {
-        let Some(slot) = self.slot_now(&creds.token_key()) else {
+        let Some(slot) = self.slots.get(&creds.token_key()) else {
             return;
         };
         let now = Instant::now();
@@ -993,8 +973,7 @@ mod tests {
                 tenant("initech", rotated.clone()),
             ],
             2,
-        ))
-        .await;
+        ));
         b.token(&acme).await.unwrap();
         assert_eq!(fake.calls(), 3, "a live credential kept its token");
         b.token(&globex).await.unwrap();
@@ -1177,7 +1156,7 @@ mod tests {
         tokio::time::advance(secs(600)).await;
         b.refused(&c, &first);
         let second = b.token(&c).await.unwrap();
-        b.retain(&snapshot([], 2)).await;
+        b.retain(&snapshot([], 2));
         settle().await;
 
         let logs = logs.text();
