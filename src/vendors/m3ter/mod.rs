@@ -192,24 +192,27 @@ impl Vendor for M3ter {
 /// place.
 pub type BearerToken = Arc<Bearer>;
 
-/// A bearer token m3ter issued, with its `Authorization: Bearer …` value made once, when
-/// the token is issued, rather than formatted and checked on every request: each request
-/// takes a reference to the same bytes. Those bytes are zeroed when the last request using
-/// them is done, as the token itself is.
+/// A bearer token m3ter issued, kept only as its `Authorization: Bearer …` value, made once
+/// when the token is issued rather than formatted and checked on every request: each request
+/// takes a reference to the same bytes, which are zeroed when the last request using them is
+/// done.
 pub struct Bearer {
-    token: Secret,
     header: HeaderValue,
 }
+
+/// What precedes the token in the header's value.
+const BEARER_PREFIX: &[u8] = b"Bearer ";
 
 impl Bearer {
     /// `None` if the token cannot be carried in a header (m3ter's are JWTs, which can).
     pub fn new(token: Secret) -> Option<Self> {
-        let mut value = Zeroizing::new(Vec::with_capacity(7 + token.expose().len()));
-        value.extend_from_slice(b"Bearer ");
-        value.extend_from_slice(token.expose().as_bytes());
+        let token = token.expose().as_bytes();
+        let mut value = Zeroizing::new(Vec::with_capacity(BEARER_PREFIX.len() + token.len()));
+        value.extend_from_slice(BEARER_PREFIX);
+        value.extend_from_slice(token);
         let mut header = HeaderValue::from_maybe_shared(Bytes::from_owner(value)).ok()?;
         header.set_sensitive(true);
-        Some(Self { token, header })
+        Some(Self { header })
     }
 
     /// The `Authorization` value, marked sensitive (never indexed by HPACK, redacted in
@@ -218,9 +221,10 @@ impl Bearer {
         &self.header
     }
 
-    /// The plain token. Call only to put it on the wire.
-    pub fn expose(&self) -> &str {
-        self.token.expose()
+    /// The plain token, for tests to compare.
+    #[cfg(test)]
+    pub(crate) fn expose(&self) -> &str {
+        std::str::from_utf8(&self.header.as_bytes()[BEARER_PREFIX.len()..]).unwrap()
     }
 }
 
