@@ -1241,6 +1241,47 @@ async fn http1_vendor_connection_is_reused_for_every_response_shape() {
 }
 
 #[tokio::test]
+async fn more_requests_at_once_than_32_keep_their_vendor_connections() {
+    // The pool once kept 32 idle HTTP/1.1 connections per host: with more requests than
+    // that in flight at a time, every round closed the surplus and dialed it anew (a TCP and
+    // TLS handshake per request over 32). Idle connections are now kept up to the app
+    // connection limit, so a steady load of any concurrency sidekey accepts reuses them.
+    const AT_ONCE: usize = 40;
+    // One gate per request (a Notify keeps one permit, so a shared one could lose wake-ups),
+    // and a count of the requests the vendor holds.
+    let gates: Arc<std::sync::Mutex<Vec<Arc<Notify>>>> = Arc::default();
+    let (arrived_tx, mut arrived) = tokio::sync::watch::channel(0usize);
+    let g = gates.clone();
+    let (_ca, mock, proxy) = setup(move |m| {
+        m.http1_only().respond(move |_| {
+            let gate = Arc::new(Notify::new());
+            g.lock().unwrap().push(gate.clone());
+            arrived_tx.send_modify(|n| *n += 1);
+            MockResponse::held_until(gate, "held")
+        })
+    })
+    .await;
+    for round in 1..=2 {
+        let requests: Vec<_> = (0..AT_ONCE)
+            .map(|_| tokio::spawn(get_via_owned(proxy.url("/miradore/api/v2/Device"))))
+            .collect();
+        // All of them at the vendor at once, each on a connection of its own.
+        arrived.wait_for(|n| *n == round * AT_ONCE).await.unwrap();
+        for gate in gates.lock().unwrap().drain(..) {
+            gate.notify_one();
+        }
+        for request in requests {
+            assert_eq!(request.await.unwrap(), 200);
+        }
+        assert_eq!(
+            mock.connections(),
+            AT_ONCE,
+            "round {round}: the first round's connections, none dialed again"
+        );
+    }
+}
+
+#[tokio::test]
 async fn http2_vendor_connection_is_shared() {
     let (_ca, mock, proxy) = setup(|m| m.respond(|_| MockResponse::ok("h2"))).await;
     assert_eq!(sequential(&proxy, reqwest::Method::GET, 1).await[0].0, 200);

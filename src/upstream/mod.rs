@@ -68,7 +68,12 @@ pub struct UpstreamConfig {
     pub response_header_timeout: Duration,
     /// How long an idle pooled connection is kept. Default: 90 s.
     pub pool_idle_timeout: Duration,
-    /// Idle connections kept per vendor host. Default: 32.
+    /// Idle connections kept per vendor host. Default: 1024, the app connections sidekey
+    /// serves at once (`ProxyConfig::max_connections`): an HTTP/1.1 vendor connection carries
+    /// one request at a time, so a steady load of any concurrency the proxy accepts finds
+    /// its connections idle again rather than dialing the surplus over a lower cap anew (a
+    /// TCP and TLS handshake per request). Those left over from a burst close after
+    /// `pool_idle_timeout`.
     pub pool_max_idle_per_host: usize,
     /// HTTP/2: a PING is sent on a vendor connection after this long without a frame from
     /// the vendor, busy or idle. Default: 20 s.
@@ -96,7 +101,7 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(10),
             response_header_timeout: Duration::from_secs(60),
             pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle_per_host: 32,
+            pool_max_idle_per_host: 1024,
             h2_keep_alive_interval: Duration::from_secs(20),
             h2_keep_alive_timeout: Duration::from_secs(10),
             h2_max_streams_per_connection: 100,
