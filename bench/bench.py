@@ -42,6 +42,8 @@ BEGIN = "<!-- BEGIN bench/run.sh: generated, do not edit by hand -->"
 END = "<!-- END bench/run.sh -->"
 
 MIB = 1024 * 1024
+# Connections of the `*_many` cases; nginx's upstream keepalive is at least this.
+MANY_CONNECTIONS = 128
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -871,6 +873,7 @@ def report(a, info, cases, results, extra):
     ratio_row("sidekey / nginx, logs on (request log vs access log)", "sk_logs", "nginx_logs")
     ratio_row("sidekey / nginx, 64 KiB responses", "sk_large", "nginx_large")
     ratio_row("sidekey / direct, 64 KiB responses", "sk_large", "direct_large")
+    ratio_row(f"sidekey / nginx, {MANY_CONNECTIONS} connections", "sk_many", "nginx_many")
     ratio_row("sidekey / nginx, 1 connection", "sk_c1", "nginx_c1")
     ratio_row("sidekey / nginx, HTTPS from the app (CONNECT vs TLS)", "sk_https", "nginx_https")
     ratio_row("sidekey / nginx, 1 connection, one core", "sk_c1_1core", "nginx_c1_1core")
@@ -1018,7 +1021,8 @@ def run(a, procs):
     # training run) needs no nginx installed.
     if not a.cases or any(k.startswith("nginx") for k in a.cases.split(",")):
         ngx, ngx_port, ngx_tls_port, ngx_logs_port = start_nginx(
-            procs, a.tmp, a.proxy_cpu, ca, mock_port, a.connections, nginx_tls)
+            procs, a.tmp, a.proxy_cpu, ca, mock_port, max(a.connections, MANY_CONNECTIONS),
+            nginx_tls)
         parties["nginx"] = ngx
     else:
         ngx = ngx_port = ngx_tls_port = ngx_logs_port = None
@@ -1075,6 +1079,12 @@ def run(a, procs):
              url=ngx_url + mir + "?size=large", headers=th),
         dict(key="sk_large", label="sidekey, Miradore v2, 64 KiB responses", proxy="sidekey",
              url=sk_url + mir + "?size=large", headers=th),
+        # More requests in flight than a small upstream idle pool holds (sidekey's kept 32
+        # per host, which this case would have shown as a handshake per request over 32).
+        dict(key="nginx_many", label=f"nginx, {MANY_CONNECTIONS} connections", proxy="nginx",
+             url=ngx_url + mir, headers=th, connections=MANY_CONNECTIONS),
+        dict(key="sk_many", label=f"sidekey, Miradore v2, {MANY_CONNECTIONS} connections",
+             proxy="sidekey", url=sk_url + mir, headers=th, connections=MANY_CONNECTIONS),
         # One connection: latency without queueing. First with the proxy on its own core as
         # above; then with the proxy moved onto the load core, so that a request never waits
         # for an idle core to wake (tens of µs per hop on a VM), which isolates the proxy's
