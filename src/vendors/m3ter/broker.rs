@@ -1,11 +1,11 @@
 //! The m3ter token broker: one bearer token per credential, exchanged once, refreshed ahead.
 //!
 //! [`TokenBroker`] is the [`TokenSource`] behind the data plane. Per credential (API host,
-//! access key ID, keyed hash of the API secret) it keeps a slot in a bounded moka cache. The
-//! slot, not moka, owns everything time-related: the token with its `tokio::time::Instant`
-//! deadlines, the one exchange in flight, and the backoff after a failure. moka only bounds
-//! and indexes the slots; its own TTL clock is never consulted, so tests drive time with
-//! `tokio::time::advance`.
+//! access key ID, keyed hash of the API secret) it keeps a slot in a moka cache. The slot,
+//! not moka, owns everything time-related: the token with its `tokio::time::Instant`
+//! deadlines, the one exchange in flight, and the backoff after a failure. moka only indexes
+//! the slots (and bounds them when [`BrokerConfig::capacity`] is set); its own TTL clock is
+//! never consulted, so tests drive time with `tokio::time::advance`.
 //!
 //! - **Single-flight.** The first caller that finds no usable token starts an exchange as a
 //!   spawned task and leaves a `watch` receiver in the slot; every later caller awaits that
@@ -39,13 +39,6 @@ use super::exchange::{Exchange, ExchangeFailure, IssuedToken};
 use super::{BearerToken, TokenError, TokenSource};
 use crate::secret::CredentialKey;
 use crate::tenants::{M3terCreds, Snapshot, SnapshotReader};
-
-/// Default most credentials whose slots are kept: 10,000. A slot is a few hundred bytes
-/// plus a ~1 KiB token. Beyond it the least recently used credential is forgotten and
-/// exchanges again on its next use; LRU rather than moka's default TinyLFU, because TinyLFU
-/// may refuse to admit a new credential at all when full, which would make every one of its
-/// requests exchange.
-pub const DEFAULT_CAPACITY: u64 = 10_000;
 
 /// Default time before m3ter's announced expiry at which a token stops being handed out:
 /// 300 s, as the TypeScript SDK does. It covers what happens after we hand a token out: the
@@ -120,8 +113,15 @@ pub fn record_replay() {
 /// Tuning of a [`TokenBroker`]. `Default` gives the documented `DEFAULT_*` values.
 #[derive(Clone, Copy, Debug)]
 pub struct BrokerConfig {
-    /// Most credentials kept; [`DEFAULT_CAPACITY`].
-    pub capacity: u64,
+    /// Most credentials whose slots are kept; by default (`None`) no bound but the tenants'.
+    /// Slots exist for the credentials of the current tenants only ([`TokenBroker::retain`]
+    /// drops the others at every change of the snapshot), a few hundred bytes plus a ~1 KiB
+    /// token each, so the tenants already bound them. A bound below the credentials in use
+    /// would make the least recently used of them exchange again at their next request, and
+    /// so on in turn: a token exchange (a round trip to m3ter, against its rate limits) per
+    /// request for the surplus. When set, least recently used goes first; LRU rather than
+    /// moka's default TinyLFU, which may refuse to admit a new credential at all when full.
+    pub capacity: Option<u64>,
     /// Stop handing a token out this long before it expires; [`DEFAULT_EXPIRY_MARGIN`].
     pub expiry_margin: Duration,
     /// Refresh in the background after this percentage of the usable life;
@@ -145,7 +145,7 @@ pub struct BrokerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
-            capacity: DEFAULT_CAPACITY,
+            capacity: None,
             expiry_margin: DEFAULT_EXPIRY_MARGIN,
             refresh_percent: DEFAULT_REFRESH_PERCENT,
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
@@ -278,11 +278,13 @@ impl TokenBroker {
         for outcome in ["ok", "failed"] {
             metrics::counter!(METRIC_EXCHANGES, "outcome" => outcome).increment(0);
         }
-        let slots = Cache::builder()
+        let mut slots = Cache::builder()
             .name("m3ter-tokens")
-            .max_capacity(config.capacity)
-            .eviction_policy(EvictionPolicy::lru())
-            .build();
+            .eviction_policy(EvictionPolicy::lru());
+        if let Some(capacity) = config.capacity {
+            slots = slots.max_capacity(capacity);
+        }
+        let slots = slots.build();
         Self {
             slots,
             exchange,
@@ -639,6 +641,45 @@ mod tests {
         let result = b.token(c).await;
         assert_eq!(Instant::now(), before, "token() waited");
         result
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn more_credentials_than_ten_thousand_keep_their_tokens() {
+        // The broker once kept 10,000 credentials: past that, the least recently used one
+        // exchanged again at its next request, and with traffic over all of them, one
+        // request in every few went to m3ter's token endpoint.
+        const CREDENTIALS: usize = 10_001;
+        let fake = Fake::new([]);
+        let b = broker(&fake);
+        let all: Vec<_> = (0..CREDENTIALS)
+            .map(|i| creds(&format!("key-{i}"), "secret"))
+            .collect();
+        for round in 0..2 {
+            for c in &all {
+                b.token(c).await.unwrap();
+            }
+            // moka evicts in its housekeeping: run it, so that a bound would have acted.
+            b.slots.run_pending_tasks();
+            assert_eq!(fake.calls(), CREDENTIALS, "round {round}");
+        }
+        // A bound, when set, still evicts the least recently used.
+        let bounded = TokenBroker::new(
+            fake.clone(),
+            BrokerConfig {
+                capacity: Some(2),
+                ..BrokerConfig::default()
+            },
+        );
+        for c in &all[..3] {
+            bounded.token(c).await.unwrap();
+            bounded.slots.run_pending_tasks();
+        }
+        bounded.token(&all[0]).await.unwrap();
+        assert_eq!(
+            fake.calls(),
+            CREDENTIALS + 4,
+            "the first credential exchanged again"
+        );
     }
 
     #[tokio::test(start_paused = true)]
