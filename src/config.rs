@@ -104,8 +104,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDEKEY_TENANTS_FILE")]
     pub tenants_file: Option<PathBuf>,
 
-    /// How often the tenants file (and the secret files it references) is re-read.
-    #[arg(long, env = "SIDEKEY_TENANTS_FILE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    /// How often the tenants file (and the secret files it references) is re-read; above 0.
+    #[arg(long, env = "SIDEKEY_TENANTS_FILE_INTERVAL", default_value = "5s", value_parser = crate::tenants_file::parse_interval)]
     pub tenants_file_interval: Duration,
 
     /// Largest share, in percent, of the tenants the tenants file declared that one new

@@ -44,6 +44,17 @@ use crate::tenants::{ApplyReport, Catalog, CatalogError, Declared, DeclaredTenan
 /// How often the file is re-read when no interval is configured.
 pub const DEFAULT_POLL: Duration = Duration::from_secs(5);
 
+/// `--tenants-file-interval`: a duration in humantime's syntax (`5s`, `500ms`), above zero.
+/// Zero would re-read the file without pause, and tokio's interval refuses it with a panic,
+/// which would end the watch while sidekey kept serving the version it had.
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    let interval = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if interval.is_zero() {
+        return Err("must be above 0".to_owned());
+    }
+    Ok(interval)
+}
+
 /// Largest share of the previously declared tenants, in percent, one version of the file may
 /// delete when no other share is configured (`--tenants-file-max-delete`). Deleting a
 /// single tenant is always allowed.
@@ -538,7 +549,7 @@ impl TenantsFile {
             })
     }
 
-    /// Re-reads the file every `poll` until `stop` resolves.
+    /// Re-reads the file every `poll` (above zero: [`parse_interval`]) until `stop` resolves.
     pub async fn watch(mut self, poll: Duration, stop: impl std::future::Future<Output = ()>) {
         let mut ticks = tokio::time::interval(poll);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

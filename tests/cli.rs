@@ -820,6 +820,41 @@ fn failure(o: &Output, code: i32) -> String {
 }
 
 #[test]
+fn a_tenants_file_interval_of_zero_is_refused() {
+    // Zero once started sidekey with a watch that panicked at its first tick: serving, but
+    // never reading the file again.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tenants.yaml");
+    // A file start-up would refuse (exit 1): were the interval accepted, the test fails on
+    // the exit code rather than waiting on a sidekey that serves.
+    std::fs::write(&file, "tenants: [\n").unwrap();
+    let serve = |flag: &[&str], env: &[(&str, &str)]| {
+        bin()
+            .args(["serve", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--tenants-file", file.to_str().unwrap()])
+            .args(flag)
+            .env("SIDEKEY_MASTER_KEY", KEY)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    for output in [
+        serve(&["--tenants-file-interval", "0s"], &[]),
+        serve(&["--tenants-file-interval", "0ms"], &[]),
+        serve(&[], &[("SIDEKEY_TENANTS_FILE_INTERVAL", "0s")]),
+    ] {
+        let err = failure(&output, 2);
+        assert!(
+            err.contains("--tenants-file-interval") && err.contains("must be above 0"),
+            "{err}"
+        );
+    }
+    let err = failure(&serve(&["--tenants-file-interval", "soon"], &[]), 2);
+    assert!(err.contains("--tenants-file-interval"), "{err}");
+}
+
+#[test]
 fn server_flag_takes_every_form_and_names_what_a_wrong_address_reached() {
     let dir = tempfile::tempdir().unwrap();
     // A host name as a listen address, too.
